@@ -1,0 +1,1 @@
+//! lb: a layer-4 TCP load balancer built on per-core mio event loops.

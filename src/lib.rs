@@ -1,1 +1,3 @@
 //! lb: a layer-4 TCP load balancer built on per-core mio event loops.
+
+pub mod systemd;

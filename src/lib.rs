@@ -17,6 +17,7 @@ pub mod session;
 pub mod shared;
 pub mod signals;
 pub mod stats;
+pub mod systemd;
 pub mod worker;
 
 use std::fmt;

@@ -18,6 +18,7 @@ pub const MAX_RETRIES: u32 = 32;
 #[command(
     name = "lb",
     version,
+    allow_negative_numbers = true,
     about = "Layer-4 TCP load balancer: least connections over per-core event loops",
     after_help = "At --max-connections the listeners stop accepting; extra clients wait in the \
 kernel backlog and are served as earlier connections close."

@@ -82,11 +82,20 @@ pub fn run(config: Config) -> Result<(), RunError> {
         Ok(n) => info!("file descriptor limit: {n}"),
         Err(e) => warn!("cannot raise the file descriptor limit: {e}"),
     }
-    let per_worker = listener::bind(config.listen, config.workers)
-        .map_err(RunError::Listen)?
-        .into_iter()
-        .map(|l| vec![l])
-        .collect::<Vec<_>>();
+    // Must run before any thread starts: it reads and clears the environment.
+    let inherited = systemd::listen_fds()
+        .map_err(|source| RunError::Listen(ListenError::Inherited { source }))?;
+    let per_worker = if inherited.is_empty() {
+        listener::bind(config.listen, config.workers)
+            .map_err(RunError::Listen)?
+            .into_iter()
+            .map(|l| vec![l])
+            .collect::<Vec<_>>()
+    } else {
+        info!("using {} listening socket(s) passed by systemd; --port/--bind ignored", inherited.len());
+        listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?
+    };
+    let notifier = systemd::Notifier::from_env();
     let bound = per_worker
         .first()
         .and_then(|ls| ls.first())
@@ -126,7 +135,12 @@ pub fn run(config: Config) -> Result<(), RunError> {
         config.max_connections,
     );
 
-    supervise(&config, &shared, &rx, handles);
+    if let Some(n) = &notifier
+        && let Err(e) = n.ready()
+    {
+        warn!("sd_notify READY=1: {e}");
+    }
+    supervise(&config, &shared, &rx, handles, notifier.as_ref());
     Ok(())
 }
 
@@ -163,9 +177,23 @@ fn spawn_workers(
 
 /// Waits for signals; on the first SIGTERM/SIGINT drains up to
 /// `--drain-timeout`, then stops whatever is left.
-fn supervise(config: &Config, shared: &Shared, rx: &mpsc::Receiver<Event>, handles: Vec<JoinHandle<()>>) {
+fn supervise(
+    config: &Config,
+    shared: &Shared,
+    rx: &mpsc::Receiver<Event>,
+    handles: Vec<JoinHandle<()>>,
+    notifier: Option<&systemd::Notifier>,
+) {
     let mut drain_deadline: Option<Instant> = None;
+    let mut last_status = usize::MAX;
     loop {
+        if let Some(n) = notifier {
+            let active = shared.active_clients();
+            if active != last_status {
+                last_status = active;
+                let _ = n.status(&format!("active connections: {active}"));
+            }
+        }
         if handles.iter().all(JoinHandle::is_finished) {
             break;
         }
@@ -181,6 +209,9 @@ fn supervise(config: &Config, shared: &Shared, rx: &mpsc::Receiver<Event>, handl
                         config.drain_timeout
                     );
                     shared.begin_drain();
+                    if let Some(n) = notifier {
+                        let _ = n.stopping();
+                    }
                     drain_deadline = Some(Instant::now() + config.drain_timeout);
                 }
             }

@@ -6,10 +6,12 @@
 //! worker relays client/backend pairs ([`session`]) through pooled buffers
 //! ([`pool`]), choosing backends by least connections ([`balancer`]). The
 //! calling thread supervises: it turns [`signals`] into a graceful drain.
+//! Off the data path, [`health`] probes the backends on its own thread.
 
 pub mod backend;
 pub mod balancer;
 pub mod config;
+pub mod health;
 pub mod listener;
 pub mod net;
 pub mod pool;
@@ -45,6 +47,7 @@ pub enum RunError {
     Poll(io::Error),
     Signals(io::Error),
     Spawn(io::Error),
+    Health(io::Error),
 }
 
 impl fmt::Display for RunError {
@@ -54,6 +57,7 @@ impl fmt::Display for RunError {
             RunError::Poll(e) => write!(f, "cannot create an event loop: {e}"),
             RunError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
             RunError::Spawn(e) => write!(f, "cannot start a worker thread: {e}"),
+            RunError::Health(e) => write!(f, "cannot start health checks: {e}"),
         }
     }
 }
@@ -119,8 +123,9 @@ pub fn run(config: Config) -> Result<(), RunError> {
         connect_timeout: config.connect_timeout,
         idle_timeout: config.idle_timeout,
         retries: config.retries,
-        fall: 3,
+        fall: config.health.fall,
     };
+    health::spawn(Arc::clone(&shared), config.health.clone()).map_err(RunError::Health)?;
     let handles = spawn_workers(&config, &shared, polls, per_worker, &settings)?;
 
     info!(

@@ -374,11 +374,10 @@ impl<'a> Worker<'a> {
     fn count_connect_failure(&self, backend: &Backend, e: &io::Error) {
         debug!("connect to {} failed: {e}", backend.name);
         if backend.connect_failed(self.settings.fall) {
-            warn!(
-                "backend {} is DOWN: {} consecutive connect failures ({})",
-                backend.name,
-                self.settings.fall,
-                crate::net::describe(e)
+            crate::health::log_down(
+                backend,
+                &crate::net::describe(e),
+                &crate::health::plural(self.settings.fall, "failed client connect"),
             );
         }
     }

@@ -152,8 +152,10 @@ pub fn lb_env(backends: &[SocketAddr], extra: &[&str], envs: &[(&str, &str)]) ->
         .iter()
         .map(|s| s.to_string())
         .collect();
-    args.push("-b".into());
-    args.extend(backends.iter().map(|b| b.to_string()));
+    if !backends.is_empty() {
+        args.push("-b".into());
+        args.extend(backends.iter().map(|b| b.to_string()));
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     spawn_listening(lb_bin(), &args, envs)
 }

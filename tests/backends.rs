@@ -60,7 +60,8 @@ fn with_no_retries_a_hanging_backend_closes_the_client_after_the_timeout() {
 fn weights_scale_each_backends_share_of_held_connections() {
     let a = tagged_backend("A");
     let b = tagged_backend("B");
-    let lb = lb(&[], &["-b", &format!("{}@1", a.addr), &format!("{}@3", b.addr)]);
+    // A health probe in flight would be one more connection on a backend.
+    let lb = lb(&[], &["--no-health-check", "-b", &format!("{}@1", a.addr), &format!("{}@3", b.addr)]);
     let mut held = Vec::new();
     for _ in 0..8 {
         let mut s = connect(lb.addr);

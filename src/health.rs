@@ -208,7 +208,8 @@ pub fn spawn(shared: Arc<Shared>, config: HealthConfig) -> io::Result<()> {
 }
 
 /// How often the hold-down loop looks for passively downed backends: a
-/// backend returns between one and 1.25 periods after it went down.
+/// backend returns one period after it was noticed down, which is at most
+/// a quarter period (and at most a second) after it went down.
 fn hold_down_tick(period: Duration) -> Duration {
     (period / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }

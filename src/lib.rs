@@ -78,10 +78,8 @@ const SUPERVISOR_TICK: Duration = Duration::from_millis(200);
 /// Runs lb until it is drained by a signal. Errors are start-up errors:
 /// once serving, faults are logged and survived.
 pub fn run(config: Config) -> Result<(), RunError> {
-    match listener::raise_fd_limit() {
-        Ok(n) => info!("file descriptor limit: {n}"),
-        Err(e) => warn!("cannot raise the file descriptor limit: {e}"),
-    }
+    // Logged once serving, so a start-up failure stays a single line.
+    let fd_limit = listener::raise_fd_limit();
     // Must run before any thread starts: it reads and clears the environment.
     let inherited = systemd::listen_fds()
         .map_err(|source| RunError::Listen(ListenError::Inherited { source }))?;
@@ -123,6 +121,10 @@ pub fn run(config: Config) -> Result<(), RunError> {
     };
     let handles = spawn_workers(&config, &shared, polls, per_worker, &settings)?;
 
+    match fd_limit {
+        Ok(n) => info!("file descriptor limit: {n}"),
+        Err(e) => warn!("cannot raise the file descriptor limit: {e}"),
+    }
     info!(
         "listening on {bound} with {} workers; backends: {}; max connections {}",
         config.workers,

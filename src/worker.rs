@@ -306,9 +306,6 @@ impl<'a> Worker<'a> {
     }
 
     fn start_session(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, now: Instant) {
-        if let Err(e) = client.set_nodelay(true) {
-            debug!("TCP_NODELAY on client socket: {e}");
-        }
         if !balancer::any_healthy(&self.shared.backends) {
             self.shared.counters.no_backend.fetch_add(1, Ordering::Relaxed);
             debug!("no backend is up; closing the client");

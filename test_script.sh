@@ -282,7 +282,7 @@ test_failover() {
         fail "before the failure not both backends served: $t"
 
     kill -KILL "$B_PID" 2>/dev/null
-    wait "$B_PID" 2>/dev/null
+    { wait "$B_PID"; } 2>/dev/null
     port_is_listening "${B##*:}" && fail "backend B still listening after SIGKILL"
 
     n=$(pick 20 200)
@@ -296,7 +296,7 @@ test_failover() {
     # Every backend down: lb must close clients quickly (not hang them) and
     # keep running.
     kill -KILL "$A_PID" 2>/dev/null
-    wait "$A_PID" 2>/dev/null
+    { wait "$A_PID"; } 2>/dev/null
     code=$(curl -s -o /dev/null --max-time 5 -w '%{http_code}' "http://$LB_ADDR/")
     rc=$?
     [ "$rc" -ne 28 ] || fail "with every backend down a client hung until curl's 5 s timeout"
@@ -347,7 +347,7 @@ test_health() {
         fail "healthy backends A and C did not both serve: $t"
 
     kill -KILL "$C_PID" 2>/dev/null
-    wait "$C_PID" 2>/dev/null
+    { wait "$C_PID"; } 2>/dev/null
     wait_for_batch "$LB_ADDR" 5 "$out" all_ok_without_c ||
         fail "after C died, requests failed or still went to C: $(tally "$out" "Server A" "Server B" "Server C")"
     start_be "Server C" "$c_port" || fail "cannot restart C on port $c_port: $ERR"
@@ -794,7 +794,7 @@ stop_child() {
     # The session outlives its leader while any member lives: kill the rest.
     [ "$CHILD_IS_GROUP" = 1 ] && kill -KILL -- "-$CHILD" 2>/dev/null
     alive "$CHILD" && kill -KILL "$CHILD" 2>/dev/null
-    wait "$CHILD" 2>/dev/null
+    { wait "$CHILD"; } 2>/dev/null
     CHILD=""
 }
 

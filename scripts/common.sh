@@ -100,7 +100,7 @@ stop_pid() {
     done
     running "$pid" "$st" && kill -KILL "$pid" 2>/dev/null
     # Reaps it when it is this shell's child; harmless otherwise.
-    wait "$pid" 2>/dev/null
+    { wait "$pid"; } 2>/dev/null
     return 0
 }
 
@@ -126,7 +126,7 @@ stop_tracked() {
     done
     while read -r p st; do
         running "$p" "$st" && kill -KILL "$p" 2>/dev/null
-        wait "$p" 2>/dev/null
+        { wait "$p"; } 2>/dev/null
     done <"$LB_PIDS_FILE"
     : >"$LB_PIDS_FILE"
 }

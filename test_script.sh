@@ -146,7 +146,7 @@ http_get_on() {
 # alive PID: the process exists and has not exited (zombies have).
 alive() {
     local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
     stat=${stat##*) }
     [ "${stat%% *}" != Z ]
 }
@@ -606,7 +606,7 @@ test_performance() {
         k6v=$(k6 version 2>/dev/null | head -n 1)
         # Latency thresholds are loose here: this suite never asserts on
         # speed (shared machines); scripts/load-test.sh keeps the real ones.
-        timeout 120 k6 run --quiet --no-color \
+        timeout 120 k6 run --quiet --no-color --address "" \
             -e LB_URL="http://$LB_ADDR/" -e BACKENDS="Server A,Server B" \
             -e VUS="$(pick 8 20)" -e RAMP="$(pick 2s 5s)" -e HOLD="$(pick 3s 20s)" -e DOWN="$(pick 1s 5s)" \
             -e P95_MS=5000 -e SUMMARY_FILE="$sum" \
@@ -777,24 +777,52 @@ time_limit() {
 }
 
 CHILD=""
-CHILD_IS_GROUP=0
+CHILD_IS_SESSION=0
 
-# stop_child: stops the running test process and everything in its session.
+# session_members SID: PIDs of the processes in session SID. A test runs in
+# its own session (setsid); tools such as timeout(1) move their children to
+# new process groups, but never out of the session.
+session_members() {
+    local sid=$1 p stat rest
+    for p in /proc/[0-9]*; do
+        { read -r stat <"$p/stat"; } 2>/dev/null || continue
+        rest=${stat##*) }
+        # shellcheck disable=SC2086
+        set -- $rest
+        # After "(comm) " come state, ppid, pgrp, session; zombies have
+        # already exited.
+        [ "${4:-}" = "$sid" ] && [ "$1" != Z ] && printf '%s\n' "${p#/proc/}"
+    done
+    return 0
+}
+
+# signal_session SIGNAL: sends SIGNAL to every process of the test's session.
+signal_session() {
+    local p
+    for p in $(session_members "$CHILD"); do
+        kill "-$1" "$p" 2>/dev/null
+    done
+}
+
+# stop_child [GRACE]: stops the running test process and everything in its
+# session (SIGTERM, then SIGKILL after GRACE seconds, default 3), then
+# anything it recorded that is somehow still running.
 stop_child() {
     [ -n "$CHILD" ] || return 0
-    if [ "$CHILD_IS_GROUP" = 1 ]; then
-        kill -TERM -- "-$CHILD" 2>/dev/null
+    local until grace=${1:-3}
+    if [ "$CHILD_IS_SESSION" = 1 ]; then
+        signal_session TERM
+        deadline until "$grace"
+        while [ -n "$(session_members "$CHILD")" ] && before "$until"; do sleep 0.05; done
+        signal_session KILL
     else
         kill -TERM "$CHILD" 2>/dev/null
+        deadline until "$grace"
+        while alive "$CHILD" && before "$until"; do sleep 0.05; done
+        alive "$CHILD" && kill -KILL "$CHILD" 2>/dev/null
     fi
-    local until
-    deadline until 3
-    while alive "$CHILD" && before "$until"; do sleep 0.05; done
-    stop_tracked 1
-    # The session outlives its leader while any member lives: kill the rest.
-    [ "$CHILD_IS_GROUP" = 1 ] && kill -KILL -- "-$CHILD" 2>/dev/null
-    alive "$CHILD" && kill -KILL "$CHILD" 2>/dev/null
     { wait "$CHILD"; } 2>/dev/null
+    stop_tracked 1
     CHILD=""
 }
 
@@ -807,10 +835,10 @@ run_test() {
     : >"$reason"
     if command -v setsid >/dev/null 2>&1; then
         setsid "$SELF" --run-one "$name" </dev/null >"$log" 2>&1 &
-        CHILD=$! CHILD_IS_GROUP=1
+        CHILD=$! CHILD_IS_SESSION=1
     else
         "$SELF" --run-one "$name" </dev/null >"$log" 2>&1 &
-        CHILD=$! CHILD_IS_GROUP=0
+        CHILD=$! CHILD_IS_SESSION=0
     fi
     deadline until "$limit"
     while alive "$CHILD"; do
@@ -855,7 +883,7 @@ on_exit() {
 on_signal() {
     trap - INT TERM HUP
     echo "interrupted: stopping every process started by the suite" >&2
-    stop_child
+    stop_child 1
     echo "$PASSED passed, $FAILED failed"
     exit 130
 }

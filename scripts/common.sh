@@ -42,36 +42,36 @@ before() {
     [ "$NOW_US" -lt "$1" ]
 }
 
-# proc_start PID: prints the process start time (clock ticks after boot).
+# proc_start PID: sets PROC_START to the process start time (clock ticks
+# after boot); fails if there is no such process. Forks nothing, so
+# scanning many processes stays cheap.
 proc_start() {
     local stat rest
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
     rest=${stat##*) }
     # shellcheck disable=SC2086
     set -- $rest
     # Field 22 of stat is the 20th after "(comm) ".
-    printf '%s\n' "${20}"
+    PROC_START=${20}
 }
 
 # track PID: records a process for stop_tracked.
 track() {
-    local st
-    st=$(proc_start "$1") || return 0
-    printf '%s %s\n' "$1" "$st" >>"$LB_PIDS_FILE"
+    proc_start "$1" || return 0
+    printf '%s %s\n' "$1" "$PROC_START" >>"$LB_PIDS_FILE"
 }
 
 # ours PID STARTTIME: true if PID is still the process we recorded.
 ours() {
-    local st
-    st=$(proc_start "$1") || return 1
-    [ "$st" = "$2" ]
+    proc_start "$1" || return 1
+    [ "$PROC_START" = "$2" ]
 }
 
 # running PID STARTTIME: ours and not yet exited (a zombie has exited).
 running() {
     local state
     ours "$1" "$2" || return 1
-    state=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    { read -r state <"/proc/$1/stat"; } 2>/dev/null || return 1
     # The state follows "(comm) "; comm itself may contain spaces.
     state=${state##*) }
     [ "${state%% *}" != Z ]

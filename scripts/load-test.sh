@@ -104,7 +104,7 @@ joined=$(IFS=,; echo "${names[*]}")
 rc=0
 if command -v k6 >/dev/null 2>&1; then
     echo "running $(k6 version 2>/dev/null | head -n 1): ramp to $vus VUs over $ramp, hold $hold, down $down"
-    k6 run --no-color --quiet \
+    k6 run --no-color --quiet --address "" \
         -e LB_URL="$url" -e BACKENDS="$joined" -e VUS="$vus" -e RAMP="$ramp" -e HOLD="$hold" \
         -e DOWN="$down" -e P95_MS="$p95" -e REUSE="$reuse" \
         "$repo/scripts/k6/load.js"

@@ -1,6 +1,6 @@
 //! The `--admin` HTTP endpoint: `GET /metrics` (Prometheus text), `GET
 //! /stats` (JSON) and `GET /health` (200 while serving, 503 while
-//! draining). It runs on a thread of its own with its own mio `Poll` and
+//! draining or while no backend is healthy). It runs on a thread of its own with its own mio `Poll` and
 //! only reads the shared atomics, so a scrape never slows a worker.
 //!
 //! It answers one request per connection and closes (`Connection: close`).
@@ -21,6 +21,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use crate::balancer;
 use crate::metrics::{PROMETHEUS_CONTENT_TYPE, render_json, render_prometheus};
 use crate::net::{IoClass, classify, is_resource_exhaustion};
 use crate::shared::Shared;
@@ -129,6 +130,11 @@ pub fn answer(parsed: Parsed, shared: &Shared) -> Vec<u8> {
             response(200, "application/json", body.as_bytes(), head_only)
         }
         Route::Health if shared.is_draining() => response(503, TEXT, b"draining\n", head_only),
+        // A balancer with nowhere to send clients is not serving, so the
+        // check in front of it (DNS failover, a cloud LB) should move on.
+        Route::Health if !balancer::any_healthy(&shared.backends) => {
+            response(503, TEXT, b"no healthy backend\n", head_only)
+        }
         Route::Health => response(200, TEXT, b"OK\n", head_only),
         Route::NotFound => response(404, TEXT, b"not found\n", head_only),
         Route::MethodNotAllowed => response(405, TEXT, b"method not allowed\n", false),
@@ -377,11 +383,14 @@ fn step(conn: &mut Conn, scratch: &mut [u8], shared: &Shared) -> io::Result<bool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Backend;
+    use crate::config::BackendSpec;
 
     fn shared() -> (Poll, Shared) {
         let poll = Poll::new().expect("poll");
         let waker = mio::Waker::new(poll.registry(), Token(0)).expect("waker");
-        (poll, Shared::new(Vec::new(), 10, vec![waker]))
+        let spec = BackendSpec { name: "a:1".into(), addr: "127.0.0.1:1".parse().expect("addr"), weight: 1 };
+        (poll, Shared::new(vec![Backend::new(&spec)], 10, vec![waker]))
     }
 
     fn status_of(response: &[u8]) -> u16 {
@@ -445,6 +454,16 @@ mod tests {
         assert_eq!(status_of(&answer(health, &s)), 200);
         s.begin_drain();
         assert_eq!(status_of(&answer(health, &s)), 503);
+    }
+
+    #[test]
+    fn health_answers_503_while_no_backend_is_healthy() {
+        let (_poll, s) = shared();
+        let health = Parsed::Request { route: Route::Health, head_only: false };
+        s.backends[0].set_healthy(false);
+        assert_eq!(status_of(&answer(health, &s)), 503);
+        s.backends[0].set_healthy(true);
+        assert_eq!(status_of(&answer(health, &s)), 200);
     }
 
     #[test]

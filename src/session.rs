@@ -253,9 +253,14 @@ impl Tried {
 /// One client and the backend it was given.
 #[derive(Debug)]
 pub struct Session<'a> {
+    // Fields drop in order. The lease goes first so that by the time the
+    // backend sees its socket close, no worker counts the connection any
+    // more; the slot goes last so the cap is only freed once both sockets
+    // are closed, and a client let in at the cap never finds its backend
+    // still holding the previous connection.
+    lease: Lease<'a>,
     client: Peer,
     backend: Peer,
-    lease: Lease<'a>,
     stage: Stage,
     up: Direction<'a>,
     down: Direction<'a>,
@@ -275,9 +280,9 @@ impl<'a> Session<'a> {
         connect_timeout: Duration,
     ) -> Session<'a> {
         Session {
+            lease,
             client: Peer::new(client),
             backend: Peer::new(backend),
-            lease,
             stage: Stage::Connecting { started: now, deadline: now + connect_timeout },
             up: Direction::new(),
             down: Direction::new(),

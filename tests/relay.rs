@@ -70,10 +70,17 @@ fn new_connections_go_to_the_backend_with_fewer_active_connections() {
         .collect();
     held.retain(|(tag, _)| tag == "A");
     assert!(!held.is_empty(), "some connections landed on A");
-    assert!(wait_until(WAIT, || b.gauge.active.load(std::sync::atomic::Ordering::SeqCst) == 0));
+    // lb releases a connection before closing its backend socket, so once
+    // B has seen its connections close, lb no longer counts them. Waiting
+    // for that after each short connection keeps the next connect from
+    // racing the release of the previous one (which would see a tie).
+    let b_idle = || wait_until(WAIT, || b.gauge.active.load(std::sync::atomic::Ordering::SeqCst) == 0);
+    assert!(b_idle(), "B still holds connections");
     for i in 0..10 {
         let mut s = connect(lb.addr);
         assert_eq!(tag_of(&mut s), "B", "short connection {i} must avoid the loaded backend");
+        drop(s);
+        assert!(b_idle(), "B still holds short connection {i}");
     }
 }
 

@@ -383,14 +383,13 @@ fn step(conn: &mut Conn, scratch: &mut [u8], shared: &Shared) -> io::Result<bool
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Backend;
     use crate::config::BackendSpec;
 
     fn shared() -> (Poll, Shared) {
         let poll = Poll::new().expect("poll");
         let waker = mio::Waker::new(poll.registry(), Token(0)).expect("waker");
         let spec = BackendSpec { name: "a:1".into(), addr: "127.0.0.1:1".parse().expect("addr"), weight: 1 };
-        (poll, Shared::new(vec![Backend::new(&spec)], 10, vec![waker]))
+        (poll, Shared::new(crate::backend::table(&[spec]), 10, vec![waker]))
     }
 
     fn status_of(response: &[u8]) -> u16 {

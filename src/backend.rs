@@ -9,16 +9,69 @@ use std::time::Duration;
 use crate::config::BackendSpec;
 use crate::stats::Histogram;
 
+/// Builds the table every worker selects from. Each backend's weight is
+/// turned into a per-connection cost (`unit`) so that `active * unit`
+/// orders backends exactly like `active / weight`: with `L` the least common
+/// multiple of the weights, `unit = L / weight` and
+/// `active * unit = L * (active / weight)`, ties included. Selection then
+/// compares one multiply per backend instead of cross-multiplying against
+/// the best so far, which would chain every step to the one before.
+pub fn table(specs: &[BackendSpec]) -> Vec<Backend> {
+    let units = units(specs.iter().map(|s| s.weight));
+    specs
+        .iter()
+        .zip(units)
+        .map(|(spec, unit)| Backend::new(spec, unit))
+        .collect()
+}
+
+/// `L / weight` while `L` fits in 32 bits, which covers any realistic set of
+/// weights. Past that, `2^32 / weight` rounded down: `active / weight` is
+/// then compared with an error below `active / 2^32` (2^-12 at a million
+/// connections), so only near-ties between unequal weights may break the
+/// other way. A unit
+/// never exceeds 2^32 and `active` is bounded by the descriptor limit
+/// (below 2^31), so `active * unit` cannot overflow.
+fn units(weights: impl Iterator<Item = u32> + Clone) -> Vec<u64> {
+    // Weights are 1..=65535 (validated by config); 0 counts as 1 rather
+    // than dividing by zero.
+    let weights = weights.map(|w| u64::from(w.max(1)));
+    let lcm = weights.clone().try_fold(1u64, |l, w| {
+        let next = l / gcd(l, w) * w;
+        (next <= 1 << 32).then_some(next)
+    });
+    match lcm {
+        Some(l) => weights.map(|w| l / w).collect(),
+        None => weights.map(|w| (1u64 << 32) / w).collect(),
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
 /// One upstream server. Aligned to its own cache lines so that two workers
-/// updating two different backends never share a line.
-#[repr(align(128))]
+/// updating two different backends never share a line. `repr(C)` keeps the
+/// fields in this order: everything backend selection reads (`active`,
+/// `unit`, the health flag) and the address a connect needs share the
+/// first cache line, so a pick touches one line per backend, not two.
+#[repr(C, align(128))]
 #[derive(Debug)]
 pub struct Backend {
-    pub name: String,
-    pub addr: SocketAddr,
-    pub weight: u32,
     /// Client pairs currently connected or connecting to this backend.
     pub active: AtomicUsize,
+    /// What one connection costs this backend relative to the others in its
+    /// table; see [`table`].
+    unit: u64,
+    healthy: AtomicBool,
+    pub weight: u32,
+    pub addr: SocketAddr,
+    /// Consecutive connect failures seen on real traffic (passive checks).
+    consecutive_failures: AtomicU32,
+    pub name: String,
     /// Connections successfully established.
     pub total: AtomicU64,
     /// Connect attempts that failed (refused, timed out, unreachable).
@@ -31,19 +84,19 @@ pub struct Backend {
     pub checks_ok: AtomicU64,
     /// Health probes that failed (refused, timed out, bad status).
     pub checks_failed: AtomicU64,
-    healthy: AtomicBool,
-    /// Consecutive connect failures seen on real traffic (passive checks).
-    consecutive_failures: AtomicU32,
     /// Time from connect() to an established connection.
     pub connect_time: Histogram,
 }
 
 impl Backend {
-    pub fn new(spec: &BackendSpec) -> Backend {
+    /// Only [`table`] builds backends: a unit means something only next to
+    /// the units of the same table.
+    fn new(spec: &BackendSpec, unit: u64) -> Backend {
         Backend {
             name: spec.name.clone(),
             addr: spec.addr,
             weight: spec.weight,
+            unit,
             active: AtomicUsize::new(0),
             total: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -56,6 +109,13 @@ impl Backend {
             consecutive_failures: AtomicU32::new(0),
             connect_time: Histogram::new(),
         }
+    }
+
+    /// This backend's load on the table's common scale (see [`table`]):
+    /// lower means less loaded relative to its weight.
+    #[inline]
+    pub fn load_key(&self) -> u64 {
+        (self.active.load(Ordering::Relaxed) as u64).wrapping_mul(self.unit)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -117,12 +177,59 @@ impl Drop for Lease<'_> {
 mod tests {
     use super::*;
 
-    fn backend() -> Backend {
-        Backend::new(&BackendSpec {
+    fn spec(weight: u32) -> BackendSpec {
+        BackendSpec {
             name: "b".into(),
             addr: "127.0.0.1:1".parse().unwrap(),
-            weight: 1,
-        })
+            weight,
+        }
+    }
+
+    fn backend() -> Backend {
+        table(&[spec(1)]).pop().unwrap()
+    }
+
+    #[test]
+    fn load_keys_order_and_tie_exactly_like_the_fractions() {
+        let weights = [1, 2, 3, 7, 10, 255, 256, 1000];
+        let t = table(&weights.map(spec));
+        let actives = [0, 1, 2, 3, 5, 6, 14, 21, 255, 1000, 65_536, 1 << 20, (1 << 30) - 1];
+        for (i, wa) in weights.iter().enumerate() {
+            for (j, wb) in weights.iter().enumerate().filter(|&(j, _)| j != i) {
+                for a in actives {
+                    for b in actives {
+                        t[i].active.store(a, Ordering::Relaxed);
+                        t[j].active.store(b, Ordering::Relaxed);
+                        let want = (a as u64 * u64::from(*wb)).cmp(&(b as u64 * u64::from(*wa)));
+                        assert_eq!(t[i].load_key().cmp(&t[j].load_key()), want, "{a}/{wa} against {b}/{wb}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weights_without_a_small_common_multiple_still_order_loads() {
+        // Three primes near 2^16: their product is far past 2^32.
+        let t = table(&[spec(65_521), spec(65_519), spec(65_519)]);
+        // Equal weights still tie exactly.
+        t[1].active.store(700, Ordering::Relaxed);
+        t[2].active.store(700, Ordering::Relaxed);
+        assert_eq!(t[1].load_key(), t[2].load_key());
+        // A load lower by one connection in a thousand still wins.
+        t[0].active.store(1000, Ordering::Relaxed);
+        t[1].active.store(1001, Ordering::Relaxed);
+        assert!(t[0].load_key() < t[1].load_key());
+        t[0].active.store(1002, Ordering::Relaxed);
+        assert!(t[0].load_key() > t[1].load_key());
+    }
+
+    #[test]
+    fn a_zero_weight_counts_as_one() {
+        let t = table(&[spec(0), spec(1)]);
+        t[0].active.store(3, Ordering::Relaxed);
+        t[1].active.store(3, Ordering::Relaxed);
+        assert_eq!(t[0].load_key(), t[1].load_key());
     }
 
     #[test]

@@ -2,39 +2,72 @@
 //! Pure and allocation-free, so it runs on the accept path of every worker
 //! without locks; ties rotate from a caller-owned cursor.
 
-use std::sync::atomic::Ordering;
-
 use crate::backend::Backend;
 
 /// Picks the healthy backend with the lowest `active / weight`, skipping the
 /// indices in `exclude` (backends already tried for this client). Among equal
 /// loads the first one at or after `start` wins, so a cursor that advances on
-/// every pick spreads sequential short connections evenly.
+/// every pick spreads sequential short connections evenly. A `start` below
+/// `backends.len()` saves a division.
+#[inline]
 pub fn pick(backends: &[Backend], start: usize, exclude: &[u32]) -> Option<usize> {
+    if !exclude.is_empty() {
+        return pick_excluding(backends, start, exclude);
+    }
     let n = backends.len();
-    if n == 0 {
-        return None;
-    }
-    let start = start % n;
-    let mut best: Option<(usize, u64, u64)> = None;
-    for k in 0..n {
-        let i = if start + k >= n { start + k - n } else { start + k };
-        let b = &backends[i];
-        if !b.is_healthy() || exclude.contains(&(i as u32)) {
-            continue;
+    let start = if start < n { start } else { start.checked_rem(n)? };
+    // [start, n) then [0, start): the first-at-or-after-start tie rule
+    // without an index wrap per step.
+    let best = scan(&backends[start..], start, |_| false, (usize::MAX, u64::MAX));
+    let (best, _) = scan(&backends[..start], 0, |_| false, best);
+    (best != usize::MAX).then_some(best)
+}
+
+/// Retries after a failed connect: kept out of line so the first attempt's
+/// loop, the one every connection runs, stays small and in registers.
+#[inline(never)]
+fn pick_excluding(backends: &[Backend], start: usize, exclude: &[u32]) -> Option<usize> {
+    let n = backends.len();
+    let start = if start < n { start } else { start.checked_rem(n)? };
+    let skip = |i: usize| exclude.contains(&(i as u32));
+    let best = scan(&backends[start..], start, skip, (usize::MAX, u64::MAX));
+    let (best, _) = scan(&backends[..start], 0, skip, best);
+    (best != usize::MAX).then_some(best)
+}
+
+/// Folds `part` (whose first index in the table is `base`) into the lowest
+/// (index, key) so far. Keys are computed independently, two backends at a
+/// time: the pair is settled first, so the dependency carried from step to
+/// step is one compare and move per two backends.
+#[inline(always)]
+fn scan(part: &[Backend], base: usize, skip: impl Fn(usize) -> bool, mut best: (usize, u64)) -> (usize, u64) {
+    // Any real key is below u64::MAX, so an ineligible backend never wins
+    // and the first eligible one always does.
+    let key = |i: usize, b: &Backend| {
+        if b.is_healthy() && !skip(i) {
+            b.load_key()
+        } else {
+            u64::MAX
         }
-        let active = b.active.load(Ordering::Relaxed) as u64;
-        let weight = u64::from(b.weight);
-        let better = match best {
-            None => true,
-            // a/wa < b/wb without division: a*wb < b*wa.
-            Some((_, best_active, best_weight)) => active * best_weight < best_active * weight,
-        };
-        if better {
-            best = Some((i, active, weight));
+    };
+    let mut pairs = part.chunks_exact(2);
+    let mut i = base;
+    for pair in pairs.by_ref() {
+        let (k0, k1) = (key(i, &pair[0]), key(i + 1, &pair[1]));
+        // Ties go to the earlier one, here and against the best so far.
+        let (j, k) = if k1 < k0 { (i + 1, k1) } else { (i, k0) };
+        if k < best.1 {
+            best = (j, k);
+        }
+        i += 2;
+    }
+    if let [b] = pairs.remainder() {
+        let k = key(i, b);
+        if k < best.1 {
+            best = (i, k);
         }
     }
-    best.map(|(i, _, _)| i)
+    best
 }
 
 /// True when at least one backend is marked up.
@@ -46,19 +79,19 @@ pub fn any_healthy(backends: &[Backend]) -> bool {
 mod tests {
     use super::*;
     use crate::config::BackendSpec;
+    use std::sync::atomic::Ordering;
 
     fn table(weights: &[u32]) -> Vec<Backend> {
-        weights
+        let specs: Vec<BackendSpec> = weights
             .iter()
             .enumerate()
-            .map(|(i, w)| {
-                Backend::new(&BackendSpec {
-                    name: format!("b{i}"),
-                    addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
-                    weight: *w,
-                })
+            .map(|(i, w)| BackendSpec {
+                name: format!("b{i}"),
+                addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                weight: *w,
             })
-            .collect()
+            .collect();
+        crate::backend::table(&specs)
     }
 
     #[test]

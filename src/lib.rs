@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use mio::{Poll, Waker};
 
-use crate::backend::Backend;
 use crate::config::Config;
 use crate::listener::ListenError;
 use crate::pool::BufferPool;
@@ -116,7 +115,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         wakers.push(Waker::new(poll.registry(), WAKER).map_err(RunError::Poll)?);
         polls.push(poll);
     }
-    let backends = config.backends.iter().map(Backend::new).collect();
+    let backends = backend::table(&config.backends);
     let shared = Arc::new(Shared::new(backends, config.max_connections, wakers));
 
     let (tx, rx) = mpsc::channel::<Event>();

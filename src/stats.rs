@@ -332,12 +332,11 @@ Backend[1] 127.0.0.1:8081: Status=UNHEALTHY, Active=0, Total=892, Failed=15, Byt
 
     #[test]
     fn a_snapshot_reads_the_shared_table() {
-        use crate::backend::Backend;
         use crate::config::BackendSpec;
         let spec = BackendSpec { name: "b:1".into(), addr: "127.0.0.1:1".parse().unwrap(), weight: 2 };
         let poll = mio::Poll::new().expect("poll");
         let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
-        let shared = Shared::new(vec![Backend::new(&spec)], 10, vec![waker]);
+        let shared = Shared::new(crate::backend::table(&[spec]), 10, vec![waker]);
         shared.counters.accepted.fetch_add(3, Ordering::Relaxed);
         shared.backends[0].connect_succeeded(Duration::from_micros(50));
         shared.backends[0].checks_failed.fetch_add(2, Ordering::Relaxed);

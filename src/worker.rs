@@ -351,7 +351,8 @@ impl<'a> Worker<'a> {
         let backends: &'a [Backend] = &self.shared.backends;
         while tried.attempts() <= self.settings.retries as usize {
             let i = balancer::pick(backends, self.cursor, tried.as_slice())?;
-            self.cursor = self.cursor.wrapping_add(1);
+            // Kept below the table size so pick needs no division.
+            self.cursor = if self.cursor + 1 < backends.len() { self.cursor + 1 } else { 0 };
             tried.push(i);
             let backend = &backends[i];
             let lease = backend.lease();

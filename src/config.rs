@@ -68,6 +68,25 @@ pub struct Args {
     /// Seconds SIGTERM/SIGINT waits for in-flight connections.
     #[arg(long = "drain-timeout", default_value = "30")]
     pub drain_timeout: String,
+
+    /// Zero-copy relay through kernel pipes: auto (bulk flows only), always or never.
+    #[arg(long = "splice", default_value = "auto")]
+    pub splice: String,
+
+    /// Pipes that may exist at once for splicing (default: --max-connections / 4).
+    #[arg(long = "max-pipes")]
+    pub max_pipes: Option<String>,
+}
+
+/// When a direction moves bytes with splice(2) instead of a user-space copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceMode {
+    /// Copy first; splice once a flow shows itself to be bulk.
+    Auto,
+    /// Splice from the first byte, while pipes last.
+    Always,
+    /// Never splice.
+    Never,
 }
 
 /// Validated run-time configuration.
@@ -83,6 +102,10 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     pub retries: u32,
     pub drain_timeout: Duration,
+    pub splice: SpliceMode,
+    /// Pipes open at once across all workers (0 = none, so splice always
+    /// falls back to copying).
+    pub max_pipes: usize,
 }
 
 /// One backend after resolution.
@@ -105,6 +128,7 @@ pub enum ConfigError {
     Resolve { value: String, reason: String },
     Number { flag: &'static str, value: String, expected: &'static str },
     Seconds { flag: &'static str, value: String },
+    Splice { value: String },
 }
 
 impl fmt::Display for ConfigError {
@@ -137,6 +161,9 @@ impl fmt::Display for ConfigError {
                 f,
                 "{flag}: '{value}' is not a number of seconds (e.g. 3 or 0.5)"
             ),
+            ConfigError::Splice { value } => {
+                write!(f, "--splice: '{value}' is not one of auto, always, never")
+            }
         }
     }
 }
@@ -185,6 +212,17 @@ impl Config {
         }
         let idle = parse_seconds("--idle-timeout", &args.idle_timeout)?;
         let drain_timeout = parse_seconds("--drain-timeout", &args.drain_timeout)?;
+        let splice = match args.splice.trim() {
+            "auto" => SpliceMode::Auto,
+            "always" => SpliceMode::Always,
+            "never" => SpliceMode::Never,
+            _ => return Err(ConfigError::Splice { value: args.splice.clone() }),
+        };
+        // HAProxy's default ratio: bulk flows are a minority of connections.
+        let max_pipes = match &args.max_pipes {
+            Some(m) => parse_count("--max-pipes", m, 0)?,
+            None => max_connections / 4,
+        };
         let backends = args
             .backends
             .iter()
@@ -200,6 +238,8 @@ impl Config {
             idle_timeout: (!idle.is_zero()).then_some(idle),
             retries: retries as u32,
             drain_timeout,
+            splice,
+            max_pipes,
         })
     }
 }
@@ -297,6 +337,18 @@ mod tests {
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(c.retries, 2);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.splice, SpliceMode::Auto);
+        assert_eq!(c.max_pipes, 250);
+    }
+
+    #[test]
+    fn splice_modes_and_pipe_limits_are_parsed() {
+        let c = Config::from_args(&args(&["--splice", "never", "--max-pipes", "0"])).unwrap();
+        assert_eq!(c.splice, SpliceMode::Never);
+        assert_eq!(c.max_pipes, 0);
+        let c = Config::from_args(&args(&["--splice", "always", "--max-connections", "40"])).unwrap();
+        assert_eq!(c.splice, SpliceMode::Always);
+        assert_eq!(c.max_pipes, 10, "defaults to a quarter of --max-connections");
     }
 
     #[test]
@@ -341,6 +393,10 @@ mod tests {
             (&["--retries", "99"], "--retries"),
             (&["--drain-timeout", "NaN"], "--drain-timeout"),
             (&["--bind", "not-an-ip"], "--bind"),
+            (&["--splice", "sometimes"], "--splice"),
+            (&["--splice", ""], "--splice"),
+            (&["--max-pipes", "-1"], "--max-pipes"),
+            (&["--max-pipes", "many"], "--max-pipes"),
         ];
         for (argv, flag) in cases {
             let err = Config::from_args(&args(argv)).expect_err("value must be rejected");

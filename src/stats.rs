@@ -104,6 +104,20 @@ pub struct Counters {
     pub accept_errors: AtomicU64,
     /// Pairs closed by the idle timeout.
     pub idle_closed: AtomicU64,
+    /// Bytes relayed with splice(2), never entering user memory.
+    pub bytes_spliced: AtomicU64,
+    /// Bytes relayed by copying through a buffer.
+    pub bytes_copied: AtomicU64,
+    /// Pipes lent to connections (each worker updates its share once a
+    /// second, with the byte counts).
+    pub pipes_in_use: AtomicU64,
+    /// Pipes open, lent or idle; bounded by `--max-pipes`. Exact: changed
+    /// whenever a pipe is opened or closed.
+    pub pipes_open: AtomicU64,
+    /// Directions that found splice unsupported and copy instead.
+    pub splice_fallbacks: AtomicU64,
+    /// Times a direction wanted a pipe and none was left, so it copied.
+    pub pipes_exhausted: AtomicU64,
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ fn every_bad_value_is_one_line_naming_its_flag() {
         (&["--retries", "x"], "--retries"),
         (&["--drain-timeout", "inf"], "--drain-timeout"),
         (&["--bind", "999.0.0.1"], "--bind"),
+        (&["--splice", "sometimes"], "--splice"),
+        (&["--max-pipes", "-4"], "--max-pipes"),
         (&["--frobnicate"], "--frobnicate"),
     ];
     for (args, flag) in cases {
@@ -44,7 +46,7 @@ fn help_and_version_exit_zero() {
     let out = Command::new(lb_bin()).arg("--help").output().expect("run lb --help");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--port", "--backends", "--max-connections", "--drain-timeout", "--idle-timeout"] {
+    for flag in ["--port", "--backends", "--max-connections", "--drain-timeout", "--idle-timeout", "--splice", "--max-pipes"] {
         assert!(help.contains(flag), "help lacks {flag}");
     }
     let out = Command::new(lb_bin()).arg("-V").output().expect("run lb -V");

@@ -184,7 +184,9 @@ impl<'p> Direction<'p> {
     /// Moves bytes from `src` to `dst` until nothing more can move now.
     /// Reads only into an empty buffer or pipe, so a full one stops reading
     /// from the source (backpressure) and neither ever grows.
-    fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pools: Pools<'p>) -> io::Result<Pumped> {
+    /// `closing_next` says the other direction is done, so the pair closes
+    /// once this one is: the close itself then sends the FIN.
+    fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pools: Pools<'p>, closing_next: bool) -> io::Result<Pumped> {
         for _ in 0..MAX_CHUNKS_PER_PUMP {
             if self.pending() > 0 {
                 if !dst.writable {
@@ -217,11 +219,13 @@ impl<'p> Direction<'p> {
             }
         }
         if self.flow == Flow::Draining && self.pending() == 0 {
-            match dst.stream.shutdown(Shutdown::Write) {
-                Ok(()) => {}
-                // The destination already went away; nothing left to tell it.
-                Err(e) if classify(&e) == IoClass::Closed => {}
-                Err(e) => return Err(e),
+            if !closing_next {
+                match dst.stream.shutdown(Shutdown::Write) {
+                    Ok(()) => {}
+                    // The destination already went away; nothing left to tell it.
+                    Err(e) if classify(&e) == IoClass::Closed => {}
+                    Err(e) => return Err(e),
+                }
             }
             self.flow = Flow::Done;
             return Ok(Pumped::Idle);
@@ -437,9 +441,14 @@ impl Tried {
 /// One client and the backend it was given.
 #[derive(Debug)]
 pub struct Session<'a> {
+    // Fields drop in order. The lease goes first so that by the time the
+    // backend sees its socket close, no worker counts the connection any
+    // more; the slot goes last so the cap is only freed once both sockets
+    // are closed, and a client let in at the cap never finds its backend
+    // still holding the previous connection.
+    lease: Lease<'a>,
     client: Peer,
     backend: Peer,
-    lease: Lease<'a>,
     stage: Stage,
     up: Direction<'a>,
     down: Direction<'a>,
@@ -459,9 +468,9 @@ impl<'a> Session<'a> {
         settings: &WorkerSettings,
     ) -> Session<'a> {
         Session {
+            lease,
             client: Peer::new(client),
             backend: Peer::new(backend),
-            lease,
             stage: Stage::Connecting { started: now, deadline: now + settings.connect_timeout },
             up: Direction::new(settings.splice),
             down: Direction::new(settings.splice),
@@ -547,11 +556,11 @@ impl<'a> Session<'a> {
     }
 
     fn relay(&mut self, pools: Pools<'a>) -> Outcome {
-        let up = match self.up.pump(&mut self.client, &mut self.backend, pools) {
+        let up = match self.up.pump(&mut self.client, &mut self.backend, pools, self.down.flow == Flow::Done) {
             Ok(p) => p,
             Err(e) => return self.abort(Side::Client, &e),
         };
-        let down = match self.down.pump(&mut self.backend, &mut self.client, pools) {
+        let down = match self.down.pump(&mut self.backend, &mut self.client, pools, self.up.flow == Flow::Done) {
             Ok(p) => p,
             Err(e) => return self.abort(Side::Backend, &e),
         };

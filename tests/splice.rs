@@ -79,7 +79,7 @@ fn wait_stalled(written: &AtomicUsize) -> bool {
 
 fn relays_random_bytes_exactly_over_16_concurrent_connections(mode: &str) {
     let echo = echo_backend();
-    let lb = lb(&[echo.addr], &["--splice", mode]);
+    let lb = lb(&[echo.addr], &["--splice", mode, "--no-health-check"]);
     echo_many(lb.addr, 16, 0x5eed);
 }
 
@@ -100,7 +100,7 @@ fn a_half_close_waits_for_the_pipe_to_drain_and_the_reply_still_arrives(mode: &s
         let _ = got_tx.lock().expect("got lock").send(got);
         let _ = s.write_all(&random_bytes(REPLY, 11));
     });
-    let lb = lb(&[backend.addr], &["--splice", mode]);
+    let lb = lb(&[backend.addr], &["--splice", mode, "--no-health-check"]);
     let c = connect(lb.addr);
     let mut r = c.try_clone().expect("clone");
     let data = random_bytes(SENT, 10);
@@ -136,10 +136,10 @@ fn a_backend_reset_while_lb_holds_bytes_ends_the_client_promptly(mode: &str) {
         }
         // Never read; on the signal, reset.
         let _ = go_rx.lock().expect("go lock").recv_timeout(WAIT);
-        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("linger");
+        socket2::SockRef::from(&*s).set_linger(Some(Duration::ZERO)).expect("linger");
         drop(s);
     });
-    let lb = lb(&[backend.addr], &["--splice", mode]);
+    let lb = lb(&[backend.addr], &["--splice", mode, "--no-health-check"]);
     let idle_pipes = pipe_fds(&lb);
     let c = connect(lb.addr);
     let mut r = c.try_clone().expect("clone");
@@ -170,7 +170,7 @@ fn a_backend_reset_while_lb_holds_bytes_ends_the_client_promptly(mode: &str) {
 
 fn running_out_of_pipes_falls_back_to_copying_without_loss(mode: &str) {
     let echo = echo_backend();
-    let lb = lb(&[echo.addr], &["--splice", mode, "--max-pipes", "1"]);
+    let lb = lb(&[echo.addr], &["--splice", mode, "--max-pipes", "1", "--no-health-check"]);
     let idle_pipes = pipe_fds(&lb);
     echo_many(lb.addr, 20, 0xfa11);
     assert!(pipe_fds(&lb) <= idle_pipes + 2, "one pipe (two descriptors) at most");
@@ -178,7 +178,7 @@ fn running_out_of_pipes_falls_back_to_copying_without_loss(mode: &str) {
 
 fn descriptors_return_to_the_idle_count_after_bulk_traffic_and_resets(mode: &str) {
     let echo = echo_backend();
-    let lb = lb(&[echo.addr], &["--splice", mode]);
+    let lb = lb(&[echo.addr], &["--splice", mode, "--no-health-check"]);
     let no_pipes = pipe_fds(&lb);
     // Warm up (lazily created descriptors) with a pair lb closes once the
     // echo's EOF reached the client.

@@ -88,7 +88,7 @@ pub struct PipePool<'a> {
     open: &'a AtomicU64,
     in_use: Cell<usize>,
     exhausted: Cell<u64>,
-    fallbacks: Cell<u64>,
+    unsupported: Cell<u64>,
     /// A pipe was lent since the last `trim_idle`.
     lent: Cell<bool>,
 }
@@ -106,7 +106,7 @@ impl<'a> PipePool<'a> {
             open,
             in_use: Cell::new(0),
             exhausted: Cell::new(0),
-            fallbacks: Cell::new(0),
+            unsupported: Cell::new(0),
             lent: Cell::new(false),
         }
     }
@@ -187,12 +187,13 @@ impl<'a> PipePool<'a> {
     }
 
     /// Records a direction that found splice unsupported and copies instead.
-    pub fn note_fallback(&self) {
-        self.fallbacks.set(self.fallbacks.get() + 1);
+    pub fn note_unsupported(&self) {
+        self.unsupported.set(self.unsupported.get() + 1);
     }
 
-    pub fn fallbacks(&self) -> u64 {
-        self.fallbacks.get()
+    /// Directions recorded by `note_unsupported`.
+    pub fn unsupported(&self) -> u64 {
+        self.unsupported.get()
     }
 }
 

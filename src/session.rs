@@ -298,7 +298,7 @@ impl<'p> Direction<'p> {
     /// into a buffer and copy from now on, without failing the pair.
     fn unsplice(&mut self, pools: Pools<'p>) -> io::Result<Flushed> {
         if self.policy.wants_splice() {
-            pools.pipes.note_fallback();
+            pools.pipes.note_unsupported();
             self.policy.unsupported();
         }
         let Some(mut buf) = pools.buffers.get() else { return Ok(Flushed::Starved) };
@@ -380,7 +380,7 @@ impl<'p> Direction<'p> {
                     Err(e) => {
                         *pipe = None;
                         if pipe::is_unsupported(&e) {
-                            pools.pipes.note_fallback();
+                            pools.pipes.note_unsupported();
                             self.policy.unsupported();
                             self.transfer = Transfer::copy();
                             return Ok(Filled::Progress);

@@ -53,7 +53,7 @@ struct Tally {
     /// What this worker last added to the shared gauges and counters.
     published_in_use: u64,
     published_exhausted: u64,
-    published_fallbacks: u64,
+    published_unsupported: u64,
 }
 
 /// Whether the listeners are registered, and why not.
@@ -568,10 +568,10 @@ impl<'a> Worker<'a> {
             c.pipes_exhausted.fetch_add(exhausted - t.published_exhausted, Ordering::Relaxed);
             t.published_exhausted = exhausted;
         }
-        let fallbacks = pipes.fallbacks();
-        if fallbacks != t.published_fallbacks {
-            c.splice_fallbacks.fetch_add(fallbacks - t.published_fallbacks, Ordering::Relaxed);
-            t.published_fallbacks = fallbacks;
+        let unsupported = pipes.unsupported();
+        if unsupported != t.published_unsupported {
+            c.splice_unsupported.fetch_add(unsupported - t.published_unsupported, Ordering::Relaxed);
+            t.published_unsupported = unsupported;
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The splice relay end to end, in every `--splice` mode: byte-exact bulk
 //! transfer both ways over many connections, a half-close with bytes still
 //! in a pipe, a backend reset while a pipe holds bytes, pipe exhaustion,
-//! and descriptors (pipes included) returning once traffic ends.
+//! descriptors (pipes included) returning once traffic ends, and how each
+//! mode splits the bytes between splice and copy (read from `/metrics`).
+//! Health probes are off throughout: they would be extra backend
+//! connections and descriptors.
 
 mod common;
 
@@ -12,24 +15,59 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::admin::{admin_addr, scrape};
 use common::*;
+
+/// lb in front of `backends` with splice `mode`, no probes, and an admin
+/// endpoint to read the relay counters from.
+fn lb_splice(backends: &[SocketAddr], mode: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["--splice", mode, "--no-health-check", "--admin", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let lb = lb(backends, &args);
+    let admin = admin_addr(&lb);
+    (lb, admin)
+}
+
+/// Bytes relayed so far, as (spliced, copied), once they add up to `total`
+/// (workers publish them about once a second).
+fn relayed(admin: SocketAddr, total: u64) -> (u64, u64) {
+    let mut last = (0, 0);
+    let settled = wait_until(WAIT, || {
+        let m = scrape(admin);
+        last = (
+            m.value("lb_relayed_bytes_total", &[("method", "splice")]) as u64,
+            m.value("lb_relayed_bytes_total", &[("method", "copy")]) as u64,
+        );
+        last.0 + last.1 == total
+    });
+    assert!(settled, "relayed (spliced, copied) = {last:?}, expected {total} in all");
+    last
+}
+
+fn fallbacks(admin: SocketAddr, reason: &str) -> u64 {
+    scrape(admin).value("lb_splice_fallbacks_total", &[("reason", reason)]) as u64
+}
 
 /// Pipe descriptors lb holds (its stdout and stderr are pipes too).
 fn pipe_fds(lb: &Proc) -> usize {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", lb.pid())) else { return 0 };
+    pipe_fds_of(lb.pid())
+}
+
+fn pipe_fds_of(pid: u32) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
     dir.filter_map(Result::ok)
         .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:")))
         .count()
 }
 
-/// Runs `data.len()` bytes through an echo and checks them, over `n`
-/// concurrent connections of 1–4 MiB each.
-fn echo_many(addr: SocketAddr, n: u64, seed: u64) {
+/// Runs random data through an echo and checks it, over `n` concurrent
+/// connections of 1–4 MiB each; returns the bytes lb relayed (both ways).
+fn echo_many(addr: SocketAddr, n: u64, seed: u64) -> u64 {
+    let total: usize = (0..n).map(|i| echo_len(i) * 2).sum();
     let handles: Vec<_> = (0..n)
         .map(|i| {
             thread::spawn(move || {
-                let len = (1 << 20) + (i as usize * 397_643) % (3 << 20);
-                let data = random_bytes(len, seed + i);
+                let data = random_bytes(echo_len(i), seed + i);
                 let got = echo_roundtrip(addr, &data);
                 assert_eq!(got.len(), data.len(), "connection {i} length");
                 assert!(got == data, "connection {i} bytes differ");
@@ -39,6 +77,11 @@ fn echo_many(addr: SocketAddr, n: u64, seed: u64) {
     for h in handles {
         h.join().expect("transfer thread");
     }
+    total as u64
+}
+
+fn echo_len(i: u64) -> usize {
+    (1 << 20) + (i as usize * 397_643) % (3 << 20)
 }
 
 /// Writes `data` `times` times on a thread, counting progress, then
@@ -79,8 +122,18 @@ fn wait_stalled(written: &AtomicUsize) -> bool {
 
 fn relays_random_bytes_exactly_over_16_concurrent_connections(mode: &str) {
     let echo = echo_backend();
-    let lb = lb(&[echo.addr], &["--splice", mode, "--no-health-check"]);
-    echo_many(lb.addr, 16, 0x5eed);
+    let (lb, admin) = lb_splice(&[echo.addr], mode, &[]);
+    let total = echo_many(lb.addr, 16, 0x5eed);
+    let (spliced, copied) = relayed(admin, total);
+    match mode {
+        "never" => assert_eq!(spliced, 0, "--splice never spliced"),
+        // The default --max-pipes (250) covers 16 pairs, so nothing copies.
+        "always" => assert_eq!(copied, 0, "--splice always copied"),
+        // Whether these flows look bulk depends on timing; the split is
+        // checked where the traffic makes it certain.
+        _ => {}
+    }
+    assert_eq!(fallbacks(admin, "unsupported"), 0, "TCP sockets can splice");
 }
 
 fn a_half_close_waits_for_the_pipe_to_drain_and_the_reply_still_arrives(mode: &str) {
@@ -100,7 +153,8 @@ fn a_half_close_waits_for_the_pipe_to_drain_and_the_reply_still_arrives(mode: &s
         let _ = got_tx.lock().expect("got lock").send(got);
         let _ = s.write_all(&random_bytes(REPLY, 11));
     });
-    let lb = lb(&[backend.addr], &["--splice", mode, "--no-health-check"]);
+    let (lb, admin) = lb_splice(&[backend.addr], mode, &[]);
+    let idle_pipes = pipe_fds(&lb);
     let c = connect(lb.addr);
     let mut r = c.try_clone().expect("clone");
     let data = random_bytes(SENT, 10);
@@ -108,6 +162,15 @@ fn a_half_close_waits_for_the_pipe_to_drain_and_the_reply_still_arrives(mode: &s
     // Everything the kernel buffers is queued and lb holds the rest
     // (possibly with the FIN behind it) when the backend starts reading.
     assert!(wait_stalled(&written), "the writer neither stalled nor finished");
+    if mode == "always" {
+        // The stalled direction's pipe holds bytes: it must not be given
+        // back, and the FIN must wait behind it.
+        assert!(pipe_fds(&lb) > idle_pipes, "no pipe holds the stalled bytes");
+        assert!(
+            wait_until(WAIT, || scrape(admin).value("lb_pipes_in_use", &[]) >= 1.0),
+            "lb_pipes_in_use never showed the held pipe"
+        );
+    }
     go_tx.send(()).expect("backend waiting");
     let got = got_rx.recv_timeout(WAIT).expect("the backend saw EOF");
     assert_eq!(got.len(), SENT, "bytes before the half-close");
@@ -117,6 +180,12 @@ fn a_half_close_waits_for_the_pipe_to_drain_and_the_reply_still_arrives(mode: &s
     assert_eq!(reply.len(), REPLY);
     assert!(reply == random_bytes(REPLY, 11), "reply bytes differ");
     assert!(done.recv_timeout(WAIT).expect("writer ended").is_ok());
+    let (spliced, _) = relayed(admin, (SENT + REPLY) as u64);
+    match mode {
+        "never" => assert_eq!(spliced, 0),
+        // The backlog behind the stall is read in full buffers: bulk.
+        _ => assert!(spliced > 0, "--splice {mode} never spliced a stalled 8 MiB upload"),
+    }
 }
 
 fn a_backend_reset_while_lb_holds_bytes_ends_the_client_promptly(mode: &str) {
@@ -139,7 +208,7 @@ fn a_backend_reset_while_lb_holds_bytes_ends_the_client_promptly(mode: &str) {
         socket2::SockRef::from(&*s).set_linger(Some(Duration::ZERO)).expect("linger");
         drop(s);
     });
-    let lb = lb(&[backend.addr], &["--splice", mode, "--no-health-check"]);
+    let (lb, _admin) = lb_splice(&[backend.addr], mode, &[]);
     let idle_pipes = pipe_fds(&lb);
     let c = connect(lb.addr);
     let mut r = c.try_clone().expect("clone");
@@ -170,15 +239,44 @@ fn a_backend_reset_while_lb_holds_bytes_ends_the_client_promptly(mode: &str) {
 
 fn running_out_of_pipes_falls_back_to_copying_without_loss(mode: &str) {
     let echo = echo_backend();
-    let lb = lb(&[echo.addr], &["--splice", mode, "--max-pipes", "1", "--no-health-check"]);
+    let (lb, admin) = lb_splice(&[echo.addr], mode, &["--max-pipes", "1"]);
     let idle_pipes = pipe_fds(&lb);
-    echo_many(lb.addr, 20, 0xfa11);
-    assert!(pipe_fds(&lb) <= idle_pipes + 2, "one pipe (two descriptors) at most");
+    let most = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (most, stop, pid) = (Arc::clone(&most), Arc::clone(&stop), lb.pid());
+        thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                most.fetch_max(pipe_fds_of(pid), Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let total = echo_many(lb.addr, 20, 0xfa11);
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().expect("watcher");
+    assert!(
+        most.load(Ordering::SeqCst) <= idle_pipes + 2,
+        "one pipe (two descriptors) at most, saw {} pipe descriptors beyond the idle {idle_pipes}",
+        most.load(Ordering::SeqCst).saturating_sub(idle_pipes)
+    );
+    let (spliced, copied) = relayed(admin, total);
+    let no_pipe = fallbacks(admin, "no_pipe");
+    match mode {
+        "never" => assert_eq!((spliced, no_pipe), (0, 0), "--splice never wanted no pipe"),
+        // 40 directions want a pipe from the first byte; one pipe serves
+        // one at a time, so the others copy and are counted.
+        "always" => {
+            assert!(no_pipe > 0, "no fallback counted");
+            assert!(spliced > 0 && copied > 0, "(spliced, copied) = {:?}", (spliced, copied));
+        }
+        _ => {}
+    }
 }
 
 fn descriptors_return_to_the_idle_count_after_bulk_traffic_and_resets(mode: &str) {
     let echo = echo_backend();
-    let lb = lb(&[echo.addr], &["--splice", mode, "--no-health-check"]);
+    let (lb, _admin) = lb_splice(&[echo.addr], mode, &[]);
     let no_pipes = pipe_fds(&lb);
     // Warm up (lazily created descriptors) with a pair lb closes once the
     // echo's EOF reached the client.
@@ -213,6 +311,89 @@ fn descriptors_return_to_the_idle_count_after_bulk_traffic_and_resets(mode: &str
     );
 }
 
+/// One connection that chats, downloads in bulk, then chats again: `auto`
+/// copies the small messages, splices the download and goes back to
+/// copying; `never` copies all of it and `always` splices all of it.
+fn small_messages_copy_and_a_bulk_download_splices(mode: &str) {
+    const BULK: usize = 8 << 20;
+    const MSG: usize = 100;
+    const ROUNDS: usize = 50;
+    let progress = Arc::new(AtomicUsize::new(0));
+    let p = Arc::clone(&progress);
+    // Echoes each message; `bulk` instead gets BULK bytes back.
+    let backend = backend(move |mut s| {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let r = if &buf[..n] == b"bulk" {
+                random_bytes(BULK, 21).chunks(64 * 1024).try_for_each(|c| {
+                    s.write_all(c)?;
+                    p.fetch_add(c.len(), Ordering::SeqCst);
+                    Ok::<(), std::io::Error>(())
+                })
+            } else {
+                s.write_all(&buf[..n])
+            };
+            if r.is_err() {
+                return;
+            }
+        }
+    });
+    let (lb, admin) = lb_splice(&[backend.addr], mode, &[]);
+    let mut c = connect(lb.addr);
+    c.set_read_timeout(Some(WAIT)).expect("timeout");
+    let chat = |c: &mut TcpStream, seed: u64| {
+        for i in 0..ROUNDS as u64 {
+            let msg = random_bytes(MSG, seed + i);
+            c.write_all(&msg).expect("send a message");
+            assert!(read_n(c, MSG) == msg, "message {i} echoed wrong");
+        }
+    };
+    chat(&mut c, 100);
+    let mut total = (2 * MSG * ROUNDS) as u64;
+    let (spliced, _) = relayed(admin, total);
+    match mode {
+        "always" => assert_eq!(spliced, total, "--splice always copied"),
+        _ => assert_eq!(spliced, 0, "--splice {mode} spliced {MSG}-byte messages"),
+    }
+
+    c.write_all(b"bulk").expect("ask for the download");
+    // Not reading until the backend is stalled: a backlog of megabytes
+    // waits behind lb, so its reads fill the buffer (a bulk flow).
+    assert!(wait_stalled(&progress), "the backend neither stalled nor finished");
+    assert!(read_n(&mut c, BULK) == random_bytes(BULK, 21), "download bytes differ");
+    total += (4 + BULK) as u64;
+    let (after_bulk, _) = relayed(admin, total);
+    match mode {
+        "never" => assert_eq!(after_bulk, 0),
+        "always" => assert_eq!(after_bulk, total),
+        _ => assert!(after_bulk >= (BULK / 2) as u64, "auto spliced only {after_bulk} of an {BULK}-byte download"),
+    }
+
+    chat(&mut c, 200);
+    total += (2 * MSG * ROUNDS) as u64;
+    let (spliced, _) = relayed(admin, total);
+    match mode {
+        "never" => assert_eq!(spliced, 0),
+        "always" => assert_eq!(spliced, total),
+        // A few small splices show the flow turned small; then it copies.
+        _ => assert!(
+            spliced - after_bulk <= (MSG * splice_back_allowance()) as u64,
+            "auto kept splicing small messages: {} bytes after the download",
+            spliced - after_bulk
+        ),
+    }
+}
+
+/// Small messages auto may still splice after a bulk flow before it
+/// notices the flow turned small (lb's SMALL_READS_TO_COPY, with room).
+fn splice_back_allowance() -> usize {
+    16
+}
+
 macro_rules! in_every_mode {
     ($($scenario:ident),* $(,)?) => {
         mod never {
@@ -233,4 +414,5 @@ in_every_mode!(
     a_backend_reset_while_lb_holds_bytes_ends_the_client_promptly,
     running_out_of_pipes_falls_back_to_copying_without_loss,
     descriptors_return_to_the_idle_count_after_bulk_traffic_and_resets,
+    small_messages_copy_and_a_bulk_download_splices,
 );

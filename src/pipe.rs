@@ -375,6 +375,38 @@ mod tests {
         assert!(buf.iter().all(|&x| x == 7));
     }
 
+    /// A descriptor splice(2) cannot handle, as an odd socket type would be.
+    fn eventfd() -> OwnedFd {
+        // SAFETY: eventfd with valid flags; the descriptor is ours alone.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
+        // SAFETY: just opened and owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn a_descriptor_that_cannot_splice_is_classified_unsupported_and_the_held_bytes_come_back() {
+        let open = AtomicU64::new(0);
+        let pool = PipePool::new(16 * 1024, 1, 1, &open);
+        let mut p = pool.get().unwrap();
+        let odd = eventfd();
+        let e = p.fill_from(&odd).expect_err("an eventfd cannot be spliced from");
+        assert!(is_unsupported(&e), "{e}");
+        let (mut a, b) = pair();
+        a.write_all(b"still mine").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while p.held() < 10 && std::time::Instant::now() < deadline {
+            let _ = p.fill_from(&b);
+        }
+        let e = p.drain_to(&odd).expect_err("an eventfd cannot be spliced to");
+        assert!(is_unsupported(&e), "{e}");
+        assert_eq!(p.held(), 10, "a refused splice moves nothing");
+        let mut buf = vec![0u8; 16 * 1024];
+        assert_eq!(p.read_into(&mut buf).unwrap(), 10);
+        assert_eq!(&buf[..10], b"still mine");
+        assert_eq!(p.held(), 0);
+    }
+
     #[test]
     fn spliced_bytes_arrive_unchanged() {
         let open = AtomicU64::new(0);

@@ -14,9 +14,8 @@ use mio::event::Event;
 use mio::net::TcpStream;
 
 use crate::backend::Lease;
-use crate::config::MAX_RETRIES;
+use crate::config::{MAX_RETRIES, SpliceMode};
 use crate::net::{IoClass, classify};
-use crate::config::SpliceMode;
 use crate::pipe::{self, Pipe, PipePool};
 use crate::pool::{Buffer, BufferPool};
 use crate::shared::ClientSlot;
@@ -400,10 +399,6 @@ impl<'p> Direction<'p> {
     fn holds_buffer(&self) -> bool {
         matches!(self.transfer, Transfer::Copy { buf: Some(_), .. })
     }
-
-    fn holds_pipe(&self) -> bool {
-        matches!(self.transfer, Transfer::Splice { pipe: Some(_) })
-    }
 }
 
 /// Backends already tried for one client, inline so a session never
@@ -613,10 +608,5 @@ impl<'a> Session<'a> {
     /// Buffers this session holds right now (0 when idle).
     pub fn buffers_held(&self) -> usize {
         usize::from(self.up.holds_buffer()) + usize::from(self.down.holds_buffer())
-    }
-
-    /// Pipes this session holds right now (0 when idle).
-    pub fn pipes_held(&self) -> usize {
-        usize::from(self.up.holds_pipe()) + usize::from(self.down.holds_pipe())
     }
 }

@@ -15,8 +15,8 @@ use slab::Slab;
 
 use crate::backend::{Backend, Lease};
 use crate::balancer;
-use crate::net::{IoClass, classify, is_resource_exhaustion};
 use crate::config::SpliceMode;
+use crate::net::{IoClass, classify, is_resource_exhaustion};
 use crate::session::{CloseReason, Outcome, Pools, Session, Side, Stage, Tried};
 use crate::shared::Shared;
 
@@ -334,15 +334,7 @@ impl<'a> Worker<'a> {
         };
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        let session = entry.insert(Session::new(
-            client,
-            backend,
-            lease,
-            slot,
-            tried,
-            now,
-            &self.settings,
-        ));
+        let session = entry.insert(Session::new(client, backend, lease, slot, tried, now, &self.settings));
         let registry = self.poll.registry();
         let registered = registry
             .register(session.client_stream(), session_token(key, Side::Client), Interest::READABLE | Interest::WRITABLE)

@@ -54,7 +54,8 @@ fn help_and_version_exit_zero() {
     let out = Command::new(lb_bin()).arg("--help").output().expect("run lb --help");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--port", "--backends", "--max-connections", "--drain-timeout", "--idle-timeout", "--splice", "--max-pipes"] {
+    let flags = ["--port", "--backends", "--max-connections", "--drain-timeout", "--idle-timeout", "--splice", "--max-pipes"];
+    for flag in flags {
         assert!(help.contains(flag), "help lacks {flag}");
     }
     let out = Command::new(lb_bin()).arg("-V").output().expect("run lb -V");

@@ -235,7 +235,7 @@ cleanup() {
     trap - EXIT INT TERM
     for pid in "${!LIVE[@]}"; do kill_tree "$pid"; done
     if [[ -n $TMP && -d $TMP ]]; then
-        if ((KEEP_TMP)) || ((rc != 0)); then
+        if ((KEEP_TMP)) || ((rc == 1)); then # keep configs and logs after an error
             log "temp dir kept: $TMP"
         else
             rm -rf "$TMP"

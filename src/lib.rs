@@ -1,1 +1,243 @@
 //! lb: a layer-4 TCP load balancer built on per-core mio event loops.
+//!
+//! Start-up turns the command line into a [`config::Config`], binds one
+//! listener per worker ([`listener`]), builds the shared backend table
+//! ([`backend`], [`shared`]) and starts one [`worker`] thread per core. Each
+//! worker relays client/backend pairs ([`session`]) through pooled buffers
+//! ([`pool`]), choosing backends by least connections ([`balancer`]). The
+//! calling thread supervises: it turns [`signals`] into a graceful drain.
+
+pub mod backend;
+pub mod balancer;
+pub mod config;
+pub mod listener;
+pub mod net;
+pub mod pool;
+pub mod session;
+pub mod shared;
+pub mod signals;
+pub mod stats;
+pub mod systemd;
+pub mod worker;
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use mio::{Poll, Waker};
+
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::listener::ListenError;
+use crate::pool::BufferPool;
+use crate::shared::Shared;
+use crate::signals::Signal;
+use crate::worker::{WAKER, Worker, WorkerSettings};
+
+/// One variant per start-up step that can fail.
+#[derive(Debug)]
+pub enum RunError {
+    Listen(ListenError),
+    Poll(io::Error),
+    Signals(io::Error),
+    Spawn(io::Error),
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunError::Listen(e) => write!(f, "{e}"),
+            RunError::Poll(e) => write!(f, "cannot create an event loop: {e}"),
+            RunError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+            RunError::Spawn(e) => write!(f, "cannot start a worker thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// What wakes the supervisor.
+#[derive(Debug)]
+enum Event {
+    Signal(Signal),
+}
+
+impl From<Signal> for Event {
+    fn from(s: Signal) -> Self {
+        Event::Signal(s)
+    }
+}
+
+/// How often the supervisor checks on workers while nothing else happens.
+const SUPERVISOR_TICK: Duration = Duration::from_millis(200);
+
+/// Runs lb until it is drained by a signal. Errors are start-up errors:
+/// once serving, faults are logged and survived.
+pub fn run(config: Config) -> Result<(), RunError> {
+    // Logged once serving, so a start-up failure stays a single line.
+    let fd_limit = listener::raise_fd_limit();
+    // Must run before any thread starts: it reads and clears the environment.
+    let inherited = systemd::listen_fds()
+        .map_err(|source| RunError::Listen(ListenError::Inherited { source }))?;
+    let per_worker = if inherited.is_empty() {
+        listener::bind(config.listen, config.workers)
+            .map_err(RunError::Listen)?
+            .into_iter()
+            .map(|l| vec![l])
+            .collect::<Vec<_>>()
+    } else {
+        info!("using {} listening socket(s) passed by systemd; --port/--bind ignored", inherited.len());
+        listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?
+    };
+    let notifier = systemd::Notifier::from_env();
+    let bound = per_worker
+        .first()
+        .and_then(|ls| ls.first())
+        .and_then(listener::local_addr)
+        .unwrap_or(config.listen);
+
+    let mut polls = Vec::with_capacity(config.workers);
+    let mut wakers = Vec::with_capacity(config.workers);
+    for _ in 0..config.workers {
+        let poll = Poll::new().map_err(RunError::Poll)?;
+        wakers.push(Waker::new(poll.registry(), WAKER).map_err(RunError::Poll)?);
+        polls.push(poll);
+    }
+    let backends = config.backends.iter().map(Backend::new).collect();
+    let shared = Arc::new(Shared::new(backends, config.max_connections, wakers));
+
+    let (tx, rx) = mpsc::channel::<Event>();
+    signals::forward(tx).map_err(RunError::Signals)?;
+
+    let settings = WorkerSettings {
+        connect_timeout: config.connect_timeout,
+        idle_timeout: config.idle_timeout,
+        retries: config.retries,
+        fall: 3,
+    };
+    let handles = spawn_workers(&config, &shared, polls, per_worker, &settings)?;
+
+    match fd_limit {
+        Ok(n) => info!("file descriptor limit: {n}"),
+        Err(e) => warn!("cannot raise the file descriptor limit: {e}"),
+    }
+    info!(
+        "listening on {bound} with {} workers; backends: {}; max connections {}",
+        config.workers,
+        config
+            .backends
+            .iter()
+            .map(|b| if b.weight == 1 { b.name.clone() } else { format!("{}@{}", b.name, b.weight) })
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.max_connections,
+    );
+
+    if let Some(n) = &notifier
+        && let Err(e) = n.ready()
+    {
+        warn!("sd_notify READY=1: {e}");
+    }
+    supervise(&config, &shared, &rx, handles, notifier.as_ref());
+    Ok(())
+}
+
+fn spawn_workers(
+    config: &Config,
+    shared: &Arc<Shared>,
+    polls: Vec<Poll>,
+    listeners: Vec<Vec<std::net::TcpListener>>,
+    settings: &WorkerSettings,
+) -> Result<Vec<JoinHandle<()>>, RunError> {
+    let mut handles = Vec::with_capacity(polls.len());
+    for (id, (poll, ls)) in polls.into_iter().zip(listeners).enumerate() {
+        let shared = Arc::clone(shared);
+        let settings = settings.clone();
+        let buffer_size = config.buffer_size;
+        // Every client may hold two buffers; no worker can hold more clients
+        // than the global cap, so this limit never starves a live pair.
+        let pool_limit = config.max_connections.saturating_mul(2);
+        let capacity = config.max_connections;
+        let handle = thread::Builder::new()
+            .name(format!("lb-worker-{id}"))
+            .spawn(move || {
+                let pool = BufferPool::new(buffer_size, pool_limit);
+                match Worker::new(id, poll, ls, &shared, &pool, settings, capacity) {
+                    Ok(w) => w.run(),
+                    Err(e) => error!("worker {id} could not start: {e}"),
+                }
+            })
+            .map_err(RunError::Spawn)?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+/// Waits for signals; on the first SIGTERM/SIGINT drains up to
+/// `--drain-timeout`, then stops whatever is left.
+fn supervise(
+    config: &Config,
+    shared: &Shared,
+    rx: &mpsc::Receiver<Event>,
+    handles: Vec<JoinHandle<()>>,
+    notifier: Option<&systemd::Notifier>,
+) {
+    let mut drain_deadline: Option<Instant> = None;
+    let mut last_status = usize::MAX;
+    loop {
+        if let Some(n) = notifier {
+            let active = shared.active_clients();
+            if active != last_status {
+                last_status = active;
+                let _ = n.status(&format!("active connections: {active}"));
+            }
+        }
+        if handles.iter().all(JoinHandle::is_finished) {
+            break;
+        }
+        match rx.recv_timeout(SUPERVISOR_TICK) {
+            Ok(Event::Signal(Signal::Terminate)) => {
+                if drain_deadline.is_some() {
+                    warn!("second stop signal: closing all connections now");
+                    shared.stop_now();
+                } else {
+                    info!(
+                        "stop signal: no longer accepting; draining {} connections for up to {:?}",
+                        shared.active_clients(),
+                        config.drain_timeout
+                    );
+                    shared.begin_drain();
+                    if let Some(n) = notifier {
+                        let _ = n.stopping();
+                    }
+                    drain_deadline = Some(Instant::now() + config.drain_timeout);
+                }
+            }
+            Ok(Event::Signal(Signal::ReportStats)) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                thread::sleep(SUPERVISOR_TICK);
+            }
+        }
+        if let Some(deadline) = drain_deadline
+            && Instant::now() >= deadline
+            && !shared.is_stopping()
+        {
+            warn!(
+                "drain timeout reached; closing {} connections still open",
+                shared.active_clients()
+            );
+            shared.stop_now();
+        }
+    }
+    for h in handles {
+        if h.join().is_err() {
+            error!("a worker thread panicked");
+        }
+    }
+    info!("stopped");
+}

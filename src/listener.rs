@@ -1,0 +1,165 @@
+//! The sockets lb accepts on: one `SO_REUSEPORT` listener per worker bound
+//! with socket2 (or listeners inherited from systemd), and the descriptor
+//! budget they need. Every failure here is reported as one line naming the
+//! address and the step that failed.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+/// Listen backlog; the kernel caps it at net.core.somaxconn.
+const BACKLOG: i32 = 4096;
+
+#[derive(Debug)]
+pub enum ListenError {
+    /// Someone else holds the address.
+    InUse { addr: SocketAddr },
+    /// Ports below 1024 need privileges.
+    Permission { addr: SocketAddr },
+    /// Any other step failing (socket, setsockopt, bind, listen).
+    Other { addr: SocketAddr, step: &'static str, source: io::Error },
+    /// A descriptor handed over by the service manager is unusable.
+    Inherited { source: io::Error },
+}
+
+impl fmt::Display for ListenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenError::InUse { addr } => {
+                write!(f, "cannot listen on {addr}: address already in use")
+            }
+            ListenError::Permission { addr } => write!(
+                f,
+                "cannot listen on {addr}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            ),
+            ListenError::Other { addr, step, source } => {
+                write!(f, "cannot listen on {addr}: {step} failed: {source}")
+            }
+            ListenError::Inherited { source } => {
+                write!(f, "cannot use the listening sockets passed by systemd: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ListenError {}
+
+fn classify_bind(addr: SocketAddr, step: &'static str, e: io::Error) -> ListenError {
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => ListenError::InUse { addr },
+        Some(libc::EACCES) | Some(libc::EPERM) => ListenError::Permission { addr },
+        _ => ListenError::Other { addr, step, source: e },
+    }
+}
+
+fn socket_for(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ListenError> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))
+        .map_err(|e| classify_bind(addr, "socket", e))?;
+    // SO_REUSEADDR lets a restarted lb bind while old connections sit in TIME_WAIT.
+    sock.set_reuse_address(true).map_err(|e| classify_bind(addr, "SO_REUSEADDR", e))?;
+    if reuse_port {
+        sock.set_reuse_port(true).map_err(|e| classify_bind(addr, "SO_REUSEPORT", e))?;
+    }
+    Ok(sock)
+}
+
+/// Binds `count` listeners on `addr`, one per worker, that the kernel
+/// load-balances between. Port 0 picks one free port shared by all.
+pub fn bind(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, ListenError> {
+    // With SO_REUSEPORT a second lb would silently share the port and take
+    // half the clients; a plain bind first makes "already in use" an error.
+    let probe = socket_for(addr, false)?;
+    probe.bind(&addr.into()).map_err(|e| classify_bind(addr, "bind", e))?;
+    let actual = probe
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(addr);
+    drop(probe);
+
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let sock = socket_for(actual, true)?;
+        sock.bind(&actual.into()).map_err(|e| classify_bind(actual, "bind", e))?;
+        sock.listen(BACKLOG).map_err(|e| classify_bind(actual, "listen", e))?;
+        out.push(sock.into());
+    }
+    Ok(out)
+}
+
+/// Turns inherited listening descriptors into per-worker listeners: each
+/// worker gets its own duplicate of every socket.
+pub fn from_inherited(
+    fds: Vec<std::os::fd::OwnedFd>,
+    count: usize,
+) -> Result<Vec<Vec<std::net::TcpListener>>, ListenError> {
+    let base: Vec<std::net::TcpListener> = fds.into_iter().map(std::net::TcpListener::from).collect();
+    let mut per_worker = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let mut mine = Vec::with_capacity(base.len());
+        for l in &base {
+            let dup = l.try_clone().map_err(|source| ListenError::Inherited { source })?;
+            dup.set_nonblocking(true).map_err(|source| ListenError::Inherited { source })?;
+            mine.push(dup);
+        }
+        per_worker.push(mine);
+    }
+    Ok(per_worker)
+}
+
+/// Local address of a listener, for logs.
+pub fn local_addr(l: &std::net::TcpListener) -> Option<SocketAddr> {
+    SockRef::from(l).local_addr().ok().and_then(|a| a.as_socket())
+}
+
+/// Raises the soft descriptor limit to the hard limit: every client costs
+/// two descriptors and the default soft limit (1024) is far too low.
+/// Returns the limit now in force.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit only reads the struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(want.rlim_cur as u64);
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_gives_every_worker_the_same_port() {
+        let ls = bind("127.0.0.1:0".parse().unwrap(), 3).expect("bind");
+        let ports: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        assert_ne!(ports[0], 0);
+        assert!(ports.iter().all(|p| *p == ports[0]));
+    }
+
+    #[test]
+    fn a_port_held_by_another_socket_is_reported_in_use() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = bind(held.local_addr().unwrap(), 1).expect_err("port is taken");
+        assert!(matches!(err, ListenError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("already in use"));
+    }
+
+    #[test]
+    fn inherited_sockets_are_duplicated_per_worker() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let per = from_inherited(vec![l.into()], 2).unwrap();
+        assert_eq!(per.len(), 2);
+        assert_eq!(per[1][0].local_addr().unwrap(), addr);
+    }
+}

@@ -1,0 +1,74 @@
+//! Socket-level helpers shared by the relay, the accept path and the health
+//! prober: the one place that decides what an `io::Error` means.
+
+use std::io;
+
+/// What an I/O error means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoClass {
+    /// Nothing to do now; wait for the next readiness event.
+    WouldBlock,
+    /// A signal interrupted the call; retry it at once.
+    Interrupted,
+    /// The peer went away (reset, refused, broken pipe): expected traffic,
+    /// logged at debug.
+    Closed,
+    /// Anything else: worth a log line.
+    Error,
+}
+
+pub fn classify(e: &io::Error) -> IoClass {
+    use io::ErrorKind::*;
+    match e.kind() {
+        WouldBlock => IoClass::WouldBlock,
+        Interrupted => IoClass::Interrupted,
+        ConnectionReset | ConnectionAborted | ConnectionRefused | BrokenPipe | NotConnected
+        | UnexpectedEof | TimedOut | HostUnreachable | NetworkUnreachable => IoClass::Closed,
+        _ => IoClass::Error,
+    }
+}
+
+/// True for accept() failures caused by running out of descriptors or
+/// kernel memory: the listener is fine, the process must back off.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}
+
+/// A short, operator-facing reason for a failed connect or probe
+/// ("connection refused", "timed out").
+pub fn describe(e: &io::Error) -> String {
+    use io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "connection refused".into(),
+        ConnectionReset => "connection reset".into(),
+        TimedOut => "timed out".into(),
+        HostUnreachable => "host unreachable".into(),
+        NetworkUnreachable => "network unreachable".into(),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resets_and_refusals_are_closed_not_errors() {
+        for kind in [io::ErrorKind::ConnectionReset, io::ErrorKind::ConnectionRefused, io::ErrorKind::BrokenPipe] {
+            assert_eq!(classify(&io::Error::from(kind)), IoClass::Closed);
+        }
+        assert_eq!(classify(&io::Error::from(io::ErrorKind::WouldBlock)), IoClass::WouldBlock);
+        assert_eq!(classify(&io::Error::from(io::ErrorKind::Interrupted)), IoClass::Interrupted);
+        assert_eq!(classify(&io::Error::from(io::ErrorKind::PermissionDenied)), IoClass::Error);
+    }
+
+    #[test]
+    fn fd_exhaustion_is_recognised() {
+        assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(libc::ENFILE)));
+        assert!(!is_resource_exhaustion(&io::Error::from_raw_os_error(libc::ECONNABORTED)));
+    }
+}

@@ -1,0 +1,170 @@
+//! State every thread sees: the backend table, the global counters, the
+//! connection cap and the control flags that pause, drain and stop workers.
+//! Only atomics are touched after start-up; wakers are how one thread tells
+//! a sleeping worker to look at the flags again.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use log::warn;
+use mio::Waker;
+
+use crate::backend::Backend;
+use crate::stats::Counters;
+
+/// One worker's mailbox: its waker, and whether it stopped accepting at the
+/// cap (so a closing connection elsewhere knows to wake it).
+#[derive(Debug)]
+pub struct WorkerControl {
+    pub waker: Waker,
+    pub paused_at_cap: AtomicBool,
+}
+
+#[derive(Debug)]
+pub struct Shared {
+    pub backends: Vec<Backend>,
+    pub counters: Counters,
+    pub workers: Vec<WorkerControl>,
+    max_connections: usize,
+    active_clients: AtomicUsize,
+    draining: AtomicBool,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(backends: Vec<Backend>, max_connections: usize, wakers: Vec<Waker>) -> Shared {
+        Shared {
+            backends,
+            counters: Counters::default(),
+            workers: wakers
+                .into_iter()
+                .map(|waker| WorkerControl { waker, paused_at_cap: AtomicBool::new(false) })
+                .collect(),
+            max_connections,
+            active_clients: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    pub fn active_clients(&self) -> usize {
+        self.active_clients.load(Ordering::SeqCst)
+    }
+
+    /// Reserves room for one client under the global cap, or `None` at the
+    /// cap. Reserved before accept() so the cap is never overshot.
+    pub fn try_acquire_client(&self) -> Option<ClientSlot<'_>> {
+        let mut cur = self.active_clients.load(Ordering::SeqCst);
+        loop {
+            if cur >= self.max_connections {
+                return None;
+            }
+            match self.active_clients.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Some(ClientSlot { shared: self }),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn release_client(&self) {
+        let before = self.active_clients.fetch_sub(1, Ordering::SeqCst);
+        if before >= self.max_connections {
+            // Room again: wake the workers that stopped accepting. A worker
+            // re-checks the count after raising its flag, so one of the two
+            // sides always sees the other (both are SeqCst).
+            for w in &self.workers {
+                if w.paused_at_cap.load(Ordering::SeqCst) {
+                    self.wake(w);
+                }
+            }
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Stops accepting everywhere; open connections carry on.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// Ends every worker now, closing what is still open.
+    pub fn stop_now(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.stopping.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    pub fn wake_all(&self) {
+        for w in &self.workers {
+            self.wake(w);
+        }
+    }
+
+    fn wake(&self, w: &WorkerControl) {
+        if let Err(e) = w.waker.wake() {
+            warn!("cannot wake a worker: {e}");
+        }
+    }
+}
+
+/// One client's place under the cap; dropping it frees the place.
+#[derive(Debug)]
+pub struct ClientSlot<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        self.shared.release_client();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::{Poll, Token};
+
+    fn shared(max: usize) -> (Poll, Shared) {
+        let poll = Poll::new().expect("poll");
+        let waker = Waker::new(poll.registry(), Token(0)).expect("waker");
+        (poll, Shared::new(Vec::new(), max, vec![waker]))
+    }
+
+    #[test]
+    fn the_cap_is_never_overshot_and_slots_free_on_drop() {
+        let (_poll, s) = shared(2);
+        let a = s.try_acquire_client().expect("first fits");
+        let _b = s.try_acquire_client().expect("second fits");
+        assert!(s.try_acquire_client().is_none());
+        assert_eq!(s.active_clients(), 2);
+        drop(a);
+        assert_eq!(s.active_clients(), 1);
+        assert!(s.try_acquire_client().is_some());
+    }
+
+    #[test]
+    fn freeing_a_slot_at_the_cap_wakes_a_paused_worker() {
+        let (mut poll, s) = shared(1);
+        let slot = s.try_acquire_client().unwrap();
+        s.workers[0].paused_at_cap.store(true, Ordering::SeqCst);
+        drop(slot);
+        let mut events = mio::Events::with_capacity(4);
+        poll.poll(&mut events, Some(std::time::Duration::from_secs(2))).unwrap();
+        assert_eq!(events.iter().next().map(|e| e.token()), Some(Token(0)));
+    }
+}

@@ -1,0 +1,544 @@
+//! One event loop on one thread: its own `Poll`, its own listeners, and a
+//! `Slab` of sessions whose keys are the mio tokens. It accepts under the
+//! global cap, picks and connects backends (with retries), drives the relay,
+//! and enforces connect and idle timeouts. Nothing here locks.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::backend::{Backend, Lease};
+use crate::balancer;
+use crate::net::{IoClass, classify, is_resource_exhaustion};
+use crate::pool::BufferPool;
+use crate::session::{CloseReason, Outcome, Session, Side, Stage, Tried};
+use crate::shared::Shared;
+
+/// Reserved tokens sit at the top of the token space, away from sessions.
+pub const WAKER: Token = Token(usize::MAX - 1);
+const LISTENER_BASE: usize = usize::MAX - 16;
+/// At most this many inherited listeners per worker.
+const MAX_LISTENERS: usize = 8;
+
+/// Connections accepted per listener wakeup before serving other events.
+const ACCEPTS_PER_WAKEUP: usize = 64;
+/// How long accept() backs off after running out of descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Cadence of idle checks and byte-counter publication.
+const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Per-worker knobs, copied out of the `Config` at start-up.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub retries: u32,
+    /// Consecutive connect failures that take a backend down (0 = never).
+    pub fall: u32,
+}
+
+/// Whether the listeners are registered, and why not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accepting {
+    Active,
+    /// The global cap is reached; resumed when a slot frees.
+    AtCap,
+    /// accept() ran out of descriptors; retried at the instant given.
+    BackingOff(Instant),
+    /// Draining or stopping: listeners are closed for good.
+    Closed,
+}
+
+fn session_token(key: usize, side: Side) -> Token {
+    Token(key * 2 + usize::from(side == Side::Backend))
+}
+
+fn listener_token(i: usize) -> Token {
+    Token(LISTENER_BASE - i)
+}
+
+pub struct Worker<'a> {
+    id: usize,
+    poll: Poll,
+    listeners: Vec<TcpListener>,
+    accepting: Accepting,
+    /// A listener stopped at the per-wakeup bound and must be drained again.
+    accept_pending: bool,
+    shared: &'a Shared,
+    pool: &'a BufferPool,
+    settings: WorkerSettings,
+    sessions: Slab<Session<'a>>,
+    /// Rotates ties in backend selection.
+    cursor: usize,
+    /// Sessions that stopped at the per-wakeup bound.
+    again: Vec<usize>,
+    again_spare: Vec<usize>,
+    /// Reused by the idle scan.
+    expired: Vec<usize>,
+    /// Sessions waiting for a buffer.
+    starved: Vec<usize>,
+    /// Sessions whose backend connect is in flight (checked for timeouts).
+    connecting: Vec<usize>,
+    next_scan: Instant,
+}
+
+impl<'a> Worker<'a> {
+    pub fn new(
+        id: usize,
+        poll: Poll,
+        listeners: Vec<std::net::TcpListener>,
+        shared: &'a Shared,
+        pool: &'a BufferPool,
+        settings: WorkerSettings,
+        capacity: usize,
+    ) -> io::Result<Worker<'a>> {
+        let listeners: Vec<TcpListener> = listeners
+            .into_iter()
+            .take(MAX_LISTENERS)
+            .map(TcpListener::from_std)
+            .collect();
+        let mut w = Worker {
+            id,
+            poll,
+            listeners,
+            accepting: Accepting::Closed,
+            accept_pending: false,
+            shared,
+            pool,
+            settings,
+            // Grows on demand past this; the capacity is kept once reached.
+            sessions: Slab::with_capacity(capacity.min(4096)),
+            cursor: id,
+            again: Vec::with_capacity(capacity.min(4096)),
+            again_spare: Vec::with_capacity(capacity.min(4096)),
+            expired: Vec::new(),
+            starved: Vec::with_capacity(capacity.min(4096)),
+            connecting: Vec::with_capacity(capacity.min(4096)),
+            next_scan: Instant::now() + SCAN_INTERVAL,
+        };
+        w.register_listeners()?;
+        w.accepting = Accepting::Active;
+        Ok(w)
+    }
+
+    fn register_listeners(&mut self) -> io::Result<()> {
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            self.poll.registry().register(l, listener_token(i), Interest::READABLE)?;
+        }
+        Ok(())
+    }
+
+    fn deregister_listeners(&mut self) {
+        for l in &mut self.listeners {
+            if let Err(e) = self.poll.registry().deregister(l) {
+                debug!("deregistering a listener: {e}");
+            }
+        }
+    }
+
+    /// Runs until drained or stopped.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!("worker {}: poll failed: {e}", self.id);
+                break;
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => self.on_wake(now),
+                    Token(t) if t > LISTENER_BASE - MAX_LISTENERS && t <= LISTENER_BASE => {
+                        self.accept(now)
+                    }
+                    Token(t) => self.on_session_event(t, ev, now),
+                }
+            }
+            self.run_deferred(now);
+            self.check_timers(now);
+            if self.shared.is_stopping() {
+                break;
+            }
+            if self.accepting == Accepting::Closed && self.sessions.is_empty() {
+                break;
+            }
+        }
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        let left = self.sessions.len();
+        if left > 0 {
+            info!("worker {}: closing {left} connections still open", self.id);
+        }
+        self.publish_all_bytes();
+        self.sessions.clear();
+    }
+
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.again.is_empty() || self.accept_pending {
+            return Some(Duration::ZERO);
+        }
+        let mut next = self.next_scan;
+        if let Accepting::BackingOff(until) = self.accepting {
+            next = next.min(until);
+        }
+        for &key in &self.connecting {
+            if let Some(Stage::Connecting { deadline, .. }) = self.sessions.get(key).map(Session::stage) {
+                next = next.min(deadline);
+            }
+        }
+        Some(next.saturating_duration_since(now))
+    }
+
+    fn on_wake(&mut self, now: Instant) {
+        if self.shared.is_draining() {
+            if self.accepting != Accepting::Closed {
+                info!("worker {}: draining {} connections", self.id, self.sessions.len());
+                self.close_listeners();
+            }
+            return;
+        }
+        if self.accepting == Accepting::AtCap
+            && self.shared.active_clients() < self.shared.max_connections()
+        {
+            self.resume_accepting(now);
+        }
+    }
+
+    fn close_listeners(&mut self) {
+        if matches!(self.accepting, Accepting::Active) {
+            self.deregister_listeners();
+        }
+        // Dropping them closes the sockets: new clients are refused.
+        self.listeners.clear();
+        self.accepting = Accepting::Closed;
+        self.accept_pending = false;
+    }
+
+    fn resume_accepting(&mut self, now: Instant) {
+        self.shared.workers[self.id].paused_at_cap.store(false, Ordering::SeqCst);
+        match self.register_listeners() {
+            Ok(()) => {
+                self.accepting = Accepting::Active;
+                // Clients queued in the backlog raised no new edge.
+                self.accept_pending = true;
+            }
+            Err(e) => {
+                warn!("worker {}: cannot re-register listeners: {e}", self.id);
+                self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
+            }
+        }
+    }
+
+    fn pause_at_cap(&mut self, now: Instant) {
+        self.deregister_listeners();
+        self.accepting = Accepting::AtCap;
+        self.accept_pending = false;
+        self.shared.counters.cap_reached.fetch_add(1, Ordering::Relaxed);
+        debug!("worker {}: at --max-connections, not accepting", self.id);
+        self.shared.workers[self.id].paused_at_cap.store(true, Ordering::SeqCst);
+        // A slot may have freed before the flag was visible; see
+        // Shared::release_client for the other half of this handshake.
+        if self.shared.active_clients() < self.shared.max_connections() {
+            self.resume_accepting(now);
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        self.accept_pending = false;
+        if self.accepting != Accepting::Active {
+            return;
+        }
+        for i in 0..self.listeners.len() {
+            let mut accepted = 0;
+            loop {
+                if accepted == ACCEPTS_PER_WAKEUP {
+                    self.accept_pending = true;
+                    break;
+                }
+                let Some(slot) = self.shared.try_acquire_client() else {
+                    self.pause_at_cap(now);
+                    return;
+                };
+                match self.listeners[i].accept() {
+                    Ok((stream, peer)) => {
+                        accepted += 1;
+                        self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                        debug!("accepted {peer}");
+                        self.start_session(stream, slot, now);
+                    }
+                    Err(e) if is_resource_exhaustion(&e) => {
+                        drop(slot);
+                        self.shared.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!("worker {}: accept: {e}; retrying in {ACCEPT_BACKOFF:?}", self.id);
+                        // Level of the backlog stays high; without stepping
+                        // back the loop would spin on the same error.
+                        self.deregister_listeners();
+                        self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
+                        return;
+                    }
+                    Err(e) => {
+                        drop(slot);
+                        match classify(&e) {
+                            IoClass::WouldBlock => break,
+                            // ECONNABORTED and friends: that client is gone, the next may not be.
+                            IoClass::Interrupted | IoClass::Closed => continue,
+                            IoClass::Error => {
+                                warn!("worker {}: accept: {e}", self.id);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_session(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, now: Instant) {
+        if let Err(e) = client.set_nodelay(true) {
+            debug!("TCP_NODELAY on client socket: {e}");
+        }
+        if !balancer::any_healthy(&self.shared.backends) {
+            self.shared.counters.no_backend.fetch_add(1, Ordering::Relaxed);
+            debug!("no backend is up; closing the client");
+            return;
+        }
+        let mut tried = Tried::default();
+        let Some((backend, lease)) = self.connect_next(&mut tried) else {
+            self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let entry = self.sessions.vacant_entry();
+        let key = entry.key();
+        let session = entry.insert(Session::new(
+            client,
+            backend,
+            lease,
+            slot,
+            tried,
+            now,
+            self.settings.connect_timeout,
+        ));
+        let registry = self.poll.registry();
+        let registered = registry
+            .register(session.client_stream(), session_token(key, Side::Client), Interest::READABLE | Interest::WRITABLE)
+            .and_then(|()| {
+                registry.register(
+                    session.backend_stream(),
+                    session_token(key, Side::Backend),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+            });
+        if let Err(e) = registered {
+            warn!("worker {}: cannot register a new connection: {e}", self.id);
+            self.sessions.try_remove(key);
+            return;
+        }
+        self.connecting.push(key);
+    }
+
+    /// Starts a connect to the best backend not yet tried, moving on after
+    /// immediate failures, within `--retries`.
+    fn connect_next(&mut self, tried: &mut Tried) -> Option<(TcpStream, Lease<'a>)> {
+        let backends: &'a [Backend] = &self.shared.backends;
+        while tried.attempts() <= self.settings.retries as usize {
+            let i = balancer::pick(backends, self.cursor, tried.as_slice())?;
+            self.cursor = self.cursor.wrapping_add(1);
+            tried.push(i);
+            let backend = &backends[i];
+            let lease = backend.lease();
+            match TcpStream::connect(backend.addr) {
+                Ok(stream) => return Some((stream, lease)),
+                Err(e) if is_resource_exhaustion(&e) => {
+                    // Our own shortage, not the backend's fault.
+                    warn!("connect to {}: {e}", backend.name);
+                    return None;
+                }
+                Err(e) => self.count_connect_failure(backend, &e),
+            }
+        }
+        None
+    }
+
+    fn count_connect_failure(&self, backend: &Backend, e: &io::Error) {
+        debug!("connect to {} failed: {e}", backend.name);
+        if backend.connect_failed(self.settings.fall) {
+            warn!(
+                "backend {} is DOWN: {} consecutive connect failures ({})",
+                backend.name,
+                self.settings.fall,
+                crate::net::describe(e)
+            );
+        }
+    }
+
+    fn on_session_event(&mut self, token: usize, ev: &Event, now: Instant) {
+        let key = token / 2;
+        let side = if token % 2 == 0 { Side::Client } else { Side::Backend };
+        let Some(session) = self.sessions.get_mut(key) else {
+            return; // A stale event for a pair already closed.
+        };
+        let outcome = session.on_event(side, ev, self.pool, now);
+        self.act(key, outcome, now);
+    }
+
+    fn act(&mut self, key: usize, outcome: Outcome, now: Instant) {
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Again => self.again.push(key),
+            Outcome::Starved => {
+                self.shared.counters.pool_exhausted.fetch_add(1, Ordering::Relaxed);
+                self.starved.push(key);
+            }
+            Outcome::ConnectFailed(e) => self.on_connect_failed(key, &e, now),
+            Outcome::Close(reason) => self.close(key, reason),
+        }
+    }
+
+    fn on_connect_failed(&mut self, key: usize, e: &io::Error, now: Instant) {
+        let Some(session) = self.sessions.get(key) else { return };
+        let backend: &'a Backend = session.lease().backend();
+        let mut tried = session.tried;
+        self.count_connect_failure(backend, e);
+        match self.connect_next(&mut tried) {
+            Some((stream, lease)) => {
+                let session = &mut self.sessions[key];
+                session.tried = tried;
+                session.retry_with(stream, lease, now, self.settings.connect_timeout);
+                let token = session_token(key, Side::Backend);
+                if let Err(e) = self.poll.registry().register(
+                    session.backend_stream(),
+                    token,
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
+                    warn!("worker {}: cannot register a backend connection: {e}", self.id);
+                    self.sessions.try_remove(key);
+                    return;
+                }
+                self.connecting.push(key);
+            }
+            None => {
+                self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
+                debug!("no backend accepted the connection; closing the client");
+                self.close(key, CloseReason::Aborted(Side::Backend));
+            }
+        }
+    }
+
+    fn close(&mut self, key: usize, reason: CloseReason) {
+        if let Some(mut session) = self.sessions.try_remove(key) {
+            publish_bytes(&mut session);
+            debug!("closed: {reason:?}");
+        }
+    }
+
+    /// Re-runs sessions that stopped at their per-wakeup bound, and starved
+    /// ones once buffers are free again.
+    fn run_deferred(&mut self, now: Instant) {
+        if !self.again.is_empty() {
+            // Swap in the spare list so sessions deferred again land in a
+            // fresh round; both lists keep their capacity.
+            let mut batch = std::mem::replace(&mut self.again, std::mem::take(&mut self.again_spare));
+            for key in batch.drain(..) {
+                if let Some(s) = self.sessions.get_mut(key) {
+                    let outcome = s.resume(self.pool, now);
+                    self.act(key, outcome, now);
+                }
+            }
+            self.again_spare = batch;
+        }
+        while self.pool.has_free() {
+            let Some(key) = self.starved.pop() else { break };
+            if let Some(s) = self.sessions.get_mut(key) {
+                let outcome = s.resume(self.pool, now);
+                self.act(key, outcome, now);
+            }
+        }
+        if self.accept_pending {
+            self.accept(now);
+        }
+    }
+
+    fn check_timers(&mut self, now: Instant) {
+        if let Accepting::BackingOff(until) = self.accepting
+            && now >= until
+        {
+            if self.shared.is_draining() {
+                self.listeners.clear();
+                self.accepting = Accepting::Closed;
+            } else {
+                self.resume_accepting(now);
+            }
+        }
+        let mut i = 0;
+        while i < self.connecting.len() {
+            let key = self.connecting[i];
+            match self.sessions.get(key).map(Session::stage) {
+                Some(Stage::Connecting { deadline, .. }) => {
+                    if now >= deadline {
+                        self.connecting.swap_remove(i);
+                        let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                        self.on_connect_failed(key, &e, now);
+                    } else {
+                        i += 1;
+                    }
+                }
+                _ => {
+                    self.connecting.swap_remove(i);
+                }
+            }
+        }
+        if now >= self.next_scan {
+            self.next_scan = now + SCAN_INTERVAL;
+            self.scan(now);
+        }
+    }
+
+    /// Publishes byte counters and closes pairs idle past the timeout.
+    fn scan(&mut self, now: Instant) {
+        let idle = self.settings.idle_timeout;
+        let mut expired = std::mem::take(&mut self.expired);
+        for (key, s) in self.sessions.iter_mut() {
+            publish_bytes(s);
+            if let Some(limit) = idle
+                && now.saturating_duration_since(s.last_active) >= limit
+            {
+                expired.push(key);
+            }
+        }
+        for key in expired.drain(..) {
+            self.shared.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
+            debug!("closing a pair idle for {:?}", idle.unwrap_or_default());
+            self.close(key, CloseReason::Done);
+        }
+        self.expired = expired;
+    }
+
+    fn publish_all_bytes(&mut self) {
+        for (_, s) in self.sessions.iter_mut() {
+            publish_bytes(s);
+        }
+    }
+}
+
+fn publish_bytes(s: &mut Session<'_>) {
+    let (up, down) = s.take_unreported();
+    let b = s.lease().backend();
+    if up != 0 {
+        b.bytes_in.fetch_add(up, Ordering::Relaxed);
+    }
+    if down != 0 {
+        b.bytes_out.fetch_add(down, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,113 @@
+//! Command-line errors: one line naming the flag and a non-zero exit, and
+//! start-up failures (port in use, privileges, unresolvable hosts).
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let (code, err) = lb_output(args);
+    assert!(matches!(code, Some(c) if c != 0), "{args:?} exited with {code:?}");
+    let err = err.trim_end();
+    assert_eq!(err.lines().count(), 1, "{args:?} printed more than one line: {err}");
+    assert!(err.contains(needle), "{args:?}: '{err}' does not mention {needle}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+}
+
+#[test]
+fn every_bad_value_is_one_line_naming_its_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["-p", "70000"], "--port"),
+        (&["-p", "abc"], "--port"),
+        (&["-b", "nohost"], "--backends"),
+        (&["-b", "127.0.0.1:8080@0"], "--backends"),
+        (&["-b", "127.0.0.1:99999"], "--backends"),
+        (&["--max-connections", "0"], "--max-connections"),
+        (&["--buffer-size", "0"], "--buffer-size"),
+        (&["--workers", "0"], "--workers"),
+        (&["--connection-timeout", "soon"], "--connection-timeout"),
+        (&["--idle-timeout", "-1"], "--idle-timeout"),
+        (&["--retries", "x"], "--retries"),
+        (&["--drain-timeout", "inf"], "--drain-timeout"),
+        (&["--bind", "999.0.0.1"], "--bind"),
+        (&["--frobnicate"], "--frobnicate"),
+    ];
+    for (args, flag) in cases {
+        assert_one_line_error(args, flag);
+    }
+}
+
+#[test]
+fn help_and_version_exit_zero() {
+    let out = Command::new(lb_bin()).arg("--help").output().expect("run lb --help");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--port", "--backends", "--max-connections", "--drain-timeout", "--idle-timeout"] {
+        assert!(help.contains(flag), "help lacks {flag}");
+    }
+    let out = Command::new(lb_bin()).arg("-V").output().expect("run lb -V");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("lb "));
+}
+
+#[test]
+fn a_port_in_use_is_a_one_line_error() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    assert_one_line_error(&["--bind", "127.0.0.1", "-p", &port, "-b", "127.0.0.1:1"], "already in use");
+}
+
+/// A name no resolver can look up: a label longer than 63 bytes is refused
+/// by the stub resolver before any query is built.
+const UNRESOLVABLE: &str =
+    "this-label-is-longer-than-sixty-three-characters-so-no-dns-query-is-sent.invalid:80";
+
+#[test]
+fn an_unresolvable_host_is_a_one_line_error_without_network_access() {
+    // In a fresh network namespace with only loopback (when we may create
+    // one) not even a malformed query can leave the machine.
+    let isolated = Command::new("unshare")
+        .args(["-n", "--", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let (code, err) = if isolated {
+        let out = Command::new("unshare")
+            .args(["-n", "--", lb_bin(), "-b", UNRESOLVABLE])
+            .output()
+            .expect("run lb in a network namespace");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    } else {
+        lb_output(&["-b", UNRESOLVABLE])
+    };
+    assert!(matches!(code, Some(c) if c != 0), "exit {code:?}");
+    let err = err.trim_end();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--backends") && err.contains("cannot resolve"), "{err}");
+}
+
+#[test]
+fn a_privileged_port_without_permission_is_a_one_line_error() {
+    // As root, drop to nobody with setpriv so the bind really is refused.
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let out = if as_root {
+        let have_setpriv = Command::new("setpriv").arg("--version").output().is_ok_and(|o| o.status.success());
+        assert!(have_setpriv, "setpriv (util-linux) is needed to drop privileges in this test");
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+            .args([lb_bin(), "--bind", "127.0.0.1", "-p", "81", "-b", "127.0.0.1:1"])
+            .output()
+            .expect("run lb as nobody")
+    } else {
+        Command::new(lb_bin())
+            .args(["--bind", "127.0.0.1", "-p", "81", "-b", "127.0.0.1:1"])
+            .output()
+            .expect("run lb")
+    };
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(last.contains("permission denied"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -1,0 +1,378 @@
+//! Shared integration-test harness: spawns `lb` and `be` on loopback port 0,
+//! reads the address they bound, and kills them on drop; in-process echo
+//! and scripted backends; and probes for descriptors and socket states.
+//! Every wait has a deadline; nothing here sleeps for a fixed time to let
+//! something happen.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Default bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A child process whose output lines are collected, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    stderr: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().expect("stderr lock").join("\n")
+    }
+
+    pub fn stdout_text(&self) -> String {
+        self.stdout.lock().expect("stdout lock").join("\n")
+    }
+
+    /// Waits until a stdout line satisfies `pred`.
+    pub fn wait_stdout(&self, pred: impl Fn(&str) -> bool, limit: Duration) -> bool {
+        wait_until(limit, || self.stdout.lock().expect("stdout lock").iter().any(|l| pred(l)))
+    }
+
+    /// Waits until a stderr line satisfies `pred`.
+    pub fn wait_stderr(&self, pred: impl Fn(&str) -> bool, limit: Duration) -> bool {
+        wait_until(limit, || self.stderr.lock().expect("stderr lock").iter().any(|l| pred(l)))
+    }
+
+    /// Open descriptors of the process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect<R: Read + Send + 'static>(r: R, into: Arc<Mutex<Vec<String>>>, tx: Option<mpsc::Sender<String>>) {
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if let Some(tx) = &tx {
+                let _ = tx.send(line.clone());
+            }
+            into.lock().expect("line lock").push(line);
+        }
+    });
+}
+
+/// Starts a binary that announces `listening on ADDR` on stdout or stderr
+/// and waits for that line.
+pub fn spawn_listening(bin: &str, args: &[String], envs: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let stdout = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    collect(child.stderr.take().expect("stderr piped"), Arc::clone(&stderr), Some(tx.clone()));
+    collect(child.stdout.take().expect("stdout piped"), Arc::clone(&stdout), Some(tx));
+    let deadline = Instant::now() + WAIT;
+    let addr = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let a = rest.split_whitespace().next().expect("address after 'listening on'");
+                    break a.parse::<SocketAddr>().unwrap_or_else(|e| panic!("bad address {a}: {e}"));
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{bin} did not report its address; stderr: {}",
+                    stderr.lock().expect("stderr lock").join("\n")
+                );
+            }
+        }
+    };
+    Proc { child, addr, stderr, stdout }
+}
+
+pub fn lb_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lb")
+}
+
+pub fn be_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_be")
+}
+
+/// Starts lb on 127.0.0.1:0 in front of `backends`, with 2 workers and
+/// `extra` flags.
+pub fn lb(backends: &[SocketAddr], extra: &[&str]) -> Proc {
+    lb_env(backends, extra, &[])
+}
+
+pub fn lb_env(backends: &[SocketAddr], extra: &[&str], envs: &[(&str, &str)]) -> Proc {
+    let mut args: Vec<String> = ["-p", "0", "--bind", "127.0.0.1", "--workers", "2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push("-b".into());
+    args.extend(backends.iter().map(|b| b.to_string()));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn_listening(lb_bin(), &args, envs)
+}
+
+/// Starts a `be` HTTP backend answering with `name`.
+pub fn be(name: &str, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec!["-p".into(), "0".into(), "-c".into(), name.into(), "--workers".into(), "1".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn_listening(be_bin(), &args, &[])
+}
+
+/// Runs lb to completion (for command-line errors), bounded in time.
+pub fn lb_output(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(lb_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lb");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("lb {args:?} did not exit");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    (status.code(), reader.join().expect("stderr reader"))
+}
+
+/// Polls `cond` until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A loopback address on which nothing listens.
+pub fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, WAIT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    s.set_write_timeout(Some(WAIT)).expect("timeout");
+    s
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Counts live and peak connections of an in-process backend.
+#[derive(Default)]
+pub struct Gauge {
+    pub active: AtomicUsize,
+    pub peak: AtomicUsize,
+    pub accepted: AtomicUsize,
+}
+
+impl Gauge {
+    fn enter(&self) {
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn leave(&self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An in-process backend: a thread per connection runs `handler`.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub gauge: Arc<Gauge>,
+}
+
+pub fn backend<F>(handler: F) -> Backend
+where
+    F: Fn(TcpStream) + Send + Sync + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+    let addr = l.local_addr().expect("addr");
+    let gauge = Arc::new(Gauge::default());
+    let handler = Arc::new(handler);
+    let g = Arc::clone(&gauge);
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+            let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
+            g.enter();
+            let (h, g) = (Arc::clone(&handler), Arc::clone(&g));
+            thread::spawn(move || {
+                h(s);
+                // Counted out before the socket closes, so lb's view never
+                // runs ahead of ours.
+                g.leave();
+            });
+        }
+    });
+    Backend { addr, gauge }
+}
+
+/// Echoes until EOF, then closes its write side.
+pub fn echo_backend() -> Backend {
+    backend(|mut s| {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    })
+}
+
+/// Writes `tag` at once, then echoes until EOF.
+pub fn tagged_backend(tag: &'static str) -> Backend {
+    backend(move |mut s| {
+        if s.write_all(tag.as_bytes()).is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Reads exactly `n` bytes.
+pub fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    s.read_exact(&mut v).expect("read_exact");
+    v
+}
+
+/// Sockets in CLOSE_WAIT whose local or remote port is one of `ports`,
+/// from /proc/net/tcp and tcp6.
+pub fn close_wait_count(ports: &[u16]) -> usize {
+    let mut n = 0;
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 4 || f[3] != "08" {
+                continue;
+            }
+            let port_of = |s: &str| s.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if [f[1], f[2]].iter().any(|a| port_of(a).is_some_and(|p| ports.contains(&p))) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Sends `data` and reads the full echo concurrently; returns what came back.
+pub fn echo_roundtrip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let s = connect(addr);
+    let mut r = s.try_clone().expect("clone");
+    let want = data.len();
+    let reader = thread::spawn(move || {
+        let mut got = Vec::with_capacity(want);
+        let mut buf = vec![0u8; 64 * 1024];
+        while got.len() < want {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("read echo after {} bytes: {e}", got.len()),
+            }
+        }
+        got
+    });
+    let mut w = s;
+    w.write_all(data).expect("write payload");
+    w.shutdown(Shutdown::Write).expect("shutdown");
+    reader.join().expect("reader thread")
+}

@@ -1,0 +1,141 @@
+//! The global connection cap and graceful shutdown, observed from outside.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn the_cap_bounds_concurrent_backend_connections_and_waiting_clients_are_served() {
+    let echo = echo_backend();
+    let lb = lb(&[echo.addr], &["--max-connections", "10"]);
+    let clients: Vec<_> = (0..40)
+        .map(|i| {
+            let addr = lb.addr;
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                s.write_all(b"hello").unwrap();
+                let mut b = [0u8; 5];
+                s.read_exact(&mut b).unwrap_or_else(|e| panic!("client {i}: {e}"));
+                assert_eq!(&b, b"hello");
+                // Hold the slot a little so clients really overlap.
+                thread::sleep(Duration::from_millis(100));
+                s.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).unwrap();
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    assert_eq!(echo.gauge.accepted.load(Ordering::SeqCst), 40, "every client was served");
+    let peak = echo.gauge.peak.load(Ordering::SeqCst);
+    assert!(peak <= 10, "backend saw {peak} connections at once");
+    assert!(peak >= 2, "clients overlapped (peak {peak})");
+}
+
+#[test]
+fn sigterm_lets_a_transfer_finish_refuses_new_clients_and_exits_zero() {
+    // The backend trickles a 2 MiB reply so the transfer outlives the signal.
+    const REPLY: usize = 2 << 20;
+    let slow = backend(|mut s| {
+        let mut b = [0u8; 1];
+        let _ = s.read_exact(&mut b);
+        let data = random_bytes(REPLY, 3);
+        for chunk in data.chunks(64 * 1024) {
+            if s.write_all(chunk).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let mut lb = lb(&[slow.addr], &["--drain-timeout", "20"]);
+    let mut c = connect(lb.addr);
+    c.write_all(b"g").unwrap();
+    let first = read_n(&mut c, 1000);
+    lb.signal(libc::SIGTERM);
+    assert!(
+        wait_until(WAIT, || std::net::TcpStream::connect(lb.addr).is_err()),
+        "new connections are still accepted after SIGTERM"
+    );
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("transfer completes");
+    let mut got = first;
+    got.extend_from_slice(&rest);
+    assert_eq!(got.len(), REPLY);
+    assert!(got == random_bytes(REPLY, 3), "transfer intact");
+    drop(c);
+    let status = lb.wait_exit(WAIT).expect("lb exits after draining");
+    assert_eq!(status.code(), Some(0), "stderr: {}", lb.stderr_text());
+}
+
+#[test]
+fn the_drain_timeout_closes_stragglers_and_still_exits_zero() {
+    let echo = echo_backend();
+    let mut lb = lb(&[echo.addr], &["--drain-timeout", "0.3"]);
+    let mut c = connect(lb.addr);
+    c.write_all(b"x").unwrap();
+    assert_eq!(read_n(&mut c, 1), b"x");
+    lb.signal(libc::SIGTERM);
+    let status = lb.wait_exit(WAIT).expect("lb gives up on the idle client");
+    assert_eq!(status.code(), Some(0));
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').expect("stat format").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
+    let echo = echo_backend();
+    // bash sets soft and hard limits, then becomes lb (same pid).
+    let mut args: Vec<String> = vec![
+        "-c".into(),
+        "ulimit -n 48 && exec \"$0\" \"$@\"".into(),
+        lb_bin().into(),
+        "-p".into(),
+        "0".into(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--workers".into(),
+        "1".into(),
+        "-b".into(),
+    ];
+    args.push(echo.addr.to_string());
+    let lb = spawn_listening("bash", &args, &[]);
+    // Far more clients than descriptors: some are served, the rest wait or
+    // are closed, and lb backs off instead of spinning on EMFILE.
+    let held: Vec<_> = (0..60)
+        .filter_map(|_| std::net::TcpStream::connect(lb.addr).ok())
+        .collect();
+    assert!(wait_until(WAIT, || echo.gauge.active.load(Ordering::SeqCst) >= 5));
+    assert!(
+        wait_until(WAIT, || lb.stderr_text().contains("Too many open files")),
+        "lb never hit the descriptor limit: {}",
+        lb.stderr_text()
+    );
+    let before = cpu_ticks(lb.pid());
+    thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(lb.pid()) - before;
+    // A spinning loop burns ~100 ticks a second; backing off burns ~none.
+    assert!(spent < 50, "lb used {spent} ticks in one second while out of descriptors");
+    drop(held);
+    assert!(wait_until(WAIT, || echo.gauge.active.load(Ordering::SeqCst) == 0));
+    // Recovered: a new client is served.
+    let data = random_bytes(10_000, 11);
+    assert_eq!(echo_roundtrip(lb.addr, &data), data);
+    assert!(lb.fd_count() > 0, "lb is alive");
+}

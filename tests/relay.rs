@@ -1,0 +1,182 @@
+//! The relay end to end: byte-exact transfer, half-close, least connections,
+//! dead and resetting backends, and resource hygiene after many connections.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn relays_random_bytes_exactly_in_both_directions_over_32_connections() {
+    let echo = echo_backend();
+    let lb = lb(&[echo.addr], &[]);
+    let handles: Vec<_> = (0..32u64)
+        .map(|i| {
+            let addr = lb.addr;
+            thread::spawn(move || {
+                let len = (1 << 20) + (i as usize * 97_531) % (3 << 20);
+                let data = random_bytes(len, 0x9e37_79b9 + i);
+                let got = echo_roundtrip(addr, &data);
+                assert_eq!(got.len(), data.len(), "connection {i} length");
+                assert!(got == data, "connection {i} bytes differ");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("transfer thread");
+    }
+}
+
+#[test]
+fn a_half_close_is_relayed_and_the_reply_still_arrives() {
+    const REPLY: usize = 1 << 20;
+    let backend = backend(|mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("backend reads to EOF");
+        assert_eq!(got, b"request body");
+        let reply = random_bytes(REPLY, 7);
+        s.write_all(&reply).expect("backend writes reply");
+    });
+    let lb = lb(&[backend.addr], &[]);
+    let mut c = connect(lb.addr);
+    c.write_all(b"request body").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).expect("client reads the whole reply");
+    assert_eq!(got.len(), REPLY);
+    assert!(got == random_bytes(REPLY, 7));
+}
+
+fn tag_of(s: &mut std::net::TcpStream) -> String {
+    String::from_utf8(read_n(s, 1)).expect("tag")
+}
+
+#[test]
+fn new_connections_go_to_the_backend_with_fewer_active_connections() {
+    let a = tagged_backend("A");
+    let b = tagged_backend("B");
+    let lb = lb(&[a.addr, b.addr], &[]);
+    // Hold six connections, then release the ones on B: A keeps three.
+    let mut held: Vec<(String, std::net::TcpStream)> = (0..6)
+        .map(|_| {
+            let mut s = connect(lb.addr);
+            (tag_of(&mut s), s)
+        })
+        .collect();
+    held.retain(|(tag, _)| tag == "A");
+    assert!(!held.is_empty(), "some connections landed on A");
+    assert!(wait_until(WAIT, || b.gauge.active.load(std::sync::atomic::Ordering::SeqCst) == 0));
+    for i in 0..10 {
+        let mut s = connect(lb.addr);
+        assert_eq!(tag_of(&mut s), "B", "short connection {i} must avoid the loaded backend");
+    }
+}
+
+#[test]
+fn sequential_short_connections_split_evenly() {
+    let a = tagged_backend("A");
+    let b = tagged_backend("B");
+    let lb = lb(&[a.addr, b.addr], &[]);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    const N: usize = 200;
+    for _ in 0..N {
+        let mut s = connect(lb.addr);
+        *counts.entry(tag_of(&mut s)).or_default() += 1;
+    }
+    let share = counts.get("A").copied().unwrap_or(0) as f64 / N as f64;
+    assert!((0.35..=0.65).contains(&share), "A got {share:.2} of connections: {counts:?}");
+}
+
+#[test]
+fn a_dead_backend_among_live_ones_costs_no_client_anything() {
+    let a = echo_backend();
+    let b = echo_backend();
+    let lb = lb(&[a.addr, dead_addr(), b.addr], &["--retries", "2"]);
+    for i in 0..50u64 {
+        let data = random_bytes(1000, i + 1);
+        assert_eq!(echo_roundtrip(lb.addr, &data), data, "connection {i}");
+    }
+}
+
+#[test]
+fn a_backend_reset_mid_stream_ends_the_client_promptly_and_lb_keeps_serving() {
+    let resetting = backend(|mut s| {
+        let mut buf = [0u8; 16];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(&[b'x'; 1000]);
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(s); // RST
+    });
+    let lb_proc = lb(&[resetting.addr], &[]);
+    let mut c = connect(lb_proc.addr);
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    c.write_all(b"go").unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    let ended = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break false,
+            Err(_) => break true, // reset relayed
+        }
+    };
+    assert!(ended, "the client still saw an open connection after {:?}", started.elapsed());
+    // lb still serves: the next connection gets its bytes and the reset too.
+    let mut c2 = connect(lb_proc.addr);
+    c2.write_all(b"go").unwrap();
+    let mut first = [0u8; 1];
+    c2.read_exact(&mut first).expect("lb still relays");
+    assert_eq!(&first, b"x");
+}
+
+#[test]
+fn no_descriptors_or_close_wait_sockets_leak_after_many_connections_and_resets() {
+    let echo = echo_backend();
+    let lb = lb(&[echo.addr], &[]);
+    // Warm up so lazily created per-process descriptors exist already.
+    assert_eq!(echo_roundtrip(lb.addr, b"warm"), b"warm");
+    assert!(wait_until(WAIT, || echo.gauge.active.load(std::sync::atomic::Ordering::SeqCst) == 0));
+    let idle = lb.fd_count();
+    assert!(idle > 0, "fd count readable");
+
+    let workers: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = lb.addr;
+            thread::spawn(move || {
+                for i in 0..500 {
+                    let mut s = connect(addr);
+                    s.write_all(b"ping").unwrap();
+                    let mut b = [0u8; 4];
+                    s.read_exact(&mut b).unwrap_or_else(|e| panic!("thread {t} conn {i}: {e}"));
+                    assert_eq!(&b, b"ping");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("client thread");
+    }
+    for _ in 0..50 {
+        let mut s = connect(lb.addr);
+        s.write_all(&[7u8; 5000]).unwrap();
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s); // client RST
+    }
+    let ports = [lb.addr.port(), echo.addr.port()];
+    assert!(
+        wait_until(WAIT, || lb.fd_count() == idle),
+        "lb holds {} descriptors, {idle} when idle",
+        lb.fd_count()
+    );
+    assert!(
+        wait_until(WAIT, || close_wait_count(&ports) == 0),
+        "{} sockets left in CLOSE_WAIT",
+        close_wait_count(&ports)
+    );
+}

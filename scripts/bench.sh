@@ -178,6 +178,7 @@ ensure_lb() {
         [[ -x $LB_BIN ]] || die "cargo build --release did not produce $LB_BIN"
     fi
     LB_BIN=$(cd "$(dirname "$LB_BIN")" && pwd)/$(basename "$LB_BIN")
+    lb_optional_args
 }
 
 raise_nofile() {
@@ -326,6 +327,24 @@ start_backends() {
 # Rows. start_<kind> NAME PORT EXTRA BACKEND... starts one proxy listening on
 # 127.0.0.1:PORT and sets SPAWNED_PID.
 # ---------------------------------------------------------------------------
+# lb_optional_args: "--no-health-check --stats-period 0", minus whichever of
+# these flags the lb binary does not know yet (older builds lack them).
+lb_optional_args() {
+    local help
+    help=$("$LB_BIN" --help 2>&1 || true)
+    LB_OPTIONAL_ARGS=()
+    if grep -q -- '--no-health-check' <<<"$help"; then
+        LB_OPTIONAL_ARGS+=(--no-health-check)
+    else
+        log "note: $LB_BIN has no --no-health-check yet; running it without"
+    fi
+    if grep -q -- '--stats-period' <<<"$help"; then
+        LB_OPTIONAL_ARGS+=(--stats-period 0)
+    else
+        log "note: $LB_BIN has no --stats-period yet; running it without"
+    fi
+}
+
 start_lb() {
     local name=$1 port=$2 extra=$3; shift 3
     local extra_args=()
@@ -333,7 +352,7 @@ start_lb() {
     spawn "$name" "$LB_BIN" -p "$port" --bind 127.0.0.1 -b "$@" \
         --workers "$WORKERS" --max-connections "$MAXCONN" --buffer-size "$BUFSIZE" \
         --connection-timeout "$CONNECT_TIMEOUT" --idle-timeout "$IDLE_TIMEOUT" \
-        --no-health-check --stats-period 0 "${extra_args[@]}"
+        "${LB_OPTIONAL_ARGS[@]}" "${extra_args[@]}"
 }
 
 start_haproxy() {

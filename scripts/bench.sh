@@ -53,7 +53,7 @@ HOLD_CONNS=5000
 
 # Defaults, changed by options.
 ROUNDS=3
-DURATION=8                # seconds per wrk measurement
+DURATION=7                # seconds per wrk measurement
 BULK_DURATION=""          # seconds per iperf3 direction; default max(2, DURATION/2)
 ROWS_ARG=""
 LB_BIN=$REPO_ROOT/target/release/lb
@@ -72,7 +72,7 @@ libnginx-mod-stream, wrk, iperf3, gnuplot-nox, python3).
 options:
   --quick          1 round, 3 s per wrk run, 2 s per iperf3 direction (< 3 min)
   --rounds N       rounds over all rows, medians reported (default 3)
-  --duration S     seconds per wrk measurement (default 8; iperf3 gets max(2, S/2))
+  --duration S     seconds per wrk measurement (default 7; iperf3 gets max(2, S/2))
   --rows a,b,c     subset of rows, in that order (default: all)
   --lb PATH        lb binary (default target/release/lb, built with
                    'cargo build --release' if missing)

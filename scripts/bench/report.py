@@ -35,8 +35,11 @@ COST = [
     ("rev_cpu_ms_per_gb", "CPU ms/GB rev", 1, "lower"),
     ("rss_idle_kib", "RSS idle KiB", 0, "lower"),
     ("rss_held_kib", "RSS holding conns KiB", 0, "lower"),
+    ("held_conns", "held conns", 0, ""),
     ("kib_per_conn", "KiB per held conn", 2, "lower"),
 ]
+SPREAD = [("ka_rps", "keep-alive req/s"), ("cc_rps", "conn/s"),
+          ("fwd_gbps", "bulk fwd"), ("rev_gbps", "bulk rev")]
 RATIO_METRICS = [m for m in THROUGHPUT + COST if m[3]]
 
 
@@ -113,6 +116,22 @@ def main():
     md.append("")
     md += table([r for r in rows if kinds.get(r) != "direct"], COST, med)
     md.append("")
+
+    if any(len(samples.get((r, m), [])) > 1 for r in rows for m, _ in SPREAD):
+        md.append("## Spread across rounds: (max - min) / median")
+        md.append("")
+        md.append("Large values mean the machine was noisy; compare rows with care.")
+        md.append("")
+        md.append("| row | " + " | ".join(t for _, t in SPREAD) + " |")
+        md.append("|" + "---|" * (len(SPREAD) + 1))
+        for r in rows:
+            cells = []
+            for m, _ in SPREAD:
+                v = samples.get((r, m), [])
+                mid = statistics.median(v) if v else 0
+                cells.append(f"{100 * (max(v) - min(v)) / mid:.0f}%" if len(v) > 1 and mid else "—")
+            md.append(f"| `{r}` | " + " | ".join(cells) + " |")
+        md.append("")
 
     lb_rows = [r for r in rows if kinds.get(r) == "lb"]
     for lb in lb_rows:

@@ -167,9 +167,9 @@ install_deps() {
 }
 
 ensure_lb() {
-    local r need=0
-    for r in "${ROWS[@]}"; do [[ ${ROW_KIND[$r]} == lb ]] && need=1; done
-    ((need)) || return 0
+    local r need_lb=0
+    for r in "${ROWS[@]}"; do [[ ${ROW_KIND[$r]} == lb ]] && need_lb=1; done
+    ((need_lb)) || return 0
     if [[ ! -x $LB_BIN ]]; then
         ((LB_BIN_DEFAULT)) || die "lb binary not found or not executable: $LB_BIN"
         command -v cargo >/dev/null || die "$LB_BIN is missing and cargo is not installed to build it"
@@ -207,6 +207,42 @@ proc_alive() {
     [[ -n $s && $s != Z ]]
 }
 
+# proc_tree PID: sets TREE to PID and all its descendants (/proc/P/task/T/children).
+proc_tree() {
+    TREE=("$1")
+    local i=0 t kids
+    while ((i < ${#TREE[@]})); do
+        for t in "/proc/${TREE[i]}"/task/*/children; do
+            kids=()
+            read -r -a kids 2>/dev/null <"$t" || true
+            TREE+=("${kids[@]}")
+        done
+        i=$((i + 1))
+    done
+}
+
+# proc_sample PID: resources of PID's process tree, without forking.
+#   S_CPU  utime+stime in clock ticks (fields 14+15 of /proc/P/stat, which
+#          already covers all threads), summed over the tree
+#   S_RSS  VmRSS in KiB, summed over the tree
+#   S_FDS  open file descriptors, summed over the tree
+proc_sample() {
+    local p line f k v fds
+    S_CPU=0 S_RSS=0 S_FDS=0
+    proc_tree "$1"
+    for p in "${TREE[@]}"; do
+        read -r line 2>/dev/null <"/proc/$p/stat" || continue
+        read -r -a f <<<"${line##*) }" # f[0] is field 3: comm may hold spaces
+        S_CPU=$((S_CPU + f[11] + f[12]))
+        while read -r k v _; do
+            if [[ $k == VmRSS: ]]; then S_RSS=$((S_RSS + v)); break; fi
+        done 2>/dev/null <"/proc/$p/status" || true
+        fds=("/proc/$p/fd/"*)
+        [[ -e ${fds[0]} ]] && S_FDS=$((S_FDS + ${#fds[@]}))
+    done
+    return 0
+}
+
 # spawn NAME CMD... : run CMD in the background, output to $TMP/NAME.log; sets SPAWNED_PID.
 spawn() {
     local name=$1; shift
@@ -218,15 +254,16 @@ spawn() {
 # kill_tree PID: SIGTERM the process, SIGKILL it and its descendants if still there after 5 s.
 kill_tree() {
     local pid=$1 pids i p left
-    pids=$(python3 "$HELPERS/procstat.py" --tree "$pid" 2>/dev/null || echo "$pid")
+    proc_tree "$pid"
+    pids=("${TREE[@]}")
     kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < 50; i++)); do
         left=0
-        for p in $pids; do proc_alive "$p" && left=1; done
+        for p in "${pids[@]}"; do proc_alive "$p" && left=1; done
         ((left)) || break
         sleep 0.1
     done
-    for p in $pids; do proc_alive "$p" && kill -KILL "$p" 2>/dev/null; done
+    for p in "${pids[@]}"; do proc_alive "$p" && kill -KILL "$p" 2>/dev/null; done
     wait "$pid" 2>/dev/null || true
     unset "LIVE[$pid]"
 }
@@ -245,7 +282,7 @@ cleanup() {
     exit "$rc"
 }
 
-free_port() { python3 "$HELPERS/freeports.py" 1; }
+free_port() { "${PY[@]}" "$HELPERS/freeports.py" 1; }
 
 is_listening() {
     local hex
@@ -268,6 +305,7 @@ $(tail -n 20 "$TMP/$name.log" 2>/dev/null)"
 
 # http_get PORT: one HTTP/1.0 request, prints the response (5 s limit).
 http_get() {
+    # shellcheck disable=SC2016 # $1 is expanded by the inner bash
     timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "GET / HTTP/1.0\r\nHost: bench\r\n\r\n" >&3 && cat <&3' _ "$1" 2>/dev/null || true
 }
 
@@ -314,7 +352,7 @@ EOF
 
 start_backends() {
     local ports
-    mapfile -t ports < <(python3 "$HELPERS/freeports.py" 3)
+    mapfile -t ports < <("${PY[@]}" "$HELPERS/freeports.py" 3)
     PORT_A=${ports[0]} PORT_B=${ports[1]} PORT_IPERF=${ports[2]}
     start_backend_http backend-a "$PORT_A" "Server A"
     start_backend_http backend-b "$PORT_B" "Server B"
@@ -463,23 +501,26 @@ record() { printf '%s\t%s\t%s\t%s\n' "$ROUND" "$ROW" "$1" "$2" >>"$RAW"; }
 
 calc() { awk "BEGIN { printf \"%.4f\", $1 }"; }
 
-# procstat -> "cpu_ticks rss_kib open_fds nprocs" of the proxy's process tree
-procstat() { python3 "$HELPERS/procstat.py" "$PROXY_PID"; }
-
+# cpu_ticks: sets CPU to the proxy's CPU clock ticks so far (0 for direct).
 cpu_ticks() {
-    if [[ -n $PROXY_PID ]]; then procstat | cut -d' ' -f1; else echo 0; fi
+    CPU=0
+    [[ -z $PROXY_PID ]] && return 0
+    proc_sample "$PROXY_PID"
+    CPU=$S_CPU
 }
 
 # measure_wrk ka|cc: keep-alive or one connection per request.
 measure_wrk() {
     local label=$1 out=$TMP/wrk-$ROUND-$ROW-$1.txt hdr=() c0 c1 rps reqs p50 p99 errs
     [[ $label == cc ]] && hdr=(-H 'Connection: close')
-    c0=$(cpu_ticks)
+    cpu_ticks
+    c0=$CPU
     timeout $((DURATION + 30)) wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" --latency "${hdr[@]}" \
         "http://127.0.0.1:$TARGET_PORT/" >"$out" 2>&1 || die "wrk failed for $ROW ($label):
 $(cat "$out")"
-    c1=$(cpu_ticks)
-    read -r rps reqs p50 p99 errs < <(python3 "$HELPERS/parse.py" wrk "$out") \
+    cpu_ticks
+    c1=$CPU
+    read -r rps reqs p50 p99 errs < <("${PY[@]}" "$HELPERS/parse.py" wrk "$out") \
         || die "cannot parse wrk output $out"
     ((reqs > 0)) || die "wrk made no requests through $ROW ($label): $out"
     record "${label}_rps" "$rps"
@@ -494,12 +535,14 @@ $(cat "$out")"
 measure_bulk() {
     local label=$1 out=$TMP/iperf-$ROUND-$ROW-$1.json rev=() c0 c1 gbps bytes
     [[ $label == rev ]] && rev=(-R)
-    c0=$(cpu_ticks)
+    cpu_ticks
+    c0=$CPU
     timeout $((BULK_DURATION + 30)) iperf3 -c 127.0.0.1 -p "$TARGET_PORT" -t "$BULK_DURATION" -J "${rev[@]}" \
         >"$out" 2>"$out.err" || die "iperf3 failed for $ROW ($label):
-$(cat "$out.err"; python3 "$HELPERS/parse.py" iperf "$out" 2>&1)"
-    c1=$(cpu_ticks)
-    read -r gbps bytes < <(python3 "$HELPERS/parse.py" iperf "$out") || die "cannot parse iperf3 output $out"
+$(cat "$out.err"; "${PY[@]}" "$HELPERS/parse.py" iperf "$out" 2>&1)"
+    cpu_ticks
+    c1=$CPU
+    read -r gbps bytes < <("${PY[@]}" "$HELPERS/parse.py" iperf "$out") || die "cannot parse iperf3 output $out"
     record "${label}_gbps" "$gbps"
     [[ -n $PROXY_PID ]] && record "${label}_cpu_ms_per_gb" "$(calc "($c1 - $c0) * 1000 / $CLK_TCK / ($bytes / 1e9)")"
     log "  $ROW $label: $gbps Gbit/s"
@@ -509,11 +552,12 @@ $(cat "$out.err"; python3 "$HELPERS/parse.py" iperf "$out" 2>&1)"
 # measure_hold: proxy RSS idle, then holding HOLD_CONNS idle client connections.
 measure_hold() {
     [[ -n $PROXY_PID ]] || return 0
-    local ready=$TMP/hold.ready hpid i cpu rss0 fd0 rss1 fds n status est failed target
+    local ready=$TMP/hold.ready hpid i rss0 fd0 rss1 fds est failed target
     sleep 0.3
-    read -r cpu rss0 fd0 n < <(procstat)
+    proc_sample "$PROXY_PID"
+    rss0=$S_RSS fd0=$S_FDS
     rm -f "$ready"
-    spawn "hold-$ROUND-$ROW" python3 "$HELPERS/hold.py" --port "$TARGET_PORT" --count "$HOLD_CONNS" \
+    spawn "hold-$ROUND-$ROW" "${PY[@]}" "$HELPERS/hold.py" --port "$TARGET_PORT" --count "$HOLD_CONNS" \
         --ready-file "$ready" --connect-timeout 30 --max-hold 90
     hpid=$SPAWNED_PID
     for ((i = 0; i < 400; i++)); do
@@ -523,17 +567,19 @@ measure_hold() {
     done
     [[ -s $ready ]] || die "hold.py did not get ready against $ROW; log $TMP/hold-$ROUND-$ROW.log:
 $(tail -n 20 "$TMP/hold-$ROUND-$ROW.log")"
-    read -r status est failed <"$ready"
+    read -r _ est failed <"$ready"
     # Ready when the proxy holds both sides (client + upstream) of ~every connection.
     target=$((fd0 + 2 * est * 99 / 100))
     for ((i = 0; i < 150; i++)); do
-        read -r cpu rss1 fds n < <(procstat)
+        proc_sample "$PROXY_PID"
+        rss1=$S_RSS fds=$S_FDS
         ((fds >= target)) && break
         sleep 0.1
     done
     ((fds >= target)) || log "  warning: $ROW holds only $((fds - fd0)) fds for $est connections"
     sleep 0.5
-    read -r cpu rss1 fds n < <(procstat)
+    proc_sample "$PROXY_PID"
+    rss1=$S_RSS fds=$S_FDS
     kill_tree "$hpid"
     record rss_idle_kib "$rss0"
     record rss_held_kib "$rss1"
@@ -543,7 +589,8 @@ $(tail -n 20 "$TMP/hold-$ROUND-$ROW.log")"
     log "  $ROW hold: rss idle $rss0 KiB, holding $est conns $rss1 KiB, $(calc "($rss1 - $rss0) / $HOLD_CONNS") KiB/conn"
     # Let the proxy close the upstream sides before the next measurement.
     for ((i = 0; i < 150; i++)); do
-        read -r cpu rss1 fds n < <(procstat)
+        proc_sample "$PROXY_PID"
+        rss1=$S_RSS fds=$S_FDS
         ((fds <= fd0 + 16)) && break
         sleep 0.1
     done
@@ -604,7 +651,7 @@ write_meta() {
         fi
         printf 'rustc\t%s\n' "$(command -v rustc >/dev/null && first_line rustc --version || echo n/a)"
         printf 'gnuplot\t%s\n' "$(first_line gnuplot --version)"
-        printf 'python3\t%s\n' "$(first_line python3 --version)"
+        printf 'python3\t%s\n' "$(first_line "${PY[0]}" --version)"
         printf 'machine busy before start\t%s%% CPU, load average %s\n' "$BUSY_BEFORE" "$(cut -d' ' -f1-3 /proc/loadavg)"
         printf 'rounds\t%s\n' "$ROUNDS"
         printf 'rows\t%s\n' "$(IFS=,; echo "${ROWS[*]}")"
@@ -619,7 +666,7 @@ write_meta() {
 }
 
 make_report() {
-    python3 "$HELPERS/report.py" --raw "$RAW" --meta "$META" --md "$OUT_DIR/results.md" \
+    "${PY[@]}" "$HELPERS/report.py" --raw "$RAW" --meta "$META" --md "$OUT_DIR/results.md" \
         --chart-data "$TMP/chart.dat" --chart-script "$TMP/chart.gp" --chart-png "$OUT_DIR/chart.png" \
         || die "report.py failed"
     gnuplot "$TMP/chart.gp" 2>"$TMP/gnuplot.log" || die "gnuplot failed: $(cat "$TMP/gnuplot.log")"
@@ -633,6 +680,9 @@ main() {
     ARGS_STR="$*"
     parse_args "$@"
     install_deps
+    # The helpers need only the stdlib: run the interpreter itself (not a
+    # version-manager shim) without site-packages, so each call starts fast.
+    PY=("$(python3 -c 'import sys; print(sys.executable)')" -S)
     ensure_lb
     raise_nofile
     CLK_TCK=$(getconf CLK_TCK)

@@ -27,6 +27,10 @@ pub struct Backend {
     pub bytes_in: AtomicU64,
     /// Bytes relayed from this backend to clients.
     pub bytes_out: AtomicU64,
+    /// Health probes that passed.
+    pub checks_ok: AtomicU64,
+    /// Health probes that failed (refused, timed out, bad status).
+    pub checks_failed: AtomicU64,
     healthy: AtomicBool,
     /// Consecutive connect failures seen on real traffic (passive checks).
     consecutive_failures: AtomicU32,
@@ -45,6 +49,8 @@ impl Backend {
             failed: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            checks_ok: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
             // Backends start as up so traffic flows before the first probe round.
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),

@@ -68,6 +68,44 @@ pub struct Args {
     /// Seconds SIGTERM/SIGINT waits for in-flight connections.
     #[arg(long = "drain-timeout", default_value = "30")]
     pub drain_timeout: String,
+
+    /// Seconds between health probes of each backend (fractions allowed).
+    /// With --no-health-check: how long a backend marked down by failed
+    /// client connects stays out before real traffic tries it again.
+    #[arg(long = "health-check-period", default_value = "5")]
+    pub health_check_period: String,
+
+    /// Seconds a probe may take before it counts as failed
+    /// [default: --connection-timeout].
+    #[arg(long = "health-check-timeout")]
+    pub health_check_timeout: Option<String>,
+
+    /// Consecutive successful probes that bring a down backend back up.
+    #[arg(long = "rise", default_value = "2")]
+    pub rise: String,
+
+    /// Consecutive failed probes, or failed client connects, that take a
+    /// backend down.
+    #[arg(long = "fall", default_value = "3")]
+    pub fall: String,
+
+    /// Probe with `GET <path>` over HTTP/1.1 (up on 2xx/3xx) instead of a
+    /// plain TCP connect.
+    #[arg(long = "health-check-url", value_name = "PATH")]
+    pub health_check_url: Option<String>,
+
+    /// Send no probes; failed client connects still take a backend down.
+    #[arg(long = "no-health-check")]
+    pub no_health_check: bool,
+
+    /// Seconds between stats reports on stdout (0 = only on SIGUSR1).
+    #[arg(long = "stats-period", default_value = "30")]
+    pub stats_period: String,
+
+    /// Serve /metrics, /stats and /health on this address (e.g.
+    /// 127.0.0.1:9100; keep it on a private address: it has no auth).
+    #[arg(long = "admin", value_name = "ADDR:PORT")]
+    pub admin: Option<String>,
 }
 
 /// Validated run-time configuration.
@@ -83,6 +121,26 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     pub retries: u32,
     pub drain_timeout: Duration,
+    pub health: HealthConfig,
+    /// `None`: stats are printed only on SIGUSR1.
+    pub stats_period: Option<Duration>,
+    /// Where the admin endpoint listens, if anywhere.
+    pub admin: Option<SocketAddr>,
+}
+
+/// How backends are checked, actively and passively.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// False with `--no-health-check`: no probes are sent.
+    pub probes: bool,
+    /// Probe interval; also the hold-down of a passively downed backend
+    /// when probes are off.
+    pub period: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// HTTP probe path; `None` probes with a TCP connect.
+    pub url: Option<String>,
 }
 
 /// One backend after resolution.
@@ -105,6 +163,8 @@ pub enum ConfigError {
     Resolve { value: String, reason: String },
     Number { flag: &'static str, value: String, expected: &'static str },
     Seconds { flag: &'static str, value: String },
+    HealthUrl { value: String },
+    AdminAddress { value: String },
 }
 
 impl fmt::Display for ConfigError {
@@ -137,6 +197,14 @@ impl fmt::Display for ConfigError {
                 f,
                 "{flag}: '{value}' is not a number of seconds (e.g. 3 or 0.5)"
             ),
+            ConfigError::HealthUrl { value } => write!(
+                f,
+                "--health-check-url: '{}' is not a path starting with '/' (no spaces or control characters)",
+                value.escape_debug()
+            ),
+            ConfigError::AdminAddress { value } => {
+                write!(f, "--admin: '{value}' is not addr:port (e.g. 127.0.0.1:9100)")
+            }
         }
     }
 }
@@ -185,6 +253,9 @@ impl Config {
         }
         let idle = parse_seconds("--idle-timeout", &args.idle_timeout)?;
         let drain_timeout = parse_seconds("--drain-timeout", &args.drain_timeout)?;
+        let health = parse_health(args, connect_timeout)?;
+        let stats_period = parse_seconds("--stats-period", &args.stats_period)?;
+        let admin = args.admin.as_deref().map(parse_admin).transpose()?;
         let backends = args
             .backends
             .iter()
@@ -200,8 +271,75 @@ impl Config {
             idle_timeout: (!idle.is_zero()).then_some(idle),
             retries: retries as u32,
             drain_timeout,
+            health,
+            stats_period: (!stats_period.is_zero()).then_some(stats_period),
+            admin,
         })
     }
+}
+
+/// Upper bound for `--rise` and `--fall`: beyond it a flip would take
+/// longer than anyone would wait for, so it is surely a typo.
+const MAX_THRESHOLD: usize = 1000;
+
+fn parse_health(args: &Args, connect_timeout: Duration) -> Result<HealthConfig, ConfigError> {
+    let positive = |flag: &'static str, s: &str| {
+        let d = parse_seconds(flag, s)?;
+        if d.is_zero() {
+            return Err(ConfigError::Seconds { flag, value: s.to_string() });
+        }
+        Ok(d)
+    };
+    let threshold = |flag: &'static str, s: &str| {
+        let n = parse_count(flag, s, 1)?;
+        if n > MAX_THRESHOLD {
+            return Err(ConfigError::Number {
+                flag,
+                value: s.to_string(),
+                expected: "a whole number from 1 to 1000",
+            });
+        }
+        Ok(n as u32)
+    };
+    let period = positive("--health-check-period", &args.health_check_period)?;
+    let timeout = match &args.health_check_timeout {
+        Some(t) => positive("--health-check-timeout", t)?,
+        None => connect_timeout,
+    };
+    let url = match &args.health_check_url {
+        Some(u) if is_request_path(u) => Some(u.clone()),
+        Some(u) => return Err(ConfigError::HealthUrl { value: u.clone() }),
+        None => None,
+    };
+    Ok(HealthConfig {
+        probes: !args.no_health_check,
+        period,
+        timeout,
+        rise: threshold("--rise", &args.rise)?,
+        fall: threshold("--fall", &args.fall)?,
+        url,
+    })
+}
+
+/// The path goes verbatim into a request line, so anything that could end
+/// the line or split it into more tokens is refused.
+fn is_request_path(s: &str) -> bool {
+    s.starts_with('/') && s.len() <= 2048 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// `addr:port` with an IP literal (IPv6 in brackets), or `localhost:port`.
+/// Port 0 lets the kernel choose (the log line names the real one).
+fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
+    let err = || ConfigError::AdminAddress { value: s.to_string() };
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
+    let port: u16 = port.parse().map_err(|_| err())?;
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    Err(err())
 }
 
 fn parse_port(s: &str) -> Option<u16> {
@@ -297,6 +435,60 @@ mod tests {
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(c.retries, 2);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.health,
+            HealthConfig {
+                probes: true,
+                period: Duration::from_secs(5),
+                timeout: Duration::from_secs(3),
+                rise: 2,
+                fall: 3,
+                url: None,
+            }
+        );
+        assert_eq!(c.stats_period, Some(Duration::from_secs(30)));
+        assert_eq!(c.admin, None);
+    }
+
+    #[test]
+    fn the_probe_timeout_follows_the_connection_timeout_unless_given() {
+        let c = Config::from_args(&args(&["--connection-timeout", "1.5"])).unwrap();
+        assert_eq!(c.health.timeout, Duration::from_millis(1500));
+        let c = Config::from_args(&args(&["--connection-timeout", "1.5", "--health-check-timeout", "0.2"]))
+            .unwrap();
+        assert_eq!(c.health.timeout, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn health_and_stats_flags_are_validated_into_the_config() {
+        let c = Config::from_args(&args(&[
+            "--health-check-period",
+            "0.2",
+            "--rise",
+            "1",
+            "--fall",
+            "5",
+            "--health-check-url",
+            "/health?full=1",
+            "--no-health-check",
+            "--stats-period",
+            "0",
+            "--admin",
+            "[::1]:9100",
+        ]))
+        .unwrap();
+        assert_eq!(c.health.period, Duration::from_millis(200));
+        assert_eq!((c.health.rise, c.health.fall), (1, 5));
+        assert_eq!(c.health.url.as_deref(), Some("/health?full=1"));
+        assert!(!c.health.probes);
+        assert_eq!(c.stats_period, None);
+        assert_eq!(c.admin, Some("[::1]:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn admin_accepts_localhost_and_port_zero() {
+        let c = Config::from_args(&args(&["--admin", "localhost:0"])).unwrap();
+        assert_eq!(c.admin, Some("127.0.0.1:0".parse().unwrap()));
     }
 
     #[test]
@@ -341,6 +533,21 @@ mod tests {
             (&["--retries", "99"], "--retries"),
             (&["--drain-timeout", "NaN"], "--drain-timeout"),
             (&["--bind", "not-an-ip"], "--bind"),
+            (&["--health-check-period", "0"], "--health-check-period"),
+            (&["--health-check-period", "-2"], "--health-check-period"),
+            (&["--health-check-timeout", "0"], "--health-check-timeout"),
+            (&["--health-check-timeout", "soon"], "--health-check-timeout"),
+            (&["--rise", "0"], "--rise"),
+            (&["--rise", "1001"], "--rise"),
+            (&["--fall", "0"], "--fall"),
+            (&["--fall", "-1"], "--fall"),
+            (&["--health-check-url", "health"], "--health-check-url"),
+            (&["--health-check-url", "/a b"], "--health-check-url"),
+            (&["--health-check-url", "/a\r\nX: y"], "--health-check-url"),
+            (&["--stats-period", "-1"], "--stats-period"),
+            (&["--admin", "9100"], "--admin"),
+            (&["--admin", "example.com:9100"], "--admin"),
+            (&["--admin", "127.0.0.1:99999"], "--admin"),
         ];
         for (argv, flag) in cases {
             let err = Config::from_args(&args(argv)).expect_err("value must be rejected");

@@ -5,12 +5,17 @@
 //! ([`backend`], [`shared`]) and starts one [`worker`] thread per core. Each
 //! worker relays client/backend pairs ([`session`]) through pooled buffers
 //! ([`pool`]), choosing backends by least connections ([`balancer`]). The
-//! calling thread supervises: it turns [`signals`] into a graceful drain.
+//! calling thread supervises: it turns [`signals`] into a graceful drain and
+//! prints the [`stats`] report. Off the data path, [`health`] probes the
+//! backends and [`admin`] serves [`metrics`] on its own thread.
 
+pub mod admin;
 pub mod backend;
 pub mod balancer;
 pub mod config;
+pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod session;
@@ -45,6 +50,8 @@ pub enum RunError {
     Poll(io::Error),
     Signals(io::Error),
     Spawn(io::Error),
+    Health(io::Error),
+    Admin { addr: std::net::SocketAddr, source: io::Error },
 }
 
 impl fmt::Display for RunError {
@@ -54,6 +61,8 @@ impl fmt::Display for RunError {
             RunError::Poll(e) => write!(f, "cannot create an event loop: {e}"),
             RunError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
             RunError::Spawn(e) => write!(f, "cannot start a worker thread: {e}"),
+            RunError::Health(e) => write!(f, "cannot start health checks: {e}"),
+            RunError::Admin { addr, source } => write!(f, "--admin: cannot listen on {addr}: {source}"),
         }
     }
 }
@@ -117,8 +126,19 @@ pub fn run(config: Config) -> Result<(), RunError> {
         connect_timeout: config.connect_timeout,
         idle_timeout: config.idle_timeout,
         retries: config.retries,
-        fall: 3,
+        fall: config.health.fall,
     };
+    // Bound before the workers start, so a taken --admin port is a start-up
+    // error, and announced before the `listening on` line.
+    if let Some(addr) = config.admin {
+        let admin_listener =
+            admin::bind(addr).map_err(|source| RunError::Admin { addr, source })?;
+        let actual = admin_listener.local_addr().unwrap_or(addr);
+        admin::spawn(admin_listener, Arc::clone(&shared))
+            .map_err(|source| RunError::Admin { addr, source })?;
+        info!("admin endpoint on http://{actual} (/metrics, /stats, /health)");
+    }
+    health::spawn(Arc::clone(&shared), config.health.clone()).map_err(RunError::Health)?;
     let handles = spawn_workers(&config, &shared, polls, per_worker, &settings)?;
 
     match fd_limit {
@@ -188,6 +208,7 @@ fn supervise(
 ) {
     let mut drain_deadline: Option<Instant> = None;
     let mut last_status = usize::MAX;
+    let mut next_stats = config.stats_period.map(|p| Instant::now() + p);
     loop {
         if let Some(n) = notifier {
             let active = shared.active_clients();
@@ -217,11 +238,19 @@ fn supervise(
                     drain_deadline = Some(Instant::now() + config.drain_timeout);
                 }
             }
-            Ok(Event::Signal(Signal::ReportStats)) => {}
+            Ok(Event::Signal(Signal::ReportStats)) => stats::print_report(shared),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 thread::sleep(SUPERVISOR_TICK);
             }
+        }
+        if let (Some(due), Some(period)) = (next_stats, config.stats_period)
+            && Instant::now() >= due
+        {
+            stats::print_report(shared);
+            // Keep the cadence, but never try to catch up on missed reports.
+            let now = Instant::now();
+            next_stats = Some(if due + period > now { due + period } else { now + period });
         }
         if let Some(deadline) = drain_deadline
             && Instant::now() >= deadline

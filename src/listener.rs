@@ -62,6 +62,9 @@ fn socket_for(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ListenError>
     if reuse_port {
         sock.set_reuse_port(true).map_err(|e| classify_bind(addr, "SO_REUSEPORT", e))?;
     }
+    // Accepted sockets inherit TCP_NODELAY: one setsockopt here instead of
+    // one per client.
+    sock.set_tcp_nodelay(true).map_err(|e| classify_bind(addr, "TCP_NODELAY", e))?;
     Ok(sock)
 }
 
@@ -102,6 +105,9 @@ pub fn from_inherited(
         for l in &base {
             let dup = l.try_clone().map_err(|source| ListenError::Inherited { source })?;
             dup.set_nonblocking(true).map_err(|source| ListenError::Inherited { source })?;
+            SockRef::from(&dup)
+                .set_tcp_nodelay(true)
+                .map_err(|source| ListenError::Inherited { source })?;
             mine.push(dup);
         }
         per_worker.push(mine);
@@ -144,6 +150,15 @@ mod tests {
         let ports: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap().port()).collect();
         assert_ne!(ports[0], 0);
         assert!(ports.iter().all(|p| *p == ports[0]));
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_tcp_nodelay() {
+        let ls = bind("127.0.0.1:0".parse().unwrap(), 1).expect("bind");
+        ls[0].set_nonblocking(false).unwrap();
+        let _c = std::net::TcpStream::connect(ls[0].local_addr().unwrap()).unwrap();
+        let (accepted, _) = ls[0].accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub fn classify(e: &io::Error) -> IoClass {
         WouldBlock => IoClass::WouldBlock,
         Interrupted => IoClass::Interrupted,
         ConnectionReset | ConnectionAborted | ConnectionRefused | BrokenPipe | NotConnected
-        | UnexpectedEof | TimedOut | HostUnreachable | NetworkUnreachable => IoClass::Closed,
+        | UnexpectedEof | WriteZero | TimedOut | HostUnreachable | NetworkUnreachable => IoClass::Closed,
         _ => IoClass::Error,
     }
 }

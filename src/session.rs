@@ -127,7 +127,9 @@ impl<'p> Direction<'p> {
     /// Moves bytes from `src` to `dst` until nothing more can move now.
     /// Reads only into an empty buffer, so a full buffer stops reading from
     /// the source (backpressure) and a buffer never grows.
-    fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pool: &'p BufferPool) -> io::Result<Pumped> {
+    /// `closing_next` says the other direction is done, so the pair closes
+    /// once this one is: the close itself then sends the FIN.
+    fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pool: &'p BufferPool, closing_next: bool) -> io::Result<Pumped> {
         for _ in 0..MAX_CHUNKS_PER_PUMP {
             if self.pending() > 0 {
                 if !dst.writable {
@@ -198,11 +200,13 @@ impl<'p> Direction<'p> {
             }
         }
         if self.flow == Flow::Draining && self.pending() == 0 {
-            match dst.stream.shutdown(Shutdown::Write) {
-                Ok(()) => {}
-                // The destination already went away; nothing left to tell it.
-                Err(e) if classify(&e) == IoClass::Closed => {}
-                Err(e) => return Err(e),
+            if !closing_next {
+                match dst.stream.shutdown(Shutdown::Write) {
+                    Ok(()) => {}
+                    // The destination already went away; nothing left to tell it.
+                    Err(e) if classify(&e) == IoClass::Closed => {}
+                    Err(e) => return Err(e),
+                }
             }
             self.flow = Flow::Done;
             return Ok(Pumped::Idle);
@@ -249,9 +253,14 @@ impl Tried {
 /// One client and the backend it was given.
 #[derive(Debug)]
 pub struct Session<'a> {
+    // Fields drop in order. The lease goes first so that by the time the
+    // backend sees its socket close, no worker counts the connection any
+    // more; the slot goes last so the cap is only freed once both sockets
+    // are closed, and a client let in at the cap never finds its backend
+    // still holding the previous connection.
+    lease: Lease<'a>,
     client: Peer,
     backend: Peer,
-    lease: Lease<'a>,
     stage: Stage,
     up: Direction<'a>,
     down: Direction<'a>,
@@ -271,9 +280,9 @@ impl<'a> Session<'a> {
         connect_timeout: Duration,
     ) -> Session<'a> {
         Session {
+            lease,
             client: Peer::new(client),
             backend: Peer::new(backend),
-            lease,
             stage: Stage::Connecting { started: now, deadline: now + connect_timeout },
             up: Direction::new(),
             down: Direction::new(),
@@ -359,11 +368,11 @@ impl<'a> Session<'a> {
     }
 
     fn relay(&mut self, pool: &'a BufferPool) -> Outcome {
-        let up = match self.up.pump(&mut self.client, &mut self.backend, pool) {
+        let up = match self.up.pump(&mut self.client, &mut self.backend, pool, self.down.flow == Flow::Done) {
             Ok(p) => p,
             Err(e) => return self.abort(Side::Client, &e),
         };
-        let down = match self.down.pump(&mut self.backend, &mut self.client, pool) {
+        let down = match self.down.pump(&mut self.backend, &mut self.client, pool, self.up.flow == Flow::Done) {
             Ok(p) => p,
             Err(e) => return self.abort(Side::Backend, &e),
         };

@@ -1,9 +1,16 @@
 //! Counters and distributions that outlive a single connection: the global
 //! counters shared by all workers and the fixed-bucket, allocation-free
-//! histogram used for backend connect times.
+//! histogram used for backend connect times. Also the point-in-time
+//! [`Snapshot`] every report is made from, and the operators' stats report
+//! printed on stdout every `--stats-period` and on SIGUSR1.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::shared::Shared;
 
 /// Number of log2 buckets over microseconds: bucket i holds samples in
 /// [2^i, 2^(i+1)) µs, bucket 0 also holds 0 µs; the last is open-ended.
@@ -106,8 +113,129 @@ pub struct Counters {
     pub idle_closed: AtomicU64,
 }
 
+/// One backend's numbers at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSnapshot {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub up: bool,
+    pub active: usize,
+    /// Connections established.
+    pub total: u64,
+    /// Connect attempts that failed.
+    pub failed: u64,
+    /// Bytes relayed from clients to the backend.
+    pub bytes_in: u64,
+    /// Bytes relayed from the backend to clients.
+    pub bytes_out: u64,
+    pub checks_ok: u64,
+    pub checks_failed: u64,
+    pub connect_time: HistogramSnapshot,
+}
+
+/// Everything a report shows, read once so one report is self-consistent
+/// enough; byte counts trail live connections by up to a second, since
+/// workers publish them in batches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub version: &'static str,
+    pub draining: bool,
+    pub active: usize,
+    pub max_connections: usize,
+    pub accepted: u64,
+    /// Times a worker stopped accepting at `--max-connections`.
+    pub cap_pauses: u64,
+    pub no_backend: u64,
+    pub connect_gave_up: u64,
+    pub pool_exhausted: u64,
+    pub accept_errors: u64,
+    pub idle_closed: u64,
+    pub backends: Vec<BackendSnapshot>,
+}
+
+impl Snapshot {
+    pub fn capture(shared: &Shared) -> Snapshot {
+        let c = &shared.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Snapshot {
+            version: env!("CARGO_PKG_VERSION"),
+            draining: shared.is_draining(),
+            active: shared.active_clients(),
+            max_connections: shared.max_connections(),
+            accepted: load(&c.accepted),
+            cap_pauses: load(&c.cap_reached),
+            no_backend: load(&c.no_backend),
+            connect_gave_up: load(&c.connect_gave_up),
+            pool_exhausted: load(&c.pool_exhausted),
+            accept_errors: load(&c.accept_errors),
+            idle_closed: load(&c.idle_closed),
+            backends: shared
+                .backends
+                .iter()
+                .map(|b| BackendSnapshot {
+                    name: b.name.clone(),
+                    addr: b.addr,
+                    weight: b.weight,
+                    up: b.is_healthy(),
+                    active: b.active.load(Ordering::Relaxed),
+                    total: load(&b.total),
+                    failed: load(&b.failed),
+                    bytes_in: load(&b.bytes_in),
+                    bytes_out: load(&b.bytes_out),
+                    checks_ok: load(&b.checks_ok),
+                    checks_failed: load(&b.checks_failed),
+                    connect_time: b.connect_time.snapshot(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The operators' stats report: the historical five-field lines, with
+/// bytes and connect-time percentiles appended after `Failed=`.
+pub fn render_report(s: &Snapshot) -> String {
+    let mut out = String::with_capacity(128 + 192 * s.backends.len());
+    out.push_str("=== Load Balancer Stats ===\n");
+    let _ = writeln!(out, "Total Active Connections: {}", s.active);
+    for (i, b) in s.backends.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "Backend[{i}] {}: Status={}, Active={}, Total={}, Failed={}, BytesIn={}, BytesOut={}, ConnectP50={}, ConnectP99={}",
+            b.name,
+            if b.up { "HEALTHY" } else { "UNHEALTHY" },
+            b.active,
+            b.total,
+            b.failed,
+            b.bytes_in,
+            b.bytes_out,
+            millis(b.connect_time.quantile(0.50)),
+            millis(b.connect_time.quantile(0.99)),
+        );
+    }
+    out.push_str("============================\n");
+    out
+}
+
+/// `0.128ms`, or `n/a` before the first sample.
+fn millis(d: Option<Duration>) -> String {
+    match d {
+        Some(d) => format!("{:.3}ms", d.as_secs_f64() * 1000.0),
+        None => "n/a".to_string(),
+    }
+}
+
+/// Prints the report on stdout in one write and flushes it, so a reader of
+/// a pipe sees it at once. A closed stdout is not lb's problem: ignored.
+pub fn print_report(shared: &Shared) {
+    let text = render_report(&Snapshot::capture(shared));
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -138,5 +266,87 @@ mod tests {
     #[test]
     fn an_empty_histogram_has_no_quantiles() {
         assert_eq!(Histogram::new().snapshot().quantile(0.5), None);
+    }
+
+    fn backend(name: &str, up: bool) -> BackendSnapshot {
+        BackendSnapshot {
+            name: name.into(),
+            addr: name.parse().unwrap(),
+            weight: 1,
+            up,
+            active: 0,
+            total: 0,
+            failed: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            checks_ok: 0,
+            checks_failed: 0,
+            connect_time: Histogram::new().snapshot(),
+        }
+    }
+
+    pub(crate) fn sample_snapshot() -> Snapshot {
+        let h = Histogram::new();
+        for _ in 0..99 {
+            h.record(Duration::from_micros(100));
+        }
+        h.record(Duration::from_millis(10));
+        let mut a = backend("127.0.0.1:8080", true);
+        a.active = 22;
+        a.total = 1205;
+        a.failed = 3;
+        a.bytes_in = 1000;
+        a.bytes_out = 20000;
+        a.checks_ok = 7;
+        a.checks_failed = 1;
+        a.connect_time = h.snapshot();
+        let mut b = backend("127.0.0.1:8081", false);
+        b.total = 892;
+        b.failed = 15;
+        Snapshot {
+            version: "0.1.0",
+            draining: false,
+            active: 45,
+            max_connections: 1000,
+            accepted: 2112,
+            cap_pauses: 4,
+            no_backend: 2,
+            connect_gave_up: 1,
+            pool_exhausted: 0,
+            accept_errors: 0,
+            idle_closed: 5,
+            backends: vec![a, b],
+        }
+    }
+
+    #[test]
+    fn the_report_keeps_the_operators_shape_with_a_tail_after_failed() {
+        let text = render_report(&sample_snapshot());
+        let expected = "=== Load Balancer Stats ===\n\
+Total Active Connections: 45\n\
+Backend[0] 127.0.0.1:8080: Status=HEALTHY, Active=22, Total=1205, Failed=3, BytesIn=1000, BytesOut=20000, ConnectP50=0.128ms, ConnectP99=0.128ms\n\
+Backend[1] 127.0.0.1:8081: Status=UNHEALTHY, Active=0, Total=892, Failed=15, BytesIn=0, BytesOut=0, ConnectP50=n/a, ConnectP99=n/a\n\
+============================\n";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_snapshot_reads_the_shared_table() {
+        use crate::backend::Backend;
+        use crate::config::BackendSpec;
+        let spec = BackendSpec { name: "b:1".into(), addr: "127.0.0.1:1".parse().unwrap(), weight: 2 };
+        let poll = mio::Poll::new().expect("poll");
+        let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
+        let shared = Shared::new(vec![Backend::new(&spec)], 10, vec![waker]);
+        shared.counters.accepted.fetch_add(3, Ordering::Relaxed);
+        shared.backends[0].connect_succeeded(Duration::from_micros(50));
+        shared.backends[0].checks_failed.fetch_add(2, Ordering::Relaxed);
+        let _slot = shared.try_acquire_client();
+        let s = Snapshot::capture(&shared);
+        assert_eq!((s.active, s.accepted, s.max_connections), (1, 3, 10));
+        let b = &s.backends[0];
+        assert_eq!((b.name.as_str(), b.weight, b.up, b.total), ("b:1", 2, true, 1));
+        assert_eq!((b.checks_ok, b.checks_failed), (0, 2));
+        assert_eq!(b.connect_time.count(), 1);
     }
 }

@@ -306,9 +306,6 @@ impl<'a> Worker<'a> {
     }
 
     fn start_session(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, now: Instant) {
-        if let Err(e) = client.set_nodelay(true) {
-            debug!("TCP_NODELAY on client socket: {e}");
-        }
         if !balancer::any_healthy(&self.shared.backends) {
             self.shared.counters.no_backend.fetch_add(1, Ordering::Relaxed);
             debug!("no backend is up; closing the client");
@@ -374,11 +371,10 @@ impl<'a> Worker<'a> {
     fn count_connect_failure(&self, backend: &Backend, e: &io::Error) {
         debug!("connect to {} failed: {e}", backend.name);
         if backend.connect_failed(self.settings.fall) {
-            warn!(
-                "backend {} is DOWN: {} consecutive connect failures ({})",
-                backend.name,
-                self.settings.fall,
-                crate::net::describe(e)
+            crate::health::log_down(
+                backend,
+                &crate::net::describe(e),
+                &crate::health::plural(self.settings.fall, "failed client connect"),
             );
         }
     }

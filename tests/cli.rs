@@ -32,6 +32,14 @@ fn every_bad_value_is_one_line_naming_its_flag() {
         (&["--retries", "x"], "--retries"),
         (&["--drain-timeout", "inf"], "--drain-timeout"),
         (&["--bind", "999.0.0.1"], "--bind"),
+        (&["--health-check-period", "0"], "--health-check-period"),
+        (&["--health-check-timeout", "-1"], "--health-check-timeout"),
+        (&["--rise", "0"], "--rise"),
+        (&["--fall", "many"], "--fall"),
+        (&["--health-check-url", "health"], "--health-check-url"),
+        (&["--health-check-url", "/a\r\nHost: evil"], "--health-check-url"),
+        (&["--stats-period", "-5"], "--stats-period"),
+        (&["--admin", "9100"], "--admin"),
         (&["--frobnicate"], "--frobnicate"),
     ];
     for (args, flag) in cases {

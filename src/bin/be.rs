@@ -21,7 +21,6 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
-use socket2::{Domain, Protocol, Socket, Type};
 
 /// A request head larger than this is refused with 400: it bounds how much a
 /// single connection can make us buffer.
@@ -38,7 +37,6 @@ const OUT_KEEP: usize = 64 * 1024;
 /// memory. Edge-triggered readiness would not fire again for connections
 /// already queued, and retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-const LISTEN_BACKLOG: i32 = 1024;
 const EVENTS_CAPACITY: usize = 1024;
 const LISTENER: Token = Token(0);
 
@@ -122,8 +120,14 @@ fn run(cli: Cli) -> Result<(), String> {
         None => thread::available_parallelism().map_or(1, |n| n.get()),
     };
 
-    let (addr, listeners) = bind_listeners(SocketAddr::new(ip, cli.port), workers)
-        .map_err(|e| format!("cannot listen on {}: {e}", SocketAddr::new(ip, cli.port)))?;
+    // lb's own listener set-up: SO_REUSEPORT per worker, and "address in
+    // use" reported instead of silently sharing a port with another process.
+    let listeners = lb::listener::bind(SocketAddr::new(ip, cli.port), workers).map_err(|e| e.to_string())?;
+    let addr = listeners
+        .first()
+        .and_then(lb::listener::local_addr)
+        .ok_or_else(|| "cannot read the bound address".to_string())?;
+    let listeners: Vec<TcpListener> = listeners.into_iter().map(TcpListener::from_std).collect();
 
     let name = cli
         .content
@@ -161,39 +165,6 @@ fn run(cli: Cli) -> Result<(), String> {
         Ok(err) => Err(format!("event loop failed: {err}")),
         Err(_) => Err("all workers stopped".to_string()),
     }
-}
-
-/// Returns the real bound address (port 0 resolved) and one listener per
-/// worker, all sharing the port through `SO_REUSEPORT`.
-fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<(SocketAddr, Vec<TcpListener>)> {
-    // SO_REUSEPORT would let us silently join another same-user process's
-    // port (e.g. a stale `be`), splitting its traffic. A plain socket first
-    // turns that into the usual "address in use" error.
-    let probe = new_socket(addr)?;
-    probe.bind(&addr.into())?;
-    let addr = probe
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| io::Error::other("bound address is not an IP address"))?;
-    drop(probe);
-
-    let mut listeners = Vec::with_capacity(count);
-    for _ in 0..count {
-        let socket = new_socket(addr)?;
-        socket.set_reuse_port(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(LISTEN_BACKLOG)?;
-        socket.set_nonblocking(true)?;
-        listeners.push(TcpListener::from_std(socket.into()));
-    }
-    Ok((addr, listeners))
-}
-
-fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // Restarting right after a run must not fail on TIME_WAIT leftovers.
-    socket.set_reuse_address(true)?;
-    Ok(socket)
 }
 
 /// One complete HTTP response; `head_len` lets HEAD requests get the head only.
@@ -556,11 +527,8 @@ impl Conn {
 
 /// Peers vanishing is normal for a benchmark backend; anything else is worth a warning.
 fn log_io_error(op: &str, e: &io::Error) {
-    use io::ErrorKind::*;
-    match e.kind() {
-        ConnectionReset | ConnectionAborted | BrokenPipe | WriteZero => {
-            debug!("{op}: peer went away: {e}")
-        }
+    match lb::net::classify(e) {
+        lb::net::IoClass::Closed => debug!("{op}: peer went away: {e}"),
         _ => warn!("{op}: {e}"),
     }
 }

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod admin;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -152,8 +154,10 @@ pub fn lb_env(backends: &[SocketAddr], extra: &[&str], envs: &[(&str, &str)]) ->
         .iter()
         .map(|s| s.to_string())
         .collect();
-    args.push("-b".into());
-    args.extend(backends.iter().map(|b| b.to_string()));
+    if !backends.is_empty() {
+        args.push("-b".into());
+        args.extend(backends.iter().map(|b| b.to_string()));
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     spawn_listening(lb_bin(), &args, envs)
 }
@@ -256,6 +260,33 @@ impl Gauge {
     }
 }
 
+/// One accepted connection of an in-process backend. It is counted out of
+/// the gauge before its socket closes (Drop runs before the fields drop),
+/// so the gauge never lags behind what lb can observe.
+pub struct Conn {
+    pub stream: TcpStream,
+    gauge: Arc<Gauge>,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.gauge.leave();
+    }
+}
+
 /// An in-process backend: a thread per connection runs `handler`.
 pub struct Backend {
     pub addr: SocketAddr,
@@ -264,7 +295,7 @@ pub struct Backend {
 
 pub fn backend<F>(handler: F) -> Backend
 where
-    F: Fn(TcpStream) + Send + Sync + 'static,
+    F: Fn(Conn) + Send + Sync + 'static,
 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind backend");
     let addr = l.local_addr().expect("addr");
@@ -278,18 +309,13 @@ where
             let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
             g.enter();
             let (h, g) = (Arc::clone(&handler), Arc::clone(&g));
-            thread::spawn(move || {
-                h(s);
-                // Counted out before the socket closes, so lb's view never
-                // runs ahead of ours.
-                g.leave();
-            });
+            thread::spawn(move || h(Conn { stream: s, gauge: g }));
         }
     });
     Backend { addr, gauge }
 }
 
-/// Echoes until EOF, then closes its write side.
+/// Echoes until EOF, then closes.
 pub fn echo_backend() -> Backend {
     backend(|mut s| {
         let mut buf = vec![0u8; 64 * 1024];
@@ -303,7 +329,6 @@ pub fn echo_backend() -> Backend {
                 }
             }
         }
-        let _ = s.shutdown(Shutdown::Write);
     })
 }
 

@@ -1,0 +1,111 @@
+//! Backend handling seen from a client: connect timeouts and retries,
+//! weights, names, IPv6 and idle timeouts.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use socket2::{Domain, Socket, Type};
+
+/// A listener that never accepts and whose queue is already full: SYNs to
+/// it are dropped, so a connect hangs until the connector gives up.
+fn blackhole() -> (Socket, Vec<TcpStream>, SocketAddr) {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    // Fill the accept queue; later SYNs are dropped.
+    for _ in 0..4 {
+        if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            fillers.push(c);
+        }
+    }
+    (s, fillers, addr)
+}
+
+#[test]
+fn a_connect_that_hangs_times_out_and_the_client_is_served_elsewhere() {
+    let (_hole, _fillers, hole_addr) = blackhole();
+    let echo = echo_backend();
+    let lb = lb(&[hole_addr, echo.addr], &["--connection-timeout", "0.3", "--retries", "1"]);
+    for i in 0..6u64 {
+        let data = random_bytes(100, i + 5);
+        assert_eq!(echo_roundtrip(lb.addr, &data), data, "client {i}");
+    }
+}
+
+#[test]
+fn with_no_retries_a_hanging_backend_closes_the_client_after_the_timeout() {
+    let (_hole, _fillers, hole_addr) = blackhole();
+    let lb = lb(&[hole_addr], &["--connection-timeout", "0.2", "--retries", "0"]);
+    let mut c = connect(lb.addr);
+    let mut buf = [0u8; 8];
+    // Closed (EOF or reset), not left hanging until our read timeout.
+    match c.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) => assert!(
+            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            "client was left hanging"
+        ),
+        Ok(n) => panic!("client got {n} bytes from nowhere"),
+    }
+}
+
+#[test]
+fn weights_scale_each_backends_share_of_held_connections() {
+    let a = tagged_backend("A");
+    let b = tagged_backend("B");
+    // A health probe in flight would be one more connection on a backend.
+    let lb = lb(&[], &["--no-health-check", "-b", &format!("{}@1", a.addr), &format!("{}@3", b.addr)]);
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect(lb.addr);
+        let _ = read_n(&mut s, 1);
+        held.push(s);
+    }
+    assert_eq!(a.gauge.active.load(Ordering::SeqCst), 2, "A (weight 1) holds a quarter");
+    assert_eq!(b.gauge.active.load(Ordering::SeqCst), 6, "B (weight 3) holds three quarters");
+}
+
+#[test]
+fn backend_host_names_resolve_at_start_up() {
+    let echo = echo_backend();
+    let lb = lb(&[], &["-b", &format!("localhost:{}", echo.addr.port())]);
+    assert_eq!(echo_roundtrip(lb.addr, b"named"), b"named");
+}
+
+#[test]
+fn listens_on_ipv6_loopback() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback on this machine; nothing to test");
+        return;
+    }
+    let echo = echo_backend();
+    let args: Vec<String> = ["-p", "0", "--bind", "::1", "--workers", "1", "-b"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([echo.addr.to_string()])
+        .collect();
+    let lb = spawn_listening(lb_bin(), &args, &[]);
+    assert!(lb.addr.is_ipv6(), "bound {}", lb.addr);
+    assert_eq!(echo_roundtrip(lb.addr, b"six"), b"six");
+}
+
+#[test]
+fn an_idle_pair_is_closed_after_the_idle_timeout() {
+    let echo = echo_backend();
+    let lb = lb(&[echo.addr], &["--idle-timeout", "0.5"]);
+    let mut c = connect(lb.addr);
+    c.write_all(b"hi").unwrap();
+    assert_eq!(read_n(&mut c, 2), b"hi");
+    let mut rest = Vec::new();
+    // Ends by itself well before the 10 s read timeout.
+    c.read_to_end(&mut rest).expect("lb closes the idle pair");
+    assert!(rest.is_empty());
+    assert!(wait_until(WAIT, || echo.gauge.active.load(Ordering::SeqCst) == 0));
+}

@@ -5,15 +5,18 @@
 # "Server B\n") and one iperf3 server are started once; then each row (a
 # proxy configuration, or "direct" = no proxy) is started on its own, measured
 # and stopped again, round-robin over the rows (A B C A B C) so that drift hits
-# every row alike. Per row and round it measures:
+# every row alike. The rows: direct; lb (its defaults) and, when the binary has
+# --splice, lb with --splice never/auto/always; HAProxy (mode tcp, leastconn)
+# without splice, with splice-auto and with forced splice; nginx stream
+# (least_conn). Per row and round it measures:
 #   ka    HTTP keep-alive req/s, latency p50/p99      (wrk -t2 -c64 --latency)
 #   cc    one TCP connection per request, req/s      (wrk -H 'Connection: close')
 #   fwd   bulk Gbit/s client->server                 (iperf3 -J)
 #   rev   bulk Gbit/s server->client                 (iperf3 -J -R)
 #   hold  proxy RSS idle and holding 5,000 idle client connections
 #   cpu   proxy user+system CPU per request / per GB (/proc/PID/stat)
-# and writes bench-results/results.md (medians + ratios), bench-results/chart.png
-# and bench-results/raw-<timestamp>.tsv (every sample).
+# and writes bench-results/results.md (medians, ratios, the issue-5 targets),
+# bench-results/chart.png and bench-results/raw-<timestamp>.tsv (every sample).
 #
 # Run scripts/bench.sh --help for the options.
 set -euo pipefail
@@ -26,7 +29,9 @@ OUT_DIR=$REPO_ROOT/bench-results
 # ---------------------------------------------------------------------------
 # Row table: name | kind | extra configuration.
 #   kind direct:  no proxy, load goes straight to the backend (extra unused)
-#   kind lb:      extra = additional lb command-line arguments
+#   kind lb:      extra = additional lb command-line arguments; a row whose
+#                 flags the lb binary does not list in --help is left out of
+#                 the default set (and is an error when asked for by --rows)
 #   kind haproxy: extra = directives for the listen section, ';'-separated
 #   kind nginx:   extra = directives for the stream server block, ';'-separated
 # Add a row with one line, e.g. "lb-splice|lb|--splice always".
@@ -34,6 +39,9 @@ OUT_DIR=$REPO_ROOT/bench-results
 ROW_TABLE=(
     "direct|direct|"
     "lb|lb|"
+    "lb-splice-never|lb|--splice never"
+    "lb-splice-auto|lb|--splice auto"
+    "lb-splice-always|lb|--splice always"
     "haproxy-nosplice|haproxy|"
     "haproxy-splice-auto|haproxy|option splice-auto"
     "haproxy-splice-forced|haproxy|option splice-request;option splice-response"
@@ -51,9 +59,17 @@ WRK_THREADS=2
 WRK_CONNS=64
 HOLD_CONNS=5000
 
+# Time budget: when --duration is not given, the wrk/iperf3 durations are
+# shortened (from DURATION_MAX) until the estimated run fits the budget.
+BUDGET_FULL=660           # seconds (the full run must end within 12 minutes)
+BUDGET_QUICK=165          # seconds (--quick must end within 3 minutes)
+FIXED_OVERHEAD=10         # seconds: busy check, backends, warm-up, report
+ROW_OVERHEAD=5            # seconds per row and round: starts, stops, holding connections
+
 # Defaults, changed by options.
 ROUNDS=3
-DURATION=7                # seconds per wrk measurement
+DURATION_MAX=7            # seconds per wrk measurement
+DURATION=""               # chosen by fit_durations unless --duration is given
 BULK_DURATION=""          # seconds per iperf3 direction; default max(2, DURATION/2)
 ROWS_ARG=""
 LB_BIN=$REPO_ROOT/target/release/lb
@@ -70,16 +86,20 @@ Side-by-side benchmark of lb, HAProxy (3 splice variants) and nginx stream on
 libnginx-mod-stream, wrk, iperf3, gnuplot-nox, python3).
 
 options:
-  --quick          1 round, 3 s per wrk run, 2 s per iperf3 direction (< 3 min)
+  --quick          1 round, wrk runs of at most 3 s (fits in 3 min)
   --rounds N       rounds over all rows, medians reported (default 3)
-  --duration S     seconds per wrk measurement (default 7; iperf3 gets max(2, S/2))
-  --rows a,b,c     subset of rows, in that order (default: all)
+  --duration S     seconds per wrk measurement; iperf3 gets max(2, S/2) per
+                   direction (default: 7, shortened when needed so that the
+                   run ends within 12 min, or 3 min with --quick)
+  --rows a,b,c     subset of rows, in that order (default: all rows whose
+                   lb flags the lb binary supports)
   --lb PATH        lb binary (default target/release/lb, built with
                    'cargo build --release' if missing)
   --keep-tmp       keep the temp dir with configs and logs
   -h, --help       this help
 
 rows: $(row_names | tr '\n' ' ')
+  (lb-splice-* need an lb with --splice; without it they are skipped)
 
 Outputs: bench-results/results.md, bench-results/chart.png,
          bench-results/raw-<timestamp>.tsv (every sample; not committed)
@@ -110,9 +130,8 @@ parse_args() {
     done
     if ((QUICK)); then
         ROUNDS=1
-        DURATION=3
+        DURATION_MAX=3
     fi
-    BULK_DURATION=$((DURATION / 2 < 2 ? 2 : DURATION / 2))
 
     declare -gA ROW_KIND=() ROW_EXTRA=()
     local r name rest
@@ -178,7 +197,58 @@ ensure_lb() {
         [[ -x $LB_BIN ]] || die "cargo build --release did not produce $LB_BIN"
     fi
     LB_BIN=$(cd "$(dirname "$LB_BIN")" && pwd)/$(basename "$LB_BIN")
+    LB_HELP=$("$LB_BIN" --help 2>&1 || true)
     lb_optional_args
+    drop_unsupported_lb_rows
+}
+
+# lb_has_flag FLAG: whether lb --help lists FLAG (as a whole word).
+lb_has_flag() { grep -qE -- "(^|[[:space:],])$1([[:space:]=,]|$)" <<<"$LB_HELP"; }
+
+# drop_unsupported_lb_rows: lb rows use flags that newer lb builds add (e.g.
+# --splice). Rows whose flags this binary lacks leave the default set with a
+# note; asking for one with --rows is an error.
+drop_unsupported_lb_rows() {
+    local r w words kept=() missing
+    for r in "${ROWS[@]}"; do
+        missing=""
+        if [[ ${ROW_KIND[$r]} == lb ]]; then
+            read -r -a words <<<"${ROW_EXTRA[$r]}"
+            for w in "${words[@]}"; do
+                [[ $w == --* ]] || continue
+                lb_has_flag "$w" || missing+=" $w"
+            done
+        fi
+        if [[ -z $missing ]]; then
+            kept+=("$r")
+        elif [[ -n $ROWS_ARG ]]; then
+            die "row $r needs lb$missing, which $LB_BIN does not support (see its --help)"
+        else
+            log "note: skipping row $r: $LB_BIN has no$missing"
+        fi
+    done
+    ROWS=("${kept[@]}")
+}
+
+# fit_durations: unless --duration was given, the longest wrk duration up to
+# DURATION_MAX whose estimated total stays within the budget.
+estimate_seconds() {
+    local d=$1 b=$(($1 / 2 < 2 ? 2 : $1 / 2))
+    echo $((FIXED_OVERHEAD + ROUNDS * ${#ROWS[@]} * (2 * d + 2 * b + ROW_OVERHEAD)))
+}
+
+fit_durations() {
+    local budget=$BUDGET_FULL
+    ((QUICK)) && budget=$BUDGET_QUICK
+    if [[ -z $DURATION ]]; then
+        DURATION=$DURATION_MAX
+        while ((DURATION > 2)) && (($(estimate_seconds "$DURATION") > budget)); do
+            DURATION=$((DURATION - 1))
+        done
+    fi
+    BULK_DURATION=$((DURATION / 2 < 2 ? 2 : DURATION / 2))
+    ESTIMATE=$(estimate_seconds "$DURATION")
+    ((ESTIMATE <= budget)) || log "warning: estimated $((ESTIMATE / 60)) min $((ESTIMATE % 60)) s, over the $((budget / 60)) min budget"
 }
 
 raise_nofile() {
@@ -251,6 +321,20 @@ spawn() {
     LIVE[$SPAWNED_PID]=$name
 }
 
+# run_client OUT ERR CMD... : run a load generator to completion, output to
+# OUT, errors to ERR. It runs in the background and is waited for so that an
+# interrupt reaches the traps at once and cleanup stops it by PID.
+run_client() {
+    local out=$1 err=$2 pid rc=0
+    shift 2
+    "$@" >"$out" 2>"$err" &
+    pid=$!
+    LIVE[$pid]=client
+    wait "$pid" || rc=$?
+    unset "LIVE[$pid]"
+    return "$rc"
+}
+
 # kill_tree PID: SIGTERM the process, SIGKILL it and its descendants if still there after 5 s.
 kill_tree() {
     local pid=$1 pids i p left
@@ -316,12 +400,16 @@ nginx_user_line() { ((EUID == 0)) && echo "user $(id -un) $(id -gn);" || true; }
 
 nginx_stream_load_line() { nginx_stream_builtin || echo "load_module $NGINX_STREAM_MODULE;"; }
 
+# Each backend gets as many workers as there are cores (reuseport spreads
+# connections over them): the direct row sends all its load to one backend,
+# and with a single worker it would measure that worker, not the path without
+# a proxy (on 2 cores: ~40k instead of ~90k keep-alive req/s).
 start_backend_http() {
     local name=$1 port=$2 body=$3 dir=$TMP/$1
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<EOF
 $(nginx_user_line)
-worker_processes 1;
+worker_processes $WORKERS;
 worker_rlimit_nofile $NOFILE;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
@@ -337,7 +425,7 @@ http {
     keepalive_timeout 600s;
     client_header_timeout 600s;
     server {
-        listen 127.0.0.1:$port backlog=$BACKLOG;
+        listen 127.0.0.1:$port backlog=$BACKLOG reuseport;
         location / {
             default_type text/plain;
             return 200 "$body\n";
@@ -368,15 +456,13 @@ start_backends() {
 # lb_optional_args: "--no-health-check --stats-period 0", minus whichever of
 # these flags the lb binary does not know yet (older builds lack them).
 lb_optional_args() {
-    local help
-    help=$("$LB_BIN" --help 2>&1 || true)
     LB_OPTIONAL_ARGS=()
-    if grep -q -- '--no-health-check' <<<"$help"; then
+    if lb_has_flag --no-health-check; then
         LB_OPTIONAL_ARGS+=(--no-health-check)
     else
         log "note: $LB_BIN has no --no-health-check yet; running it without"
     fi
-    if grep -q -- '--stats-period' <<<"$help"; then
+    if lb_has_flag --stats-period; then
         LB_OPTIONAL_ARGS+=(--stats-period 0)
     else
         log "note: $LB_BIN has no --stats-period yet; running it without"
@@ -515,9 +601,9 @@ measure_wrk() {
     [[ $label == cc ]] && hdr=(-H 'Connection: close')
     cpu_ticks
     c0=$CPU
-    timeout $((DURATION + 30)) wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" --latency "${hdr[@]}" \
-        "http://127.0.0.1:$TARGET_PORT/" >"$out" 2>&1 || die "wrk failed for $ROW ($label):
-$(cat "$out")"
+    run_client "$out" "$out.err" timeout $((DURATION + 30)) wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" \
+        --latency "${hdr[@]}" "http://127.0.0.1:$TARGET_PORT/" || die "wrk failed for $ROW ($label):
+$(cat "$out" "$out.err")"
     cpu_ticks
     c1=$CPU
     read -r rps reqs p50 p99 errs < <("${PY[@]}" "$HELPERS/parse.py" wrk "$out") \
@@ -537,8 +623,8 @@ measure_bulk() {
     [[ $label == rev ]] && rev=(-R)
     cpu_ticks
     c0=$CPU
-    timeout $((BULK_DURATION + 30)) iperf3 -c 127.0.0.1 -p "$TARGET_PORT" -t "$BULK_DURATION" -J "${rev[@]}" \
-        >"$out" 2>"$out.err" || die "iperf3 failed for $ROW ($label):
+    run_client "$out" "$out.err" timeout $((BULK_DURATION + 30)) \
+        iperf3 -c 127.0.0.1 -p "$TARGET_PORT" -t "$BULK_DURATION" -J "${rev[@]}" || die "iperf3 failed for $ROW ($label):
 $(cat "$out.err"; "${PY[@]}" "$HELPERS/parse.py" iperf "$out" 2>&1)"
     cpu_ticks
     c1=$CPU
@@ -626,8 +712,8 @@ busy_percent() {
 # warm_up: a short unmeasured keep-alive run straight at a backend, so that the
 # first row does not pay for cold caches and sleeping CPUs.
 warm_up() {
-    timeout 30 wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d2s "http://127.0.0.1:$PORT_A/" >"$TMP/warm-up.txt" 2>&1 \
-        || die "warm-up wrk against backend A failed: $(cat "$TMP/warm-up.txt")"
+    run_client "$TMP/warm-up.txt" "$TMP/warm-up.err" timeout 30 wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d2s \
+        "http://127.0.0.1:$PORT_A/" || die "warm-up wrk against backend A failed: $(cat "$TMP/warm-up.txt" "$TMP/warm-up.err")"
 }
 
 # ---------------------------------------------------------------------------
@@ -684,6 +770,8 @@ main() {
     # version-manager shim) without site-packages, so each call starts fast.
     PY=("$(python3 -c 'import sys; print(sys.executable)')" -S)
     ensure_lb
+    ((${#ROWS[@]})) || die "no rows left to run"
+    fit_durations
     raise_nofile
     CLK_TCK=$(getconf CLK_TCK)
 
@@ -697,8 +785,7 @@ main() {
     META=$TMP/meta.tsv
     printf 'round\trow\tmetric\tvalue\n' >"$RAW"
 
-    local per_row=$((2 * DURATION + 2 * BULK_DURATION + 8))
-    log "rows: ${ROWS[*]}; $ROUNDS round(s); wrk ${DURATION}s, iperf3 ${BULK_DURATION}s; estimated $((ROUNDS * ${#ROWS[@]} * per_row / 60 + 1)) min"
+    log "rows: ${ROWS[*]}; $ROUNDS round(s); wrk ${DURATION}s, iperf3 ${BULK_DURATION}s; estimated $((ESTIMATE / 60)) min $((ESTIMATE % 60)) s"
     BUSY_BEFORE=$(busy_percent)
     ((BUSY_BEFORE < 20)) || log "warning: the machine is already ${BUSY_BEFORE}% busy before the benchmark; results will be noisy"
     start_backends

@@ -7,8 +7,9 @@ usage: report.py --raw RAW.tsv --meta META.tsv --md OUT.md
 RAW.tsv:  header + lines "round<TAB>row<TAB>metric<TAB>value".
 META.tsv: lines "key<TAB>value" (machine, versions, settings, rows, kinds).
 Reports the median over rounds of every (row, metric), ratios of each lb row
-against the other rows, and writes a gnuplot script drawing req/s, conn/s and
-Gbit/s bars per row (run it with gnuplot to get the PNG).
+against the rows of other kinds, whether lb meets the targets of issue 5, and
+writes a gnuplot script drawing req/s, conn/s and Gbit/s bars per row (run it
+with gnuplot to get the PNG).
 """
 import argparse
 import statistics
@@ -41,6 +42,63 @@ COST = [
 SPREAD = [("ka_rps", "keep-alive req/s"), ("cc_rps", "conn/s"),
           ("fwd_gbps", "bulk fwd"), ("rev_gbps", "bulk rev")]
 RATIO_METRICS = [m for m in THROUGHPUT + COST if m[3]]
+TITLES = {m: t for m, t, _, _ in THROUGHPUT + COST}
+
+# Targets (issue 5): (lb row role, metric, relation, factor, compared with).
+#   role "lb": the row named lb (lb's defaults); "copy": lb-splice-never if
+#   present (the copy path), else lb.
+#   relation ">=": lb >= factor * other; "<=": lb <= factor * other.
+#   compared with: a row kind (every row of that kind), a row name, or a
+#   number (an absolute limit).
+TARGETS = [
+    ("lb", "ka_rps", ">=", 1.2, "haproxy"),
+    ("lb", "ka_rps", ">=", 1.2, "nginx"),
+    ("lb", "ka_cpu_us_per_req", "<=", 0.8, "haproxy"),
+    ("lb", "cc_rps", ">=", 1.15, "haproxy"),
+    ("copy", "fwd_gbps", ">=", 1.1, "haproxy-nosplice"),
+    ("copy", "rev_gbps", ">=", 1.1, "haproxy-nosplice"),
+    ("copy", "fwd_cpu_ms_per_gb", "<=", 1.0, "haproxy-nosplice"),
+    ("copy", "rev_cpu_ms_per_gb", "<=", 1.0, "haproxy-nosplice"),
+    ("lb", "ka_p99_ms", "<=", 1.0, "haproxy"),
+    ("lb", "kib_per_conn", "<=", None, 1.5),
+]
+
+SYMBOL = {">=": "≥", "<=": "≤"}
+
+
+def targets(rows, kinds, med):
+    """Markdown lines judging each target on the medians; [] without an lb row."""
+    lb_rows = [r for r in rows if kinds.get(r) == "lb"]
+    if not lb_rows:
+        return []
+    main = "lb" if "lb" in lb_rows else lb_rows[0]
+    copy = "lb-splice-never" if "lb-splice-never" in lb_rows else main
+    out = ["## Targets (issue 5), judged on the medians above", "",
+           "| target | lb row | lb | other | lb/other | met |", "|---|---|---|---|---|---|"]
+    for role, m, rel, factor, against in TARGETS:
+        row = main if role == "lb" else copy
+        mine = med.get((row, m))
+        if isinstance(against, (int, float)):
+            others = [(None, float(against))]
+        elif against in rows:
+            others = [(against, med.get((against, m)))]
+        else:
+            others = [(r, med.get((r, m))) for r in rows if kinds.get(r) == against]
+        for other, val in others:
+            if mine is None or val is None:
+                continue
+            if other is None:
+                label = f"{TITLES[m]} {SYMBOL[rel]} {val:g}"
+                ok = mine >= val if rel == ">=" else mine <= val
+                cells = [label, f"`{row}`", f"{mine:,.2f}", "—", "—"]
+            else:
+                label = f"{TITLES[m]} {SYMBOL[rel]} {factor:g} × `{other}`"
+                ok = mine >= factor * val if rel == ">=" else mine <= factor * val
+                ratio = f"{mine / val:.2f}" if val else "—"
+                cells = [label, f"`{row}`", f"{mine:,.2f}", f"{val:,.2f}", ratio]
+            out.append("| " + " | ".join(cells + ["yes" if ok else "**no**"]) + " |")
+    out.append("")
+    return out
 
 
 def load_raw(path):
@@ -135,7 +193,7 @@ def main():
 
     lb_rows = [r for r in rows if kinds.get(r) == "lb"]
     for lb in lb_rows:
-        cmp_rows = [r for r in rows if r != lb]
+        cmp_rows = [r for r in rows if kinds.get(r) != "lb"]
         if not cmp_rows:
             continue
         md.append(f"## Ratios `{lb}` / other rows")
@@ -159,6 +217,8 @@ def main():
                 md.append("| " + " | ".join([title, better] + ratios) + " |")
         md.append("")
 
+    md += targets(rows, kinds, med)
+
     md.append("## Setup")
     md.append("")
     for k, v in meta.items():
@@ -178,22 +238,24 @@ def main():
     with open(a.md, "w") as f:
         f.write("\n".join(md))
 
-    # Chart data: row, ka_rps, cc_rps, fwd_gbps, rev_gbps ('?' = missing).
+    # Chart data: row, ka_rps, cc_rps, fwd_gbps, rev_gbps, CPU per request
+    # keep-alive and conn/req ('?' = missing).
     def val(r, m):
         v = med.get((r, m))
         return "?" if v is None else f"{v:.4f}"
 
     with open(a.chart_data, "w") as f:
-        f.write("# row ka_rps cc_rps fwd_gbps rev_gbps\n")
+        f.write("# row ka_rps cc_rps fwd_gbps rev_gbps ka_cpu_us cc_cpu_us\n")
         for r in rows:
             f.write(f"\"{r}\" {val(r, 'ka_rps')} {val(r, 'cc_rps')} "
-                    f"{val(r, 'fwd_gbps')} {val(r, 'rev_gbps')}\n")
+                    f"{val(r, 'fwd_gbps')} {val(r, 'rev_gbps')} "
+                    f"{val(r, 'ka_cpu_us_per_req')} {val(r, 'cc_cpu_us_per_req')}\n")
 
     n = len(rows)
     title = (f"lb benchmark, {meta.get('machine', '')}, kernel {meta.get('kernel', '')}, "
              f"median of {meta.get('rounds', '?')} round(s), {meta.get('date', '')}")
     dat = a.chart_data
-    gp = f"""set terminal pngcairo size 1600,600 font "DejaVu Sans,10"
+    gp = f"""set terminal pngcairo size 1600,1100 font "DejaVu Sans,10"
 set output "{a.chart_png}"
 set datafile missing "?"
 set style fill solid 0.85 border -1
@@ -204,7 +266,7 @@ set xrange [-0.6:{n - 0.4}]
 set yrange [0:*]
 set offsets 0, 0, graph 0.12, 0
 set key top right
-set multiplot layout 1,3 title "{title}"
+set multiplot layout 2,2 title "{title}"
 set title "HTTP keep-alive (wrk -c64)"
 set ylabel "requests/s"
 set boxwidth 0.6
@@ -221,6 +283,12 @@ plot "{dat}" using ($0-0.19):4:xtic(1) with boxes lc rgb "#ee6677" title "client
      "" using ($0+0.19):5 with boxes lc rgb "#ccbb44" title "server->client (-R)", \\
      "" using ($0-0.19):4:(sprintf("%.1f", $4)) with labels offset 0,0.8 font ",8" notitle, \\
      "" using ($0+0.19):5:(sprintf("%.1f", $5)) with labels offset 0,0.8 font ",8" notitle
+set title "Proxy CPU (user+system) per request: lower is better"
+set ylabel "CPU µs per request"
+plot "{dat}" using ($0-0.19):6:xtic(1) with boxes lc rgb "#66ccee" title "keep-alive", \\
+     "" using ($0+0.19):7 with boxes lc rgb "#aa3377" title "one connection per request", \\
+     "" using ($0-0.19):6:(sprintf("%.1f", $6)) with labels offset 0,0.8 font ",8" notitle, \\
+     "" using ($0+0.19):7:(sprintf("%.0f", $7)) with labels offset 0,0.8 font ",8" notitle
 unset multiplot
 """
     with open(a.chart_script, "w") as f:

@@ -34,7 +34,7 @@ OUT_DIR=$REPO_ROOT/bench-results
 #                 the default set (and is an error when asked for by --rows)
 #   kind haproxy: extra = directives for the listen section, ';'-separated
 #   kind nginx:   extra = directives for the stream server block, ';'-separated
-# Add a row with one line, e.g. "lb-splice|lb|--splice always".
+# Add a row with one line, e.g. "lb-no-retry|lb|--retries 0".
 # ---------------------------------------------------------------------------
 ROW_TABLE=(
     "direct|direct|"

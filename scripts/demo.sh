@@ -106,8 +106,8 @@ echo "    -> Server A answered $ANSWERED_A, Server B answered $ANSWERED_B, $ERRO
 [ "$ERRORS" -eq 0 ] || die "requests failed with both backends up"
 
 step "Killing Server B (kill -9 $b_pid) to show failover"
-kill -KILL "$b_pid" 2>/dev/null
-{ wait "$b_pid"; } 2>/dev/null
+# Kill and reap in one redirected group, or bash reports "Killed" on stderr.
+{ kill -KILL "$b_pid" && wait "$b_pid"; } 2>/dev/null
 echo "    Server B is gone; lb retries a refused connect on the next backend,"
 echo "    so clients see no error"
 

@@ -389,7 +389,7 @@ impl<'a> Worker<'a> {
 
     fn on_session_event(&mut self, token: usize, ev: &Event, now: Instant) {
         let key = token / 2;
-        let side = if token % 2 == 0 { Side::Client } else { Side::Backend };
+        let side = if token.is_multiple_of(2) { Side::Client } else { Side::Backend };
         let Some(session) = self.sessions.get_mut(key) else {
             return; // A stale event for a pair already closed.
         };

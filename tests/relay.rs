@@ -187,3 +187,51 @@ fn no_descriptors_or_close_wait_sockets_leak_after_many_connections_and_resets()
         close_wait_count(&ports)
     );
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
+    line.split_whitespace().nth(1).expect("value").parse().expect("kB")
+}
+
+#[test]
+fn a_client_that_stops_reading_stalls_the_backend_instead_of_growing_lb() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // More than every kernel buffer on the way can hold (a few MiB each),
+    // so without backpressure lb itself would have to hold the rest.
+    const TOTAL: usize = 64 << 20;
+    let stalled = Arc::new(AtomicBool::new(false));
+    let sent_before_stall = Arc::new(AtomicUsize::new(0));
+    let (st, sent) = (Arc::clone(&stalled), Arc::clone(&sent_before_stall));
+    let source = backend(move |mut s| {
+        let data = random_bytes(TOTAL, 11);
+        s.stream.set_nonblocking(true).expect("nonblocking");
+        let mut off = 0;
+        while off < TOTAL {
+            match s.write(&data[off..]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return,
+            }
+        }
+        sent.store(off, Ordering::SeqCst);
+        st.store(true, Ordering::SeqCst);
+        s.stream.set_nonblocking(false).expect("blocking");
+        let _ = s.write_all(&data[off..]);
+    });
+    let lb = lb(&[source.addr], &["--no-health-check"]);
+    let before = rss_kib(lb.pid());
+
+    let mut c = connect(lb.addr);
+    assert!(wait_until(WAIT, || stalled.load(Ordering::SeqCst)), "the backend never had to wait for lb");
+    let sent = sent_before_stall.load(Ordering::SeqCst);
+    assert!(sent < TOTAL, "lb took all {TOTAL} bytes from the backend without the client reading");
+    let grown = rss_kib(lb.pid()).saturating_sub(before);
+    assert!(grown < 4096, "lb grew by {grown} KiB while the client was not reading");
+
+    let mut got = Vec::with_capacity(TOTAL);
+    c.read_to_end(&mut got).expect("the client reads everything once it starts");
+    assert_eq!(got.len(), TOTAL);
+    assert!(got == random_bytes(TOTAL, 11), "bytes differ after the stall");
+}

@@ -15,21 +15,7 @@ use common::*;
 fn relays_random_bytes_exactly_in_both_directions_over_32_connections() {
     let echo = echo_backend();
     let lb = lb(&[echo.addr], &[]);
-    let handles: Vec<_> = (0..32u64)
-        .map(|i| {
-            let addr = lb.addr;
-            thread::spawn(move || {
-                let len = (1 << 20) + (i as usize * 97_531) % (3 << 20);
-                let data = random_bytes(len, 0x9e37_79b9 + i);
-                let got = echo_roundtrip(addr, &data);
-                assert_eq!(got.len(), data.len(), "connection {i} length");
-                assert!(got == data, "connection {i} bytes differ");
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("transfer thread");
-    }
+    echo_many(lb.addr, 32, 0x9e37_79b9);
 }
 
 #[test]

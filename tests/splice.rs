@@ -60,30 +60,6 @@ fn pipe_fds_of(pid: u32) -> usize {
         .count()
 }
 
-/// Runs random data through an echo and checks it, over `n` concurrent
-/// connections of 1–4 MiB each; returns the bytes lb relayed (both ways).
-fn echo_many(addr: SocketAddr, n: u64, seed: u64) -> u64 {
-    let total: usize = (0..n).map(|i| echo_len(i) * 2).sum();
-    let handles: Vec<_> = (0..n)
-        .map(|i| {
-            thread::spawn(move || {
-                let data = random_bytes(echo_len(i), seed + i);
-                let got = echo_roundtrip(addr, &data);
-                assert_eq!(got.len(), data.len(), "connection {i} length");
-                assert!(got == data, "connection {i} bytes differ");
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("transfer thread");
-    }
-    total as u64
-}
-
-fn echo_len(i: u64) -> usize {
-    (1 << 20) + (i as usize * 397_643) % (3 << 20)
-}
-
 /// Writes `data` `times` times on a thread, counting progress, then
 /// half-closes.
 fn writer(mut s: TcpStream, data: Vec<u8>, times: usize) -> (Arc<AtomicUsize>, mpsc::Receiver<std::io::Result<()>>) {

@@ -5,8 +5,8 @@
 # "Server B\n") and one iperf3 server are started once; then each row (a
 # proxy configuration, or "direct" = no proxy) is started on its own, measured
 # and stopped again, round-robin over the rows (A B C A B C) so that drift hits
-# every row alike. The rows: direct; lb (its defaults) and, when the binary has
-# --splice, lb with --splice never/auto/always; HAProxy (mode tcp, leastconn)
+# every row alike. The rows: direct; lb (its defaults: --splice auto) and, when it has
+# --splice, lb with --splice never and always; HAProxy (mode tcp, leastconn)
 # without splice, with splice-auto and with forced splice; nginx stream
 # (least_conn). Per row and round it measures:
 #   ka    HTTP keep-alive req/s, latency p50/p99      (wrk -t2 -c64 --latency)
@@ -38,9 +38,10 @@ OUT_DIR=$REPO_ROOT/bench-results
 # ---------------------------------------------------------------------------
 ROW_TABLE=(
     "direct|direct|"
+    # lb's defaults, which include --splice auto (so there is no
+    # separate lb-splice-auto row: it would measure the same thing twice).
     "lb|lb|"
     "lb-splice-never|lb|--splice never"
-    "lb-splice-auto|lb|--splice auto"
     "lb-splice-always|lb|--splice always"
     "haproxy-nosplice|haproxy|"
     "haproxy-splice-auto|haproxy|option splice-auto"

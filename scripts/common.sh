@@ -233,3 +233,22 @@ print(s.getsockname()[1])' 2>/dev/null) && [ -n "$port" ]; then
 port_is_listening() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
+
+# lb_stats_block PID OUT: sends lb SIGUSR1 and waits (up to 3 s) for the
+# stats block it prints on stdout (the file OUT); sets STATS_BLOCK to it,
+# empty if none appeared.
+lb_stats_block() {
+    local lines until
+    lines=$(wc -l <"$2")
+    kill -USR1 "$1"
+    deadline until 3
+    STATS_BLOCK=""
+    while before "$until"; do
+        STATS_BLOCK=$(tail -n +"$((lines + 1))" "$2" |
+            awk '/^=== Load Balancer Stats ===$/ { b = $0 "\n"; on = 1; next }
+                 on && /^=+$/ { print b $0; exit }
+                 on { b = b $0 "\n" }')
+        [ -n "$STATS_BLOCK" ] && break
+        sleep 0.05
+    done
+}

@@ -92,9 +92,6 @@ start_be "Server B" 0 || die "$ERR"
 b=$BE_ADDR b_pid=$BE_PID
 echo "    Server B  on $b  (pid $b_pid):  be -p 0 -c \"Server B\""
 
-has_stats=0
-"$LB" --help 2>/dev/null | grep -q -- '--stats-period' && has_stats=1
-
 step "Starting lb in front of them"
 start_lb -b "$a" "$b" || die "$ERR"
 echo "    lb        on $LB_ADDR  (pid $LB_PID):  lb -p 0 --bind 127.0.0.1 -b $a $b"
@@ -106,8 +103,8 @@ echo "    -> Server A answered $ANSWERED_A, Server B answered $ANSWERED_B, $ERRO
 [ "$ERRORS" -eq 0 ] || die "requests failed with both backends up"
 
 step "Killing Server B (kill -9 $b_pid) to show failover"
-kill -KILL "$b_pid" 2>/dev/null
-{ wait "$b_pid"; } 2>/dev/null
+# Kill and reap in one redirected group, or bash reports "Killed" on stderr.
+{ kill -KILL "$b_pid" && wait "$b_pid"; } 2>/dev/null
 echo "    Server B is gone; lb retries a refused connect on the next backend,"
 echo "    so clients see no error"
 
@@ -118,27 +115,11 @@ echo "    -> Server A answered $ANSWERED_A, Server B answered $ANSWERED_B, $ERRO
 [ "$ERRORS" -eq 0 ] && [ "$ANSWERED_B" -eq 0 ] || die "failover did not hide the dead backend"
 
 step "lb's stats (kill -USR1 $LB_PID prints them on lb's stdout)"
-if [ "$has_stats" = 1 ]; then
-    before_lines=$(wc -l <"$LB_OUT")
-    kill -USR1 "$LB_PID"
-    deadline until 3
-    block=""
-    while before "$until"; do
-        block=$(tail -n +"$((before_lines + 1))" "$LB_OUT" |
-            awk '/^=== Load Balancer Stats ===$/ { b = $0 "\n"; on = 1; next }
-                 on && /^=+$/ { print b $0; exit }
-                 on { b = b $0 "\n" }')
-        [ -n "$block" ] && break
-        sleep 0.05
-    done
-    if [ -n "$block" ]; then
-        printf '%s\n' "$block" | sed 's/^/    /'
-    else
-        echo "    (no stats block appeared on lb's stdout within 3 s)"
-    fi
+lb_stats_block "$LB_PID" "$LB_OUT"
+if [ -n "$STATS_BLOCK" ]; then
+    printf '%s\n' "$STATS_BLOCK" | sed 's/^/    /'
 else
-    echo "    This lb build has no stats report yet (no --stats-period flag, so"
-    echo "    SIGUSR1 prints nothing); lb's log below shows what happened."
+    echo "    (no stats block appeared on lb's stdout within 3 s)"
 fi
 echo
 echo "    lb's log (stderr):"

@@ -142,20 +142,7 @@ else
     [ "$failed" -eq 0 ] || rc=1
 fi
 
-if "$LB" --help 2>/dev/null | grep -q -- '--stats-period'; then
-    lines=$(wc -l <"$LB_OUT")
-    kill -USR1 "$LB_PID"
-    deadline until 3
-    block=""
-    while before "$until"; do
-        block=$(tail -n +"$((lines + 1))" "$LB_OUT" |
-            awk '/^=== Load Balancer Stats ===$/ { b = $0 "\n"; on = 1; next }
-                 on && /^=+$/ { print b $0; exit }
-                 on { b = b $0 "\n" }')
-        [ -n "$block" ] && break
-        sleep 0.05
-    done
-    [ -n "$block" ] && { echo; echo "lb's stats after the run (SIGUSR1):"; printf '%s\n' "$block"; }
-fi
+lb_stats_block "$LB_PID" "$LB_OUT"
+[ -n "$STATS_BLOCK" ] && { echo; echo "lb's stats after the run (SIGUSR1):"; printf '%s\n' "$STATS_BLOCK"; }
 grep -E ' (WARN|ERROR) ' "$LB_LOG" | head -n 20
 exit "$rc"

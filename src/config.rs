@@ -106,6 +106,25 @@ pub struct Args {
     /// 127.0.0.1:9100; keep it on a private address: it has no auth).
     #[arg(long = "admin", value_name = "ADDR:PORT")]
     pub admin: Option<String>,
+
+    /// Zero-copy relay through kernel pipes: auto (bulk flows only), always or never.
+    #[arg(long = "splice", default_value = "auto")]
+    pub splice: String,
+
+    /// Pipes that may exist at once for splicing (default: --max-connections / 4).
+    #[arg(long = "max-pipes")]
+    pub max_pipes: Option<String>,
+}
+
+/// When a direction moves bytes with splice(2) instead of a user-space copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceMode {
+    /// Copy first; splice once a flow shows itself to be bulk.
+    Auto,
+    /// Splice from the first byte, while pipes last.
+    Always,
+    /// Never splice.
+    Never,
 }
 
 /// Validated run-time configuration.
@@ -121,6 +140,10 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     pub retries: u32,
     pub drain_timeout: Duration,
+    pub splice: SpliceMode,
+    /// Pipes open at once across all workers (0 = none, so splice always
+    /// falls back to copying).
+    pub max_pipes: usize,
     pub health: HealthConfig,
     /// `None`: stats are printed only on SIGUSR1.
     pub stats_period: Option<Duration>,
@@ -163,6 +186,7 @@ pub enum ConfigError {
     Resolve { value: String, reason: String },
     Number { flag: &'static str, value: String, expected: &'static str },
     Seconds { flag: &'static str, value: String },
+    Splice { value: String },
     HealthUrl { value: String },
     AdminAddress { value: String },
 }
@@ -197,6 +221,9 @@ impl fmt::Display for ConfigError {
                 f,
                 "{flag}: '{value}' is not a number of seconds (e.g. 3 or 0.5)"
             ),
+            ConfigError::Splice { value } => {
+                write!(f, "--splice: '{value}' is not one of auto, always, never")
+            }
             ConfigError::HealthUrl { value } => write!(
                 f,
                 "--health-check-url: '{}' is not a path starting with '/' (no spaces or control characters)",
@@ -253,6 +280,17 @@ impl Config {
         }
         let idle = parse_seconds("--idle-timeout", &args.idle_timeout)?;
         let drain_timeout = parse_seconds("--drain-timeout", &args.drain_timeout)?;
+        let splice = match args.splice.trim() {
+            "auto" => SpliceMode::Auto,
+            "always" => SpliceMode::Always,
+            "never" => SpliceMode::Never,
+            _ => return Err(ConfigError::Splice { value: args.splice.clone() }),
+        };
+        // HAProxy's default ratio: bulk flows are a minority of connections.
+        let max_pipes = match &args.max_pipes {
+            Some(m) => parse_count("--max-pipes", m, 0)?,
+            None => max_connections / 4,
+        };
         let health = parse_health(args, connect_timeout)?;
         let stats_period = parse_seconds("--stats-period", &args.stats_period)?;
         let admin = args.admin.as_deref().map(parse_admin).transpose()?;
@@ -271,6 +309,8 @@ impl Config {
             idle_timeout: (!idle.is_zero()).then_some(idle),
             retries: retries as u32,
             drain_timeout,
+            splice,
+            max_pipes,
             health,
             stats_period: (!stats_period.is_zero()).then_some(stats_period),
             admin,
@@ -435,6 +475,8 @@ mod tests {
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(c.retries, 2);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.splice, SpliceMode::Auto);
+        assert_eq!(c.max_pipes, 250);
         assert_eq!(
             c.health,
             HealthConfig {
@@ -492,6 +534,16 @@ mod tests {
     }
 
     #[test]
+    fn splice_modes_and_pipe_limits_are_parsed() {
+        let c = Config::from_args(&args(&["--splice", "never", "--max-pipes", "0"])).unwrap();
+        assert_eq!(c.splice, SpliceMode::Never);
+        assert_eq!(c.max_pipes, 0);
+        let c = Config::from_args(&args(&["--splice", "always", "--max-connections", "40"])).unwrap();
+        assert_eq!(c.splice, SpliceMode::Always);
+        assert_eq!(c.max_pipes, 10, "defaults to a quarter of --max-connections");
+    }
+
+    #[test]
     fn fractional_seconds_are_accepted() {
         let c = Config::from_args(&args(&["--connection-timeout", "0.5"])).unwrap();
         assert_eq!(c.connect_timeout, Duration::from_millis(500));
@@ -533,6 +585,10 @@ mod tests {
             (&["--retries", "99"], "--retries"),
             (&["--drain-timeout", "NaN"], "--drain-timeout"),
             (&["--bind", "not-an-ip"], "--bind"),
+            (&["--splice", "sometimes"], "--splice"),
+            (&["--splice", ""], "--splice"),
+            (&["--max-pipes", "-1"], "--max-pipes"),
+            (&["--max-pipes", "many"], "--max-pipes"),
             (&["--health-check-period", "0"], "--health-check-period"),
             (&["--health-check-period", "-2"], "--health-check-period"),
             (&["--health-check-timeout", "0"], "--health-check-timeout"),

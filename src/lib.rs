@@ -4,7 +4,8 @@
 //! listener per worker ([`listener`]), builds the shared backend table
 //! ([`backend`], [`shared`]) and starts one [`worker`] thread per core. Each
 //! worker relays client/backend pairs ([`session`]) through pooled buffers
-//! ([`pool`]), choosing backends by least connections ([`balancer`]). The
+//! ([`pool`]) or, for bulk flows, spliced through pooled pipes ([`pipe`],
+//! [`splice`]), choosing backends by least connections ([`balancer`]). The
 //! calling thread supervises: it turns [`signals`] into a graceful drain and
 //! prints the [`stats`] report. Off the data path, [`health`] probes the
 //! backends and [`admin`] serves [`metrics`] on its own thread.
@@ -17,10 +18,12 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod net;
+pub mod pipe;
 pub mod pool;
 pub mod session;
 pub mod shared;
 pub mod signals;
+pub mod splice;
 pub mod stats;
 pub mod systemd;
 pub mod worker;
@@ -37,7 +40,9 @@ use mio::{Poll, Waker};
 
 use crate::config::Config;
 use crate::listener::ListenError;
+use crate::pipe::PipePool;
 use crate::pool::BufferPool;
+use crate::session::Pools;
 use crate::shared::Shared;
 use crate::signals::Signal;
 use crate::worker::{WAKER, Worker, WorkerSettings};
@@ -126,6 +131,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         idle_timeout: config.idle_timeout,
         retries: config.retries,
         fall: config.health.fall,
+        splice: config.splice,
     };
     // Bound before the workers start, so a taken --admin port is a start-up
     // error, and announced before the `listening on` line.
@@ -143,6 +149,15 @@ pub fn run(config: Config) -> Result<(), RunError> {
     match fd_limit {
         Ok(n) => info!("file descriptor limit: {n}"),
         Err(e) => warn!("cannot raise the file descriptor limit: {e}"),
+    }
+    match config.splice {
+        config::SpliceMode::Never => info!("splice: never (every byte is copied)"),
+        mode => info!(
+            "splice: {}, up to {} pipes of {} bytes",
+            if mode == config::SpliceMode::Auto { "auto" } else { "always" },
+            config.max_pipes,
+            config.buffer_size
+        ),
     }
     info!(
         "listening on {bound} with {} workers; backends: {}; max connections {}",
@@ -181,11 +196,17 @@ fn spawn_workers(
         // than the global cap, so this limit never starves a live pair.
         let pool_limit = config.max_connections.saturating_mul(2);
         let capacity = config.max_connections;
+        let max_pipes = config.max_pipes;
+        // Each worker keeps at most its share of the budget idle, so one
+        // worker's spare pipes cannot starve the others for long.
+        let idle_pipes = max_pipes.div_ceil(config.workers.max(1));
         let handle = thread::Builder::new()
             .name(format!("lb-worker-{id}"))
             .spawn(move || {
-                let pool = BufferPool::new(buffer_size, pool_limit);
-                match Worker::new(id, poll, ls, &shared, &pool, settings, capacity) {
+                let buffers = BufferPool::new(buffer_size, pool_limit);
+                let pipes = PipePool::new(buffer_size, max_pipes, idle_pipes, &shared.counters.pipes_open);
+                let pools = Pools { buffers: &buffers, pipes: &pipes };
+                match Worker::new(id, poll, ls, &shared, pools, settings, capacity) {
                     Ok(w) => w.run(),
                     Err(e) => error!("worker {id} could not start: {e}"),
                 }

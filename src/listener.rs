@@ -135,9 +135,9 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        return Ok(want.rlim_cur as u64);
+        return Ok(want.rlim_cur);
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 #[cfg(test)]

@@ -127,6 +127,31 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         "Times a connection waited because every relay buffer was in use.",
         s.pool_exhausted,
     );
+    let r = &s.relay;
+    family(
+        &mut out,
+        "lb_relayed_bytes_total",
+        "counter",
+        "Bytes relayed in either direction, by how they moved: splice (kernel pipes, never in user memory) or copy.",
+    );
+    let _ = writeln!(out, "lb_relayed_bytes_total{{method=\"splice\"}} {}", r.bytes_spliced);
+    let _ = writeln!(out, "lb_relayed_bytes_total{{method=\"copy\"}} {}", r.bytes_copied);
+    single(
+        &mut out,
+        "lb_pipes_in_use",
+        "gauge",
+        "Pipes holding spliced bytes in flight (each worker's count as of its last second).",
+        r.pipes_in_use,
+    );
+    single(&mut out, "lb_pipes_open", "gauge", "Pipes open, in use or idle; at most --max-pipes.", r.pipes_open);
+    family(
+        &mut out,
+        "lb_splice_fallbacks_total",
+        "counter",
+        "Times a relay direction copied instead of splicing: no pipe left under --max-pipes, or splice unsupported for its sockets.",
+    );
+    let _ = writeln!(out, "lb_splice_fallbacks_total{{reason=\"no_pipe\"}} {}", r.pipes_exhausted);
+    let _ = writeln!(out, "lb_splice_fallbacks_total{{reason=\"unsupported\"}} {}", r.splice_unsupported);
 
     per_backend(&mut out, s, "lb_backend_up", "gauge", "1 if the backend takes new clients, 0 if it is marked down.", |b| {
         u64::from(b.up)
@@ -242,7 +267,9 @@ pub fn render_json(s: &Snapshot) -> String {
     let _ = write!(
         out,
         ",\"draining\":{},\"connections\":{{\"active\":{},\"max\":{},\"accepted\":{},\"cap_pauses\":{},\
-\"no_backend\":{},\"gave_up\":{},\"idle_closed\":{}}},\"accept_errors\":{},\"buffer_pool_exhausted\":{},\"backends\":[",
+\"no_backend\":{},\"gave_up\":{},\"idle_closed\":{}}},\"accept_errors\":{},\"buffer_pool_exhausted\":{},\
+\"relay\":{{\"spliced_bytes\":{},\"copied_bytes\":{},\"pipes_in_use\":{},\"pipes_open\":{},\
+\"splice_fallbacks\":{{\"no_pipe\":{},\"unsupported\":{}}}}},\"backends\":[",
         s.draining,
         s.active,
         s.max_connections,
@@ -253,6 +280,12 @@ pub fn render_json(s: &Snapshot) -> String {
         s.idle_closed,
         s.accept_errors,
         s.pool_exhausted,
+        s.relay.bytes_spliced,
+        s.relay.bytes_copied,
+        s.relay.pipes_in_use,
+        s.relay.pipes_open,
+        s.relay.pipes_exhausted,
+        s.relay.splice_unsupported,
     );
     for (i, b) in s.backends.iter().enumerate() {
         if i > 0 {
@@ -340,6 +373,29 @@ mod tests {
         assert!(text.contains("\nlb_backend_received_bytes_total{backend=\"127.0.0.1:8080\"} 20000\n"));
         assert!(text.contains("\nlb_backend_health_checks_total{backend=\"127.0.0.1:8080\",result=\"failed\"} 1\n"));
         assert!(text.contains("lb_build_info{version=\"0.1.0\"} 1\n"));
+    }
+
+    #[test]
+    fn relay_methods_pipes_and_fallbacks_are_exposed() {
+        let text = render_prometheus(&sample_snapshot());
+        for line in [
+            "lb_relayed_bytes_total{method=\"splice\"} 7000000",
+            "lb_relayed_bytes_total{method=\"copy\"} 21000",
+            "lb_pipes_in_use 3",
+            "lb_pipes_open 6",
+            "lb_splice_fallbacks_total{reason=\"no_pipe\"} 9",
+            "lb_splice_fallbacks_total{reason=\"unsupported\"} 1",
+        ] {
+            assert!(text.contains(&format!("\n{line}\n")), "{line} missing from\n{text}");
+        }
+        let json = render_json(&sample_snapshot());
+        assert!(
+            json.contains(
+                "\"relay\":{\"spliced_bytes\":7000000,\"copied_bytes\":21000,\"pipes_in_use\":3,\"pipes_open\":6,\
+\"splice_fallbacks\":{\"no_pipe\":9,\"unsupported\":1}},\"backends\":["
+            ),
+            "{json}"
+        );
     }
 
     #[test]

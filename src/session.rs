@@ -1,7 +1,9 @@
 //! One client/backend pair and the relay between them. A [`Session`] owns
 //! both sockets, the backend [`Lease`], the client's slot under the global
-//! cap and, while bytes are in flight, pooled buffers; dropping it releases
-//! all of them. Event handlers return an [`Outcome`] that the worker acts on.
+//! cap and, while bytes are in flight, pooled buffers or pipes; dropping it
+//! releases all of them. Each direction copies through a buffer or splices
+//! through a pipe, as its [`SplicePolicy`] decides. Event handlers return an
+//! [`Outcome`] that the worker acts on.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -12,10 +14,13 @@ use mio::event::Event;
 use mio::net::TcpStream;
 
 use crate::backend::Lease;
-use crate::config::MAX_RETRIES;
+use crate::config::{MAX_RETRIES, SpliceMode};
 use crate::net::{IoClass, classify};
+use crate::pipe::{self, Pipe, PipePool};
 use crate::pool::{Buffer, BufferPool};
 use crate::shared::ClientSlot;
+use crate::splice::SplicePolicy;
+use crate::worker::WorkerSettings;
 
 /// Chunks moved per direction per wakeup before yielding to other sessions;
 /// the worker re-runs a session that stopped here.
@@ -96,16 +101,40 @@ impl Peer {
     }
 }
 
+/// The per-worker pools a relay draws on.
+#[derive(Debug, Clone, Copy)]
+pub struct Pools<'a> {
+    pub buffers: &'a BufferPool,
+    pub pipes: &'a PipePool<'a>,
+}
+
+/// How one direction moves its bytes right now. Each mechanism holds its
+/// pooled resource only while bytes are pending in it.
+#[derive(Debug)]
+enum Transfer<'p> {
+    /// Through user memory: `buf[start..end]` is still to be written.
+    Copy { buf: Option<Buffer<'p>>, start: usize, end: usize },
+    /// Through a kernel pipe with splice(2), never touching user memory.
+    Splice { pipe: Option<Pipe<'p>> },
+}
+
+impl Transfer<'_> {
+    fn copy() -> Self {
+        Transfer::Copy { buf: None, start: 0, end: 0 }
+    }
+}
+
 /// Bytes travelling one way, source to destination.
 #[derive(Debug)]
 struct Direction<'p> {
-    buf: Option<Buffer<'p>>,
-    start: usize,
-    end: usize,
+    transfer: Transfer<'p>,
     flow: Flow,
+    policy: SplicePolicy,
     /// Bytes written to the destination and not yet added to the backend's
     /// shared counters (flushed in batches to keep atomics off the hot path).
     unreported: u64,
+    /// The part of `unreported` that was spliced.
+    unreported_spliced: u64,
 }
 
 /// Why a pump stopped.
@@ -115,48 +144,61 @@ enum Pumped {
     Starved,
 }
 
+/// How a flush of pending bytes ended.
+enum Flushed {
+    /// Everything pending was written.
+    All,
+    /// The destination is full: wait until it is writable.
+    Blocked,
+    /// Interrupted, or the bytes changed mechanism: try again.
+    Retry,
+    /// A buffer is needed and the pool has none.
+    Starved,
+}
+
+/// How a read from the source ended.
+enum Filled {
+    /// Bytes (or the EOF) are in; go on.
+    Progress,
+    /// The source has nothing more now.
+    Drained,
+    Starved,
+}
+
 impl<'p> Direction<'p> {
-    fn new() -> Direction<'p> {
-        Direction { buf: None, start: 0, end: 0, flow: Flow::Open, unreported: 0 }
+    fn new(mode: SpliceMode) -> Direction<'p> {
+        let policy = SplicePolicy::new(mode);
+        let transfer = if policy.wants_splice() { Transfer::Splice { pipe: None } } else { Transfer::copy() };
+        Direction { transfer, flow: Flow::Open, policy, unreported: 0, unreported_spliced: 0 }
     }
 
+    /// Bytes read from the source and not yet written, in either mechanism.
     fn pending(&self) -> usize {
-        self.end - self.start
+        match &self.transfer {
+            Transfer::Copy { start, end, .. } => end - start,
+            Transfer::Splice { pipe } => pipe.as_ref().map_or(0, Pipe::held),
+        }
     }
 
     /// Moves bytes from `src` to `dst` until nothing more can move now.
-    /// Reads only into an empty buffer, so a full buffer stops reading from
-    /// the source (backpressure) and a buffer never grows.
+    /// Reads only into an empty buffer or pipe, so a full one stops reading
+    /// from the source (backpressure) and neither ever grows.
     /// `closing_next` says the other direction is done, so the pair closes
     /// once this one is: the close itself then sends the FIN.
-    fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pool: &'p BufferPool, closing_next: bool) -> io::Result<Pumped> {
+    fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pools: Pools<'p>, closing_next: bool) -> io::Result<Pumped> {
         for _ in 0..MAX_CHUNKS_PER_PUMP {
             if self.pending() > 0 {
                 if !dst.writable {
                     return Ok(Pumped::Idle);
                 }
-                let buf = self.buf.as_ref().expect("pending bytes live in a buffer");
-                match dst.stream.write(&buf[self.start..self.end]) {
-                    Ok(n) => {
-                        self.start += n;
-                        self.unreported += n as u64;
-                        if self.pending() > 0 {
-                            // A short write means the socket buffer is full.
-                            dst.writable = false;
-                            return Ok(Pumped::Idle);
-                        }
-                        self.start = 0;
-                        self.end = 0;
-                        self.buf = None;
+                match self.flush(dst, pools)? {
+                    Flushed::All => {}
+                    Flushed::Blocked => {
+                        dst.writable = false;
+                        return Ok(Pumped::Idle);
                     }
-                    Err(e) => match classify(&e) {
-                        IoClass::WouldBlock => {
-                            dst.writable = false;
-                            return Ok(Pumped::Idle);
-                        }
-                        IoClass::Interrupted => continue,
-                        _ => return Err(e),
-                    },
+                    Flushed::Retry => continue,
+                    Flushed::Starved => return Ok(Pumped::Starved),
                 }
             }
             if self.flow != Flow::Open {
@@ -165,38 +207,14 @@ impl<'p> Direction<'p> {
             if !src.readable {
                 return Ok(Pumped::Idle);
             }
-            if self.buf.is_none() {
-                match pool.get() {
-                    Some(b) => self.buf = Some(b),
-                    None => return Ok(Pumped::Starved),
+            self.settle();
+            match self.fill(src, pools)? {
+                Filled::Progress => {}
+                Filled::Drained => {
+                    src.readable = false;
+                    return Ok(Pumped::Idle);
                 }
-            }
-            let buf = self.buf.as_mut().expect("buffer taken above");
-            let room = buf.len();
-            match src.stream.read(&mut buf[..]) {
-                Ok(0) => {
-                    self.buf = None;
-                    self.flow = Flow::Draining;
-                }
-                Ok(n) => {
-                    self.end = n;
-                    // A short read drained the socket; epoll reports the
-                    // next arrival, so skip the read that would WouldBlock.
-                    if n < room && !src.hup_pending {
-                        src.readable = false;
-                    }
-                }
-                Err(e) => {
-                    self.buf = None;
-                    match classify(&e) {
-                        IoClass::WouldBlock => {
-                            src.readable = false;
-                            return Ok(Pumped::Idle);
-                        }
-                        IoClass::Interrupted => continue,
-                        _ => return Err(e),
-                    }
-                }
+                Filled::Starved => return Ok(Pumped::Starved),
             }
         }
         if self.flow == Flow::Draining && self.pending() == 0 {
@@ -215,6 +233,171 @@ impl<'p> Direction<'p> {
             return Ok(Pumped::Idle);
         }
         Ok(Pumped::Again)
+    }
+
+    /// Switches mechanism if the policy asks. Called with nothing pending,
+    /// so no byte can overtake another.
+    fn settle(&mut self) {
+        debug_assert_eq!(self.pending(), 0);
+        match (&self.transfer, self.policy.wants_splice()) {
+            (Transfer::Copy { .. }, true) => self.transfer = Transfer::Splice { pipe: None },
+            (Transfer::Splice { .. }, false) => self.transfer = Transfer::copy(),
+            _ => {}
+        }
+    }
+
+    /// Writes pending bytes to `dst`, returning the buffer or pipe to its
+    /// pool once empty.
+    fn flush(&mut self, dst: &mut Peer, pools: Pools<'p>) -> io::Result<Flushed> {
+        let result = match &mut self.transfer {
+            Transfer::Copy { buf, start, end } => {
+                let b = buf.as_ref().expect("pending bytes live in a buffer");
+                match dst.stream.write(&b[*start..*end]) {
+                    Ok(n) => {
+                        *start += n;
+                        self.unreported += n as u64;
+                        if *start < *end {
+                            // A short write means the socket buffer is full.
+                            return Ok(Flushed::Blocked);
+                        }
+                        *start = 0;
+                        *end = 0;
+                        *buf = None;
+                        return Ok(Flushed::All);
+                    }
+                    Err(e) => e,
+                }
+            }
+            Transfer::Splice { pipe } => {
+                let p = pipe.as_mut().expect("pending bytes live in a pipe");
+                match p.drain_to(&dst.stream) {
+                    Ok(n) => {
+                        self.unreported += n as u64;
+                        self.unreported_spliced += n as u64;
+                        if p.held() > 0 {
+                            // As with write: short means the socket is full.
+                            return Ok(Flushed::Blocked);
+                        }
+                        *pipe = None;
+                        return Ok(Flushed::All);
+                    }
+                    Err(e) if pipe::is_unsupported(&e) => return self.unsplice(pools),
+                    Err(e) => e,
+                }
+            }
+        };
+        match classify(&result) {
+            IoClass::WouldBlock => Ok(Flushed::Blocked),
+            IoClass::Interrupted => Ok(Flushed::Retry),
+            _ => Err(result),
+        }
+    }
+
+    /// The destination cannot take spliced bytes: move what the pipe holds
+    /// into a buffer and copy from now on, without failing the pair.
+    fn unsplice(&mut self, pools: Pools<'p>) -> io::Result<Flushed> {
+        if self.policy.wants_splice() {
+            pools.pipes.note_unsupported();
+            self.policy.unsupported();
+        }
+        let Some(mut buf) = pools.buffers.get() else { return Ok(Flushed::Starved) };
+        let Transfer::Splice { pipe: Some(p) } = &mut self.transfer else {
+            return Ok(Flushed::Retry);
+        };
+        let n = p.read_into(&mut buf)?;
+        if p.held() > 0 {
+            // Cannot happen while fills stay within the buffer size; if it
+            // did, the stream is cut and the pair ends as on a reset.
+            return Err(io::Error::other("a pipe kept bytes it was asked to give back"));
+        }
+        self.transfer = Transfer::Copy { buf: Some(buf), start: 0, end: n };
+        Ok(Flushed::Retry)
+    }
+
+    /// Reads from `src` into an empty buffer or pipe; the EOF moves the
+    /// direction to `Draining`.
+    fn fill(&mut self, src: &mut Peer, pools: Pools<'p>) -> io::Result<Filled> {
+        let result = match &mut self.transfer {
+            Transfer::Copy { buf, end, .. } => {
+                if buf.is_none() {
+                    match pools.buffers.get() {
+                        Some(b) => *buf = Some(b),
+                        None => return Ok(Filled::Starved),
+                    }
+                }
+                let b = buf.as_mut().expect("buffer taken above");
+                let room = b.len();
+                match src.stream.read(&mut b[..]) {
+                    Ok(0) => {
+                        *buf = None;
+                        self.flow = Flow::Draining;
+                        return Ok(Filled::Progress);
+                    }
+                    Ok(n) => {
+                        *end = n;
+                        // A short read drained the socket; epoll reports the
+                        // next arrival, so skip the read that would WouldBlock.
+                        if n < room && !src.hup_pending {
+                            src.readable = false;
+                        }
+                        self.policy.copied(n, room);
+                        return Ok(Filled::Progress);
+                    }
+                    Err(e) => {
+                        *buf = None;
+                        e
+                    }
+                }
+            }
+            Transfer::Splice { pipe } => {
+                if pipe.is_none() {
+                    match pools.pipes.get() {
+                        Some(p) => *pipe = Some(p),
+                        None => {
+                            // Counted by the pool; this direction copies.
+                            self.policy.exhausted();
+                            self.transfer = Transfer::copy();
+                            return Ok(Filled::Progress);
+                        }
+                    }
+                }
+                let p = pipe.as_mut().expect("pipe taken above");
+                let room = p.room();
+                match p.fill_from(&src.stream) {
+                    Ok(0) => {
+                        *pipe = None;
+                        self.flow = Flow::Draining;
+                        return Ok(Filled::Progress);
+                    }
+                    Ok(n) => {
+                        // Unlike read, a short splice may mean the pipe ran
+                        // out of slots with data still queued, so `readable`
+                        // stays set until the source says WouldBlock.
+                        self.policy.spliced(n, room);
+                        return Ok(Filled::Progress);
+                    }
+                    Err(e) => {
+                        *pipe = None;
+                        if pipe::is_unsupported(&e) {
+                            pools.pipes.note_unsupported();
+                            self.policy.unsupported();
+                            self.transfer = Transfer::copy();
+                            return Ok(Filled::Progress);
+                        }
+                        e
+                    }
+                }
+            }
+        };
+        match classify(&result) {
+            IoClass::WouldBlock => Ok(Filled::Drained),
+            IoClass::Interrupted => Ok(Filled::Progress),
+            _ => Err(result),
+        }
+    }
+
+    fn holds_buffer(&self) -> bool {
+        matches!(self.transfer, Transfer::Copy { buf: Some(_), .. })
     }
 }
 
@@ -277,15 +460,15 @@ impl<'a> Session<'a> {
         slot: ClientSlot<'a>,
         tried: Tried,
         now: Instant,
-        connect_timeout: Duration,
+        settings: &WorkerSettings,
     ) -> Session<'a> {
         Session {
             lease,
             client: Peer::new(client),
             backend: Peer::new(backend),
-            stage: Stage::Connecting { started: now, deadline: now + connect_timeout },
-            up: Direction::new(),
-            down: Direction::new(),
+            stage: Stage::Connecting { started: now, deadline: now + settings.connect_timeout },
+            up: Direction::new(settings.splice),
+            down: Direction::new(settings.splice),
             last_active: now,
             tried,
             _slot: slot,
@@ -317,7 +500,7 @@ impl<'a> Session<'a> {
     }
 
     /// Handles readiness on one of the two sockets.
-    pub fn on_event(&mut self, side: Side, ev: &Event, pool: &'a BufferPool, now: Instant) -> Outcome {
+    pub fn on_event(&mut self, side: Side, ev: &Event, pools: Pools<'a>, now: Instant) -> Outcome {
         match side {
             Side::Client => self.client.note(ev),
             Side::Backend => self.backend.note(ev),
@@ -343,16 +526,16 @@ impl<'a> Session<'a> {
             }
         }
         self.last_active = now;
-        self.relay(pool)
+        self.relay(pools)
     }
 
     /// Runs the relay without a new event (after `Again` or `Starved`).
-    pub fn resume(&mut self, pool: &'a BufferPool, now: Instant) -> Outcome {
+    pub fn resume(&mut self, pools: Pools<'a>, now: Instant) -> Outcome {
         if self.stage != Stage::Relaying {
             return Outcome::Continue;
         }
         self.last_active = now;
-        self.relay(pool)
+        self.relay(pools)
     }
 
     fn finish_connect(&mut self) -> io::Result<bool> {
@@ -367,12 +550,12 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn relay(&mut self, pool: &'a BufferPool) -> Outcome {
-        let up = match self.up.pump(&mut self.client, &mut self.backend, pool, self.down.flow == Flow::Done) {
+    fn relay(&mut self, pools: Pools<'a>) -> Outcome {
+        let up = match self.up.pump(&mut self.client, &mut self.backend, pools, self.down.flow == Flow::Done) {
             Ok(p) => p,
             Err(e) => return self.abort(Side::Client, &e),
         };
-        let down = match self.down.pump(&mut self.backend, &mut self.client, pool, self.up.flow == Flow::Done) {
+        let down = match self.down.pump(&mut self.backend, &mut self.client, pools, self.up.flow == Flow::Done) {
             Ok(p) => p,
             Err(e) => return self.abort(Side::Backend, &e),
         };
@@ -414,8 +597,16 @@ impl<'a> Session<'a> {
         r
     }
 
+    /// Of the bytes relayed since the last call, how many were spliced.
+    pub fn take_unreported_spliced(&mut self) -> u64 {
+        let r = self.up.unreported_spliced + self.down.unreported_spliced;
+        self.up.unreported_spliced = 0;
+        self.down.unreported_spliced = 0;
+        r
+    }
+
     /// Buffers this session holds right now (0 when idle).
     pub fn buffers_held(&self) -> usize {
-        usize::from(self.up.buf.is_some()) + usize::from(self.down.buf.is_some())
+        usize::from(self.up.holds_buffer()) + usize::from(self.down.holds_buffer())
     }
 }

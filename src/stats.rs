@@ -111,6 +111,20 @@ pub struct Counters {
     pub accept_errors: AtomicU64,
     /// Pairs closed by the idle timeout.
     pub idle_closed: AtomicU64,
+    /// Bytes relayed with splice(2), never entering user memory.
+    pub bytes_spliced: AtomicU64,
+    /// Bytes relayed by copying through a buffer.
+    pub bytes_copied: AtomicU64,
+    /// Pipes lent to connections (each worker updates its share once a
+    /// second, with the byte counts).
+    pub pipes_in_use: AtomicU64,
+    /// Pipes open, lent or idle; bounded by `--max-pipes`. Exact: changed
+    /// whenever a pipe is opened or closed.
+    pub pipes_open: AtomicU64,
+    /// Directions that found splice unsupported and copy instead.
+    pub splice_unsupported: AtomicU64,
+    /// Times a direction wanted a pipe and none was left, so it copied.
+    pub pipes_exhausted: AtomicU64,
 }
 
 /// One backend's numbers at one moment.
@@ -151,7 +165,24 @@ pub struct Snapshot {
     pub pool_exhausted: u64,
     pub accept_errors: u64,
     pub idle_closed: u64,
+    pub relay: RelaySnapshot,
     pub backends: Vec<BackendSnapshot>,
+}
+
+/// How relayed bytes moved: copied through user memory or spliced through
+/// kernel pipes, and what the pipe pools look like.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelaySnapshot {
+    pub bytes_spliced: u64,
+    pub bytes_copied: u64,
+    /// Pipes holding bytes now (each worker's share as of its last second).
+    pub pipes_in_use: u64,
+    /// Pipes open, lent or idle; at most `--max-pipes`.
+    pub pipes_open: u64,
+    /// Times a direction wanted a pipe, found none left and copied instead.
+    pub pipes_exhausted: u64,
+    /// Directions that found splice unsupported and copy for good.
+    pub splice_unsupported: u64,
 }
 
 impl Snapshot {
@@ -170,6 +201,14 @@ impl Snapshot {
             pool_exhausted: load(&c.pool_exhausted),
             accept_errors: load(&c.accept_errors),
             idle_closed: load(&c.idle_closed),
+            relay: RelaySnapshot {
+                bytes_spliced: load(&c.bytes_spliced),
+                bytes_copied: load(&c.bytes_copied),
+                pipes_in_use: load(&c.pipes_in_use),
+                pipes_open: load(&c.pipes_open),
+                pipes_exhausted: load(&c.pipes_exhausted),
+                splice_unsupported: load(&c.splice_unsupported),
+            },
             backends: shared
                 .backends
                 .iter()
@@ -315,6 +354,14 @@ pub(crate) mod tests {
             pool_exhausted: 0,
             accept_errors: 0,
             idle_closed: 5,
+            relay: RelaySnapshot {
+                bytes_spliced: 7_000_000,
+                bytes_copied: 21_000,
+                pipes_in_use: 3,
+                pipes_open: 6,
+                pipes_exhausted: 9,
+                splice_unsupported: 1,
+            },
             backends: vec![a, b],
         }
     }

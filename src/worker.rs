@@ -15,9 +15,9 @@ use slab::Slab;
 
 use crate::backend::{Backend, Lease};
 use crate::balancer;
+use crate::config::SpliceMode;
 use crate::net::{IoClass, classify, is_resource_exhaustion};
-use crate::pool::BufferPool;
-use crate::session::{CloseReason, Outcome, Session, Side, Stage, Tried};
+use crate::session::{CloseReason, Outcome, Pools, Session, Side, Stage, Tried};
 use crate::shared::Shared;
 
 /// Reserved tokens sit at the top of the token space, away from sessions.
@@ -41,6 +41,19 @@ pub struct WorkerSettings {
     pub retries: u32,
     /// Consecutive connect failures that take a backend down (0 = never).
     pub fall: u32,
+    pub splice: SpliceMode,
+}
+
+/// Relay statistics gathered by one worker and published to the shared
+/// counters once per scan, so the relay itself touches no atomic.
+#[derive(Debug, Default)]
+struct Tally {
+    spliced: u64,
+    copied: u64,
+    /// What this worker last added to the shared gauges and counters.
+    published_in_use: u64,
+    published_exhausted: u64,
+    published_unsupported: u64,
 }
 
 /// Whether the listeners are registered, and why not.
@@ -71,8 +84,9 @@ pub struct Worker<'a> {
     /// A listener stopped at the per-wakeup bound and must be drained again.
     accept_pending: bool,
     shared: &'a Shared,
-    pool: &'a BufferPool,
+    pools: Pools<'a>,
     settings: WorkerSettings,
+    tally: Tally,
     sessions: Slab<Session<'a>>,
     /// Rotates ties in backend selection.
     cursor: usize,
@@ -94,7 +108,7 @@ impl<'a> Worker<'a> {
         poll: Poll,
         listeners: Vec<std::net::TcpListener>,
         shared: &'a Shared,
-        pool: &'a BufferPool,
+        pools: Pools<'a>,
         settings: WorkerSettings,
         capacity: usize,
     ) -> io::Result<Worker<'a>> {
@@ -110,8 +124,9 @@ impl<'a> Worker<'a> {
             accepting: Accepting::Closed,
             accept_pending: false,
             shared,
-            pool,
+            pools,
             settings,
+            tally: Tally::default(),
             // Grows on demand past this; the capacity is kept once reached.
             sessions: Slab::with_capacity(capacity.min(4096)),
             cursor: id,
@@ -183,6 +198,7 @@ impl<'a> Worker<'a> {
         }
         self.publish_all_bytes();
         self.sessions.clear();
+        self.publish_relay_stats();
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
@@ -318,15 +334,7 @@ impl<'a> Worker<'a> {
         };
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        let session = entry.insert(Session::new(
-            client,
-            backend,
-            lease,
-            slot,
-            tried,
-            now,
-            self.settings.connect_timeout,
-        ));
+        let session = entry.insert(Session::new(client, backend, lease, slot, tried, now, &self.settings));
         let registry = self.poll.registry();
         let registered = registry
             .register(session.client_stream(), session_token(key, Side::Client), Interest::READABLE | Interest::WRITABLE)
@@ -382,11 +390,11 @@ impl<'a> Worker<'a> {
 
     fn on_session_event(&mut self, token: usize, ev: &Event, now: Instant) {
         let key = token / 2;
-        let side = if token % 2 == 0 { Side::Client } else { Side::Backend };
+        let side = if token.is_multiple_of(2) { Side::Client } else { Side::Backend };
         let Some(session) = self.sessions.get_mut(key) else {
             return; // A stale event for a pair already closed.
         };
-        let outcome = session.on_event(side, ev, self.pool, now);
+        let outcome = session.on_event(side, ev, self.pools, now);
         self.act(key, outcome, now);
     }
 
@@ -435,7 +443,7 @@ impl<'a> Worker<'a> {
 
     fn close(&mut self, key: usize, reason: CloseReason) {
         if let Some(mut session) = self.sessions.try_remove(key) {
-            publish_bytes(&mut session);
+            publish_bytes(&mut session, &mut self.tally);
             debug!("closed: {reason:?}");
         }
     }
@@ -449,16 +457,16 @@ impl<'a> Worker<'a> {
             let mut batch = std::mem::replace(&mut self.again, std::mem::take(&mut self.again_spare));
             for key in batch.drain(..) {
                 if let Some(s) = self.sessions.get_mut(key) {
-                    let outcome = s.resume(self.pool, now);
+                    let outcome = s.resume(self.pools, now);
                     self.act(key, outcome, now);
                 }
             }
             self.again_spare = batch;
         }
-        while self.pool.has_free() {
+        while self.pools.buffers.has_free() {
             let Some(key) = self.starved.pop() else { break };
             if let Some(s) = self.sessions.get_mut(key) {
-                let outcome = s.resume(self.pool, now);
+                let outcome = s.resume(self.pools, now);
                 self.act(key, outcome, now);
             }
         }
@@ -502,12 +510,13 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Publishes byte counters and closes pairs idle past the timeout.
+    /// Publishes byte counters, closes pairs idle past the timeout and
+    /// closes pipes no longer needed.
     fn scan(&mut self, now: Instant) {
         let idle = self.settings.idle_timeout;
         let mut expired = std::mem::take(&mut self.expired);
         for (key, s) in self.sessions.iter_mut() {
-            publish_bytes(s);
+            publish_bytes(s, &mut self.tally);
             if let Some(limit) = idle
                 && now.saturating_duration_since(s.last_active) >= limit
             {
@@ -520,17 +529,51 @@ impl<'a> Worker<'a> {
             self.close(key, CloseReason::Done);
         }
         self.expired = expired;
+        self.pools.pipes.trim_idle();
+        self.publish_relay_stats();
     }
 
     fn publish_all_bytes(&mut self) {
         for (_, s) in self.sessions.iter_mut() {
-            publish_bytes(s);
+            publish_bytes(s, &mut self.tally);
+        }
+    }
+
+    fn publish_relay_stats(&mut self) {
+        let c = &self.shared.counters;
+        let t = &mut self.tally;
+        if t.spliced != 0 {
+            c.bytes_spliced.fetch_add(std::mem::take(&mut t.spliced), Ordering::Relaxed);
+        }
+        if t.copied != 0 {
+            c.bytes_copied.fetch_add(std::mem::take(&mut t.copied), Ordering::Relaxed);
+        }
+        let pipes = self.pools.pipes;
+        let in_use = pipes.in_use() as u64;
+        if in_use > t.published_in_use {
+            c.pipes_in_use.fetch_add(in_use - t.published_in_use, Ordering::Relaxed);
+        } else if in_use < t.published_in_use {
+            c.pipes_in_use.fetch_sub(t.published_in_use - in_use, Ordering::Relaxed);
+        }
+        t.published_in_use = in_use;
+        let exhausted = pipes.exhausted();
+        if exhausted != t.published_exhausted {
+            c.pipes_exhausted.fetch_add(exhausted - t.published_exhausted, Ordering::Relaxed);
+            t.published_exhausted = exhausted;
+        }
+        let unsupported = pipes.unsupported();
+        if unsupported != t.published_unsupported {
+            c.splice_unsupported.fetch_add(unsupported - t.published_unsupported, Ordering::Relaxed);
+            t.published_unsupported = unsupported;
         }
     }
 }
 
-fn publish_bytes(s: &mut Session<'_>) {
+fn publish_bytes(s: &mut Session<'_>, tally: &mut Tally) {
     let (up, down) = s.take_unreported();
+    let spliced = s.take_unreported_spliced();
+    tally.spliced += spliced;
+    tally.copied += up + down - spliced;
     let b = s.lease().backend();
     if up != 0 {
         b.bytes_in.fetch_add(up, Ordering::Relaxed);

@@ -40,6 +40,8 @@ fn every_bad_value_is_one_line_naming_its_flag() {
         (&["--health-check-url", "/a\r\nHost: evil"], "--health-check-url"),
         (&["--stats-period", "-5"], "--stats-period"),
         (&["--admin", "9100"], "--admin"),
+        (&["--splice", "sometimes"], "--splice"),
+        (&["--max-pipes", "-4"], "--max-pipes"),
         (&["--frobnicate"], "--frobnicate"),
     ];
     for (args, flag) in cases {
@@ -52,7 +54,8 @@ fn help_and_version_exit_zero() {
     let out = Command::new(lb_bin()).arg("--help").output().expect("run lb --help");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--port", "--backends", "--max-connections", "--drain-timeout", "--idle-timeout"] {
+    let flags = ["--port", "--backends", "--max-connections", "--drain-timeout", "--idle-timeout", "--splice", "--max-pipes"];
+    for flag in flags {
         assert!(help.contains(flag), "help lacks {flag}");
     }
     let out = Command::new(lb_bin()).arg("-V").output().expect("run lb -V");

@@ -15,21 +15,7 @@ use common::*;
 fn relays_random_bytes_exactly_in_both_directions_over_32_connections() {
     let echo = echo_backend();
     let lb = lb(&[echo.addr], &[]);
-    let handles: Vec<_> = (0..32u64)
-        .map(|i| {
-            let addr = lb.addr;
-            thread::spawn(move || {
-                let len = (1 << 20) + (i as usize * 97_531) % (3 << 20);
-                let data = random_bytes(len, 0x9e37_79b9 + i);
-                let got = echo_roundtrip(addr, &data);
-                assert_eq!(got.len(), data.len(), "connection {i} length");
-                assert!(got == data, "connection {i} bytes differ");
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("transfer thread");
-    }
+    echo_many(lb.addr, 32, 0x9e37_79b9);
 }
 
 #[test]
@@ -186,4 +172,52 @@ fn no_descriptors_or_close_wait_sockets_leak_after_many_connections_and_resets()
         "{} sockets left in CLOSE_WAIT",
         close_wait_count(&ports)
     );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
+    line.split_whitespace().nth(1).expect("value").parse().expect("kB")
+}
+
+#[test]
+fn a_client_that_stops_reading_stalls_the_backend_instead_of_growing_lb() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // More than every kernel buffer on the way can hold (a few MiB each),
+    // so without backpressure lb itself would have to hold the rest.
+    const TOTAL: usize = 64 << 20;
+    let stalled = Arc::new(AtomicBool::new(false));
+    let sent_before_stall = Arc::new(AtomicUsize::new(0));
+    let (st, sent) = (Arc::clone(&stalled), Arc::clone(&sent_before_stall));
+    let source = backend(move |mut s| {
+        let data = random_bytes(TOTAL, 11);
+        s.stream.set_nonblocking(true).expect("nonblocking");
+        let mut off = 0;
+        while off < TOTAL {
+            match s.write(&data[off..]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return,
+            }
+        }
+        sent.store(off, Ordering::SeqCst);
+        st.store(true, Ordering::SeqCst);
+        s.stream.set_nonblocking(false).expect("blocking");
+        let _ = s.write_all(&data[off..]);
+    });
+    let lb = lb(&[source.addr], &["--no-health-check"]);
+    let before = rss_kib(lb.pid());
+
+    let mut c = connect(lb.addr);
+    assert!(wait_until(WAIT, || stalled.load(Ordering::SeqCst)), "the backend never had to wait for lb");
+    let sent = sent_before_stall.load(Ordering::SeqCst);
+    assert!(sent < TOTAL, "lb took all {TOTAL} bytes from the backend without the client reading");
+    let grown = rss_kib(lb.pid()).saturating_sub(before);
+    assert!(grown < 4096, "lb grew by {grown} KiB while the client was not reading");
+
+    let mut got = Vec::with_capacity(TOTAL);
+    c.read_to_end(&mut got).expect("the client reads everything once it starts");
+    assert_eq!(got.len(), TOTAL);
+    assert!(got == random_bytes(TOTAL, 11), "bytes differ after the stall");
 }

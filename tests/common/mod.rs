@@ -317,37 +317,29 @@ where
 
 /// Echoes until EOF, then closes.
 pub fn echo_backend() -> Backend {
-    backend(|mut s| {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
+    backend(|mut s| echo_until_eof(&mut s))
+}
+
+/// Writes back whatever arrives until EOF or an error.
+fn echo_until_eof(s: &mut Conn) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    break;
                 }
             }
         }
-    })
+    }
 }
 
 /// Writes `tag` at once, then echoes until EOF.
 pub fn tagged_backend(tag: &'static str) -> Backend {
     backend(move |mut s| {
-        if s.write_all(tag.as_bytes()).is_err() {
-            return;
-        }
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
+        if s.write_all(tag.as_bytes()).is_ok() {
+            echo_until_eof(&mut s);
         }
     })
 }
@@ -400,4 +392,28 @@ pub fn echo_roundtrip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     w.write_all(data).expect("write payload");
     w.shutdown(Shutdown::Write).expect("shutdown");
     reader.join().expect("reader thread")
+}
+
+/// Runs random data through an echo and checks it, over `n` concurrent
+/// connections of 1–4 MiB each; returns the bytes lb relayed (both ways).
+pub fn echo_many(addr: SocketAddr, n: u64, seed: u64) -> u64 {
+    let total: usize = (0..n).map(|i| echo_len(i) * 2).sum();
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            thread::spawn(move || {
+                let data = random_bytes(echo_len(i), seed + i);
+                let got = echo_roundtrip(addr, &data);
+                assert_eq!(got.len(), data.len(), "connection {i} length");
+                assert!(got == data, "connection {i} bytes differ");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("transfer thread");
+    }
+    total as u64
+}
+
+pub fn echo_len(i: u64) -> usize {
+    (1 << 20) + (i as usize * 397_643) % (3 << 20)
 }

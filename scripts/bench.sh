@@ -1,0 +1,804 @@
+#!/usr/bin/env bash
+# bench.sh - side-by-side comparison of lb against HAProxy and nginx stream.
+#
+# Everything runs on 127.0.0.1. Two nginx HTTP backends ("Server A\n",
+# "Server B\n") and one iperf3 server are started once; then each row (a
+# proxy configuration, or "direct" = no proxy) is started on its own, measured
+# and stopped again, round-robin over the rows (A B C A B C) so that drift hits
+# every row alike. The rows: direct; lb (its defaults: --splice auto) and, when it has
+# --splice, lb with --splice never and always; HAProxy (mode tcp, leastconn)
+# without splice, with splice-auto and with forced splice; nginx stream
+# (least_conn). Per row and round it measures:
+#   ka    HTTP keep-alive req/s, latency p50/p99      (wrk -t2 -c64 --latency)
+#   cc    one TCP connection per request, req/s      (wrk -H 'Connection: close')
+#   fwd   bulk Gbit/s client->server                 (iperf3 -J)
+#   rev   bulk Gbit/s server->client                 (iperf3 -J -R)
+#   hold  proxy RSS idle and holding 5,000 idle client connections
+#   cpu   proxy user+system CPU per request / per GB (/proc/PID/stat)
+# and writes bench-results/results.md (medians, ratios, the issue-5 targets),
+# bench-results/chart.png and bench-results/raw-<timestamp>.tsv (every sample).
+#
+# Run scripts/bench.sh --help for the options.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+HELPERS=$SCRIPT_DIR/bench
+OUT_DIR=$REPO_ROOT/bench-results
+
+# ---------------------------------------------------------------------------
+# Row table: name | kind | extra configuration.
+#   kind direct:  no proxy, load goes straight to the backend (extra unused)
+#   kind lb:      extra = additional lb command-line arguments; a row whose
+#                 flags the lb binary does not list in --help is left out of
+#                 the default set (and is an error when asked for by --rows)
+#   kind haproxy: extra = directives for the listen section, ';'-separated
+#   kind nginx:   extra = directives for the stream server block, ';'-separated
+# Add a row with one line, e.g. "lb-no-retry|lb|--retries 0".
+# ---------------------------------------------------------------------------
+ROW_TABLE=(
+    "direct|direct|"
+    # lb's defaults, which include --splice auto (so there is no
+    # separate lb-splice-auto row: it would measure the same thing twice).
+    "lb|lb|"
+    "lb-splice-never|lb|--splice never"
+    "lb-splice-always|lb|--splice always"
+    "haproxy-nosplice|haproxy|"
+    "haproxy-splice-auto|haproxy|option splice-auto"
+    "haproxy-splice-forced|haproxy|option splice-request;option splice-response"
+    "nginx|nginx|"
+)
+
+# Shared settings: identical for every proxy.
+WORKERS=$(nproc)          # lb --workers, haproxy nbthread, nginx worker_processes
+BUFSIZE=32768             # lb --buffer-size, haproxy tune.bufsize, nginx proxy_buffer_size
+CONNECT_TIMEOUT=5         # seconds: lb --connection-timeout, haproxy timeout connect, nginx proxy_connect_timeout
+IDLE_TIMEOUT=300          # seconds: lb --idle-timeout, haproxy timeout client/server, nginx proxy_timeout
+MAXCONN=20000             # lb --max-connections, haproxy maxconn, nginx worker_connections (lowered if ulimit -n is small)
+BACKLOG=4096              # listen backlog for haproxy/nginx frontends and the backends
+WRK_THREADS=2
+WRK_CONNS=64
+HOLD_CONNS=5000
+
+# Time budget: when --duration is not given, the wrk/iperf3 durations are
+# shortened (from DURATION_MAX) until the estimated run fits the budget.
+BUDGET_FULL=660           # seconds (the full run must end within 12 minutes)
+BUDGET_QUICK=165          # seconds (--quick must end within 3 minutes)
+FIXED_OVERHEAD=10         # seconds: busy check, backends, warm-up, report
+ROW_OVERHEAD=5            # seconds per row and round: starts, stops, holding connections
+
+# Defaults, changed by options.
+ROUNDS=3
+DURATION_MAX=7            # seconds per wrk measurement
+DURATION=""               # chosen by fit_durations unless --duration is given
+BULK_DURATION=""          # seconds per iperf3 direction; default max(2, DURATION/2)
+ROWS_ARG=""
+LB_BIN=$REPO_ROOT/target/release/lb
+LB_BIN_DEFAULT=1
+KEEP_TMP=0
+QUICK=0
+
+usage() {
+    cat <<EOF
+usage: scripts/bench.sh [options]
+
+Side-by-side benchmark of lb, HAProxy (3 splice variants) and nginx stream on
+127.0.0.1. Installs missing tools with apt-get (haproxy, nginx,
+libnginx-mod-stream, wrk, iperf3, gnuplot-nox, python3).
+
+options:
+  --quick          1 round, wrk runs of at most 3 s (fits in 3 min)
+  --rounds N       rounds over all rows, medians reported (default 3)
+  --duration S     seconds per wrk measurement; iperf3 gets max(2, S/2) per
+                   direction (default: 7, shortened when needed so that the
+                   run ends within 12 min, or 3 min with --quick)
+  --rows a,b,c     subset of rows, in that order (default: all rows whose
+                   lb flags the lb binary supports)
+  --lb PATH        lb binary (default target/release/lb, built with
+                   'cargo build --release' if missing)
+  --keep-tmp       keep the temp dir with configs and logs
+  -h, --help       this help
+
+rows: $(row_names | tr '\n' ' ')
+  (lb-splice-* need an lb with --splice; without it they are skipped)
+
+Outputs: bench-results/results.md, bench-results/chart.png,
+         bench-results/raw-<timestamp>.tsv (every sample; not committed)
+EOF
+}
+
+log() { printf '[bench %4ds] %s\n' "$SECONDS" "$*" >&2; }
+die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
+
+row_names() { local r; for r in "${ROW_TABLE[@]}"; do echo "${r%%|*}"; done; }
+
+# ---------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------
+parse_args() {
+    while (($#)); do
+        case $1 in
+            --quick) QUICK=1 ;;
+            --rounds) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die "--rounds needs a positive integer"; ROUNDS=$2; shift ;;
+            --duration) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive number of seconds"; DURATION=$2; shift ;;
+            --rows) [[ -n ${2:-} ]] || die "--rows needs a comma-separated list"; ROWS_ARG=$2; shift ;;
+            --lb) [[ -n ${2:-} ]] || die "--lb needs a path"; LB_BIN=$2; LB_BIN_DEFAULT=0; shift ;;
+            --keep-tmp) KEEP_TMP=1 ;;
+            -h|--help) usage; exit 0 ;;
+            *) usage >&2; die "unknown option: $1" ;;
+        esac
+        shift
+    done
+    if ((QUICK)); then
+        ROUNDS=1
+        DURATION_MAX=3
+    fi
+
+    declare -gA ROW_KIND=() ROW_EXTRA=()
+    local r name rest
+    for r in "${ROW_TABLE[@]}"; do
+        name=${r%%|*}; rest=${r#*|}
+        ROW_KIND[$name]=${rest%%|*}
+        ROW_EXTRA[$name]=${rest#*|}
+    done
+    if [[ -n $ROWS_ARG ]]; then
+        IFS=, read -r -a ROWS <<<"$ROWS_ARG"
+    else
+        mapfile -t ROWS < <(row_names)
+    fi
+    for r in "${ROWS[@]}"; do
+        [[ -n ${ROW_KIND[$r]+x} ]] || die "unknown row '$r' (rows: $(row_names | paste -sd, -))"
+    done
+}
+
+# ---------------------------------------------------------------------------
+# Dependencies
+# ---------------------------------------------------------------------------
+NGINX_STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
+
+nginx_stream_builtin() { nginx -V 2>&1 | grep -qE -- '--with-stream( |$)'; }
+
+install_deps() {
+    local need=()
+    command -v python3 >/dev/null || need+=(python3)
+    command -v haproxy >/dev/null || need+=(haproxy)
+    command -v nginx >/dev/null || need+=(nginx)
+    if ! command -v nginx >/dev/null || { ! nginx_stream_builtin && [[ ! -e $NGINX_STREAM_MODULE ]]; }; then
+        need+=(libnginx-mod-stream)
+    fi
+    command -v wrk >/dev/null || need+=(wrk)
+    command -v iperf3 >/dev/null || need+=(iperf3)
+    command -v gnuplot >/dev/null || need+=(gnuplot-nox)
+    ((${#need[@]})) || return 0
+
+    local sudo=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || die "missing ${need[*]}: run as root or install them: apt-get install ${need[*]}"
+        sudo=(sudo)
+    fi
+    command -v apt-get >/dev/null || die "missing ${need[*]} and no apt-get (this script installs from Debian)"
+    log "installing from Debian: ${need[*]}"
+    "${sudo[@]}" apt-get update -qq >/dev/null || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
+        || die "apt-get install ${need[*]} failed"
+    if ! nginx_stream_builtin && [[ ! -e $NGINX_STREAM_MODULE ]]; then
+        die "nginx has no stream module (looked for $NGINX_STREAM_MODULE)"
+    fi
+}
+
+ensure_lb() {
+    local r need_lb=0
+    for r in "${ROWS[@]}"; do [[ ${ROW_KIND[$r]} == lb ]] && need_lb=1; done
+    ((need_lb)) || return 0
+    if [[ ! -x $LB_BIN ]]; then
+        ((LB_BIN_DEFAULT)) || die "lb binary not found or not executable: $LB_BIN"
+        command -v cargo >/dev/null || die "$LB_BIN is missing and cargo is not installed to build it"
+        log "building lb: cargo build --release"
+        (cd "$REPO_ROOT" && cargo build --release) || die "cargo build --release failed"
+        [[ -x $LB_BIN ]] || die "cargo build --release did not produce $LB_BIN"
+    fi
+    LB_BIN=$(cd "$(dirname "$LB_BIN")" && pwd)/$(basename "$LB_BIN")
+    LB_HELP=$("$LB_BIN" --help 2>&1 || true)
+    lb_optional_args
+    drop_unsupported_lb_rows
+}
+
+# lb_has_flag FLAG: whether lb --help lists FLAG (as a whole word).
+lb_has_flag() { grep -qE -- "(^|[[:space:],])$1([[:space:]=,]|$)" <<<"$LB_HELP"; }
+
+# drop_unsupported_lb_rows: lb rows use flags that newer lb builds add (e.g.
+# --splice). Rows whose flags this binary lacks leave the default set with a
+# note; asking for one with --rows is an error.
+drop_unsupported_lb_rows() {
+    local r w words kept=() missing
+    for r in "${ROWS[@]}"; do
+        missing=""
+        if [[ ${ROW_KIND[$r]} == lb ]]; then
+            read -r -a words <<<"${ROW_EXTRA[$r]}"
+            for w in "${words[@]}"; do
+                [[ $w == --* ]] || continue
+                lb_has_flag "$w" || missing+=" $w"
+            done
+        fi
+        if [[ -z $missing ]]; then
+            kept+=("$r")
+        elif [[ -n $ROWS_ARG ]]; then
+            die "row $r needs lb$missing, which $LB_BIN does not support (see its --help)"
+        else
+            log "note: skipping row $r: $LB_BIN has no$missing"
+        fi
+    done
+    ROWS=("${kept[@]}")
+}
+
+# fit_durations: unless --duration was given, the longest wrk duration up to
+# DURATION_MAX whose estimated total stays within the budget.
+estimate_seconds() {
+    local d=$1 b=$(($1 / 2 < 2 ? 2 : $1 / 2))
+    echo $((FIXED_OVERHEAD + ROUNDS * ${#ROWS[@]} * (2 * d + 2 * b + ROW_OVERHEAD)))
+}
+
+fit_durations() {
+    local budget=$BUDGET_FULL
+    ((QUICK)) && budget=$BUDGET_QUICK
+    if [[ -z $DURATION ]]; then
+        DURATION=$DURATION_MAX
+        while ((DURATION > 2)) && (($(estimate_seconds "$DURATION") > budget)); do
+            DURATION=$((DURATION - 1))
+        done
+    fi
+    BULK_DURATION=$((DURATION / 2 < 2 ? 2 : DURATION / 2))
+    ESTIMATE=$(estimate_seconds "$DURATION")
+    ((ESTIMATE <= budget)) || log "warning: estimated $((ESTIMATE / 60)) min $((ESTIMATE % 60)) s, over the $((budget / 60)) min budget"
+}
+
+raise_nofile() {
+    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    NOFILE=$(ulimit -n)
+    # Each connection takes 2 fds (client + upstream), plus a pipe (2 fds) for
+    # some of them when haproxy splices: keep MAXCONN below NOFILE/3.
+    local cap=$(((NOFILE - 400) / 3))
+    ((MAXCONN <= cap)) || MAXCONN=$cap
+    ((MAXCONN > HOLD_CONNS)) || die "ulimit -n $NOFILE allows only $MAXCONN connections per proxy; need more than $HOLD_CONNS"
+    # nginx counts both sides of a proxied connection (per worker).
+    NGINX_WORKER_CONNS=$((2 * MAXCONN))
+    ((NGINX_WORKER_CONNS <= NOFILE - 100)) || NGINX_WORKER_CONNS=$((NOFILE - 100))
+}
+
+# ---------------------------------------------------------------------------
+# Process management: every server is started by spawn and recorded in LIVE;
+# the EXIT trap kills whatever is still recorded, by PID.
+# ---------------------------------------------------------------------------
+declare -A LIVE=()
+TMP=""
+
+proc_alive() {
+    local s
+    s=$(sed -E 's/.*\) (.).*/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $s && $s != Z ]]
+}
+
+# proc_tree PID: sets TREE to PID and all its descendants (/proc/P/task/T/children).
+proc_tree() {
+    TREE=("$1")
+    local i=0 t kids
+    while ((i < ${#TREE[@]})); do
+        for t in "/proc/${TREE[i]}"/task/*/children; do
+            kids=()
+            read -r -a kids 2>/dev/null <"$t" || true
+            TREE+=("${kids[@]}")
+        done
+        i=$((i + 1))
+    done
+}
+
+# proc_sample PID: resources of PID's process tree, without forking.
+#   S_CPU  utime+stime in clock ticks (fields 14+15 of /proc/P/stat, which
+#          already covers all threads), summed over the tree
+#   S_RSS  VmRSS in KiB, summed over the tree
+#   S_FDS  open file descriptors, summed over the tree
+proc_sample() {
+    local p line f k v fds
+    S_CPU=0 S_RSS=0 S_FDS=0
+    proc_tree "$1"
+    for p in "${TREE[@]}"; do
+        read -r line 2>/dev/null <"/proc/$p/stat" || continue
+        read -r -a f <<<"${line##*) }" # f[0] is field 3: comm may hold spaces
+        S_CPU=$((S_CPU + f[11] + f[12]))
+        while read -r k v _; do
+            if [[ $k == VmRSS: ]]; then S_RSS=$((S_RSS + v)); break; fi
+        done 2>/dev/null <"/proc/$p/status" || true
+        fds=("/proc/$p/fd/"*)
+        [[ -e ${fds[0]} ]] && S_FDS=$((S_FDS + ${#fds[@]}))
+    done
+    return 0
+}
+
+# spawn NAME CMD... : run CMD in the background, output to $TMP/NAME.log; sets SPAWNED_PID.
+spawn() {
+    local name=$1; shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    SPAWNED_PID=$!
+    LIVE[$SPAWNED_PID]=$name
+}
+
+# run_client OUT ERR CMD... : run a load generator to completion, output to
+# OUT, errors to ERR. It runs in the background and is waited for so that an
+# interrupt reaches the traps at once and cleanup stops it by PID.
+run_client() {
+    local out=$1 err=$2 pid rc=0
+    shift 2
+    "$@" >"$out" 2>"$err" &
+    pid=$!
+    LIVE[$pid]=client
+    wait "$pid" || rc=$?
+    unset "LIVE[$pid]"
+    return "$rc"
+}
+
+# kill_tree PID: SIGTERM the process, SIGKILL it and its descendants if still there after 5 s.
+kill_tree() {
+    local pid=$1 pids i p left
+    proc_tree "$pid"
+    pids=("${TREE[@]}")
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        left=0
+        for p in "${pids[@]}"; do proc_alive "$p" && left=1; done
+        ((left)) || break
+        sleep 0.1
+    done
+    for p in "${pids[@]}"; do proc_alive "$p" && kill -KILL "$p" 2>/dev/null; done
+    wait "$pid" 2>/dev/null || true
+    unset "LIVE[$pid]"
+}
+
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${!LIVE[@]}"; do kill_tree "$pid"; done
+    if [[ -n $TMP && -d $TMP ]]; then
+        if ((KEEP_TMP)) || ((rc == 1)); then # keep configs and logs after an error
+            log "temp dir kept: $TMP"
+        else
+            rm -rf "$TMP"
+        fi
+    fi
+    exit "$rc"
+}
+
+free_port() { "${PY[@]}" "$HELPERS/freeports.py" 1; }
+
+is_listening() {
+    local hex
+    hex=$(printf '%04X' "$1")
+    grep -qE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:0000 0A " /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# wait_listen PORT PID NAME: until PORT listens; dies if PID exits or after 10 s.
+wait_listen() {
+    local port=$1 pid=$2 name=$3 i
+    for ((i = 0; i < 100; i++)); do
+        proc_alive "$pid" || die "$name exited during startup; log $TMP/$name.log:
+$(tail -n 20 "$TMP/$name.log" 2>/dev/null)"
+        is_listening "$port" && return 0
+        sleep 0.1
+    done
+    die "$name did not listen on 127.0.0.1:$port within 10 s; log $TMP/$name.log:
+$(tail -n 20 "$TMP/$name.log" 2>/dev/null)"
+}
+
+# http_get PORT: one HTTP/1.0 request, prints the response (5 s limit).
+http_get() {
+    # shellcheck disable=SC2016 # $1 is expanded by the inner bash
+    timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "GET / HTTP/1.0\r\nHost: bench\r\n\r\n" >&3 && cat <&3' _ "$1" 2>/dev/null || true
+}
+
+# ---------------------------------------------------------------------------
+# Backends: two nginx HTTP servers and one iperf3 server, started once.
+# ---------------------------------------------------------------------------
+nginx_user_line() { ((EUID == 0)) && echo "user $(id -un) $(id -gn);" || true; }
+
+nginx_stream_load_line() { nginx_stream_builtin || echo "load_module $NGINX_STREAM_MODULE;"; }
+
+# Each backend gets as many workers as there are cores (reuseport spreads
+# connections over them): the direct row sends all its load to one backend,
+# and with a single worker it would measure that worker, not the path without
+# a proxy (on 2 cores: ~40k instead of ~90k keep-alive req/s).
+start_backend_http() {
+    local name=$1 port=$2 body=$3 dir=$TMP/$1
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+$(nginx_user_line)
+worker_processes $WORKERS;
+worker_rlimit_nofile $NOFILE;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 16384; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+    client_header_timeout 600s;
+    server {
+        listen 127.0.0.1:$port backlog=$BACKLOG reuseport;
+        location / {
+            default_type text/plain;
+            return 200 "$body\n";
+        }
+    }
+}
+EOF
+    spawn "$name" nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;'
+    wait_listen "$port" "$SPAWNED_PID" "$name"
+    http_get "$port" | grep -q "$body" || die "backend $name on port $port does not answer '$body'"
+}
+
+start_backends() {
+    local ports
+    mapfile -t ports < <("${PY[@]}" "$HELPERS/freeports.py" 3)
+    PORT_A=${ports[0]} PORT_B=${ports[1]} PORT_IPERF=${ports[2]}
+    start_backend_http backend-a "$PORT_A" "Server A"
+    start_backend_http backend-b "$PORT_B" "Server B"
+    spawn iperf3-server iperf3 -s -B 127.0.0.1 -p "$PORT_IPERF"
+    wait_listen "$PORT_IPERF" "$SPAWNED_PID" iperf3-server
+    log "backends: nginx A :$PORT_A, nginx B :$PORT_B, iperf3 :$PORT_IPERF"
+}
+
+# ---------------------------------------------------------------------------
+# Rows. start_<kind> NAME PORT EXTRA BACKEND... starts one proxy listening on
+# 127.0.0.1:PORT and sets SPAWNED_PID.
+# ---------------------------------------------------------------------------
+# lb_optional_args: "--no-health-check --stats-period 0", minus whichever of
+# these flags the lb binary does not know yet (older builds lack them).
+lb_optional_args() {
+    LB_OPTIONAL_ARGS=()
+    if lb_has_flag --no-health-check; then
+        LB_OPTIONAL_ARGS+=(--no-health-check)
+    else
+        log "note: $LB_BIN has no --no-health-check yet; running it without"
+    fi
+    if lb_has_flag --stats-period; then
+        LB_OPTIONAL_ARGS+=(--stats-period 0)
+    else
+        log "note: $LB_BIN has no --stats-period yet; running it without"
+    fi
+}
+
+start_lb() {
+    local name=$1 port=$2 extra=$3; shift 3
+    local extra_args=()
+    read -r -a extra_args <<<"$extra"
+    spawn "$name" "$LB_BIN" -p "$port" --bind 127.0.0.1 -b "$@" \
+        --workers "$WORKERS" --max-connections "$MAXCONN" --buffer-size "$BUFSIZE" \
+        --connection-timeout "$CONNECT_TIMEOUT" --idle-timeout "$IDLE_TIMEOUT" \
+        "${LB_OPTIONAL_ARGS[@]}" "${extra_args[@]}"
+}
+
+start_haproxy() {
+    local name=$1 port=$2 extra=$3; shift 3
+    local dir=$TMP/$name b i=0
+    mkdir -p "$dir"
+    {
+        cat <<EOF
+global
+    nbthread $WORKERS
+    maxconn $MAXCONN
+    tune.bufsize $BUFSIZE
+    pidfile $dir/haproxy.pid
+
+defaults
+    mode tcp
+    maxconn $MAXCONN
+    timeout connect ${CONNECT_TIMEOUT}s
+    timeout client ${IDLE_TIMEOUT}s
+    timeout server ${IDLE_TIMEOUT}s
+
+listen bench
+    bind 127.0.0.1:$port
+    backlog $BACKLOG
+    balance leastconn
+EOF
+        tr ';' '\n' <<<"$extra" | sed -e 's/^ *//' -e '/^$/d' -e 's/^/    /'
+        for b in "$@"; do
+            echo "    server s$((i++)) $b"
+        done
+    } >"$dir/haproxy.cfg"
+    haproxy -c -q -f "$dir/haproxy.cfg" >"$dir/check.log" 2>&1 || die "haproxy config check failed ($dir/haproxy.cfg):
+$(cat "$dir/check.log")"
+    spawn "$name" haproxy -db -f "$dir/haproxy.cfg"
+}
+
+start_nginx() {
+    local name=$1 port=$2 extra=$3; shift 3
+    local dir=$TMP/$name b
+    mkdir -p "$dir"
+    {
+        cat <<EOF
+$(nginx_stream_load_line)
+$(nginx_user_line)
+worker_processes $WORKERS;
+worker_rlimit_nofile $NOFILE;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections $NGINX_WORKER_CONNS; }
+stream {
+    upstream bench {
+        least_conn;
+EOF
+        for b in "$@"; do echo "        server $b;"; done
+        cat <<EOF
+    }
+    server {
+        listen 127.0.0.1:$port backlog=$BACKLOG;
+        proxy_pass bench;
+        proxy_connect_timeout ${CONNECT_TIMEOUT}s;
+        proxy_timeout ${IDLE_TIMEOUT}s;
+        proxy_buffer_size $((BUFSIZE / 1024))k;
+EOF
+        tr ';' '\n' <<<"$extra" | sed -e 's/^ *//' -e '/^$/d' -e 's/^/        /' -e 's/$/;/'
+        echo "    }"
+        echo "}"
+    } >"$dir/nginx.conf"
+    nginx -t -q -p "$dir" -c "$dir/nginx.conf" >"$dir/check.log" 2>&1 || die "nginx config check failed ($dir/nginx.conf):
+$(cat "$dir/check.log")"
+    spawn "$name" nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;'
+}
+
+# start_row ROW MODE: MODE is http (backends A+B) or bulk (the iperf3 server only:
+# its control and data connections must reach the same server). Sets TARGET_PORT
+# (where the load goes) and PROXY_PID (empty for direct).
+start_row() {
+    local row=$1 mode=$2 kind=${ROW_KIND[$1]} backends
+    if [[ $mode == http ]]; then
+        backends=("127.0.0.1:$PORT_A" "127.0.0.1:$PORT_B")
+    else
+        backends=("127.0.0.1:$PORT_IPERF")
+    fi
+    if [[ $kind == direct ]]; then
+        TARGET_PORT=${backends[0]##*:}
+        PROXY_PID=""
+        return
+    fi
+    TARGET_PORT=$(free_port)
+    "start_$kind" "$row-$mode" "$TARGET_PORT" "${ROW_EXTRA[$row]}" "${backends[@]}"
+    PROXY_PID=$SPAWNED_PID
+    wait_listen "$TARGET_PORT" "$PROXY_PID" "$row-$mode"
+    if [[ $mode == http ]]; then
+        http_get "$TARGET_PORT" | grep -qE 'Server [AB]' \
+            || die "$row does not proxy HTTP on port $TARGET_PORT; log $TMP/$row-$mode.log:
+$(tail -n 20 "$TMP/$row-$mode.log" 2>/dev/null)"
+    fi
+}
+
+stop_row() {
+    [[ -n $PROXY_PID ]] && kill_tree "$PROXY_PID"
+    PROXY_PID=""
+}
+
+# ---------------------------------------------------------------------------
+# Measurements. Each records "round row metric value" lines into $RAW.
+# ---------------------------------------------------------------------------
+record() { printf '%s\t%s\t%s\t%s\n' "$ROUND" "$ROW" "$1" "$2" >>"$RAW"; }
+
+calc() { awk "BEGIN { printf \"%.4f\", $1 }"; }
+
+# cpu_ticks: sets CPU to the proxy's CPU clock ticks so far (0 for direct).
+cpu_ticks() {
+    CPU=0
+    [[ -z $PROXY_PID ]] && return 0
+    proc_sample "$PROXY_PID"
+    CPU=$S_CPU
+}
+
+# measure_wrk ka|cc: keep-alive or one connection per request.
+measure_wrk() {
+    local label=$1 out=$TMP/wrk-$ROUND-$ROW-$1.txt hdr=() c0 c1 rps reqs p50 p99 errs
+    [[ $label == cc ]] && hdr=(-H 'Connection: close')
+    cpu_ticks
+    c0=$CPU
+    run_client "$out" "$out.err" timeout $((DURATION + 30)) wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" \
+        --latency "${hdr[@]}" "http://127.0.0.1:$TARGET_PORT/" || die "wrk failed for $ROW ($label):
+$(cat "$out" "$out.err")"
+    cpu_ticks
+    c1=$CPU
+    read -r rps reqs p50 p99 errs < <("${PY[@]}" "$HELPERS/parse.py" wrk "$out") \
+        || die "cannot parse wrk output $out"
+    ((reqs > 0)) || die "wrk made no requests through $ROW ($label): $out"
+    record "${label}_rps" "$rps"
+    record "${label}_p50_ms" "$p50"
+    record "${label}_p99_ms" "$p99"
+    record "${label}_errors" "$errs"
+    [[ -n $PROXY_PID ]] && record "${label}_cpu_us_per_req" "$(calc "($c1 - $c0) * 1000000 / $CLK_TCK / $reqs")"
+    log "  $ROW $label: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, errors $errs"
+}
+
+# measure_bulk fwd|rev: iperf3 client -> target -> iperf3 server (rev: -R).
+measure_bulk() {
+    local label=$1 out=$TMP/iperf-$ROUND-$ROW-$1.json rev=() c0 c1 gbps bytes
+    [[ $label == rev ]] && rev=(-R)
+    cpu_ticks
+    c0=$CPU
+    run_client "$out" "$out.err" timeout $((BULK_DURATION + 30)) \
+        iperf3 -c 127.0.0.1 -p "$TARGET_PORT" -t "$BULK_DURATION" -J "${rev[@]}" || die "iperf3 failed for $ROW ($label):
+$(cat "$out.err"; "${PY[@]}" "$HELPERS/parse.py" iperf "$out" 2>&1)"
+    cpu_ticks
+    c1=$CPU
+    read -r gbps bytes < <("${PY[@]}" "$HELPERS/parse.py" iperf "$out") || die "cannot parse iperf3 output $out"
+    record "${label}_gbps" "$gbps"
+    [[ -n $PROXY_PID ]] && record "${label}_cpu_ms_per_gb" "$(calc "($c1 - $c0) * 1000 / $CLK_TCK / ($bytes / 1e9)")"
+    log "  $ROW $label: $gbps Gbit/s"
+    sleep 0.3 # let the iperf3 server finish the test before the next one
+}
+
+# measure_hold: proxy RSS idle, then holding HOLD_CONNS idle client connections.
+measure_hold() {
+    [[ -n $PROXY_PID ]] || return 0
+    local ready=$TMP/hold.ready hpid i rss0 fd0 rss1 fds est failed target
+    sleep 0.3
+    proc_sample "$PROXY_PID"
+    rss0=$S_RSS fd0=$S_FDS
+    rm -f "$ready"
+    spawn "hold-$ROUND-$ROW" "${PY[@]}" "$HELPERS/hold.py" --port "$TARGET_PORT" --count "$HOLD_CONNS" \
+        --ready-file "$ready" --connect-timeout 30 --max-hold 90
+    hpid=$SPAWNED_PID
+    for ((i = 0; i < 400; i++)); do
+        [[ -s $ready ]] && break
+        proc_alive "$hpid" || break
+        sleep 0.1
+    done
+    [[ -s $ready ]] || die "hold.py did not get ready against $ROW; log $TMP/hold-$ROUND-$ROW.log:
+$(tail -n 20 "$TMP/hold-$ROUND-$ROW.log")"
+    read -r _ est failed <"$ready"
+    # Ready when the proxy holds both sides (client + upstream) of ~every connection.
+    target=$((fd0 + 2 * est * 99 / 100))
+    for ((i = 0; i < 150; i++)); do
+        proc_sample "$PROXY_PID"
+        rss1=$S_RSS fds=$S_FDS
+        ((fds >= target)) && break
+        sleep 0.1
+    done
+    ((fds >= target)) || log "  warning: $ROW holds only $((fds - fd0)) fds for $est connections"
+    sleep 0.5
+    proc_sample "$PROXY_PID"
+    rss1=$S_RSS fds=$S_FDS
+    kill_tree "$hpid"
+    record rss_idle_kib "$rss0"
+    record rss_held_kib "$rss1"
+    record held_conns "$est"
+    record kib_per_conn "$(calc "($rss1 - $rss0) / $HOLD_CONNS")"
+    ((failed == 0)) || log "  warning: $failed of $HOLD_CONNS connections to $ROW failed"
+    log "  $ROW hold: rss idle $rss0 KiB, holding $est conns $rss1 KiB, $(calc "($rss1 - $rss0) / $HOLD_CONNS") KiB/conn"
+    # Let the proxy close the upstream sides before the next measurement.
+    for ((i = 0; i < 150; i++)); do
+        proc_sample "$PROXY_PID"
+        rss1=$S_RSS fds=$S_FDS
+        ((fds <= fd0 + 16)) && break
+        sleep 0.1
+    done
+    sleep 0.3
+}
+
+run_row() {
+    ROW=$1
+    log "round $ROUND/$ROUNDS: $ROW"
+    start_row "$ROW" http
+    measure_hold
+    measure_wrk ka
+    measure_wrk cc
+    stop_row
+    start_row "$ROW" bulk
+    measure_bulk fwd
+    measure_bulk rev
+    stop_row
+}
+
+# busy_percent: CPU busy % of the whole machine over one second (before we start).
+busy_percent() {
+    local a b
+    read -r -a a < <(head -n1 /proc/stat)
+    sleep 1
+    read -r -a b < <(head -n1 /proc/stat)
+    local i tot=0 idle
+    for ((i = 1; i < ${#a[@]}; i++)); do tot=$((tot + b[i] - a[i])); done
+    idle=$((b[4] - a[4] + b[5] - a[5]))
+    ((tot > 0)) && echo $((100 * (tot - idle) / tot)) || echo 0
+}
+
+# warm_up: a short unmeasured keep-alive run straight at a backend, so that the
+# first row does not pay for cold caches and sleeping CPUs.
+warm_up() {
+    run_client "$TMP/warm-up.txt" "$TMP/warm-up.err" timeout 30 wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d2s \
+        "http://127.0.0.1:$PORT_A/" || die "warm-up wrk against backend A failed: $(cat "$TMP/warm-up.txt" "$TMP/warm-up.err")"
+}
+
+# ---------------------------------------------------------------------------
+# Metadata and report
+# ---------------------------------------------------------------------------
+first_line() { "$@" 2>&1 | sed -n '1{s/[[:space:]]*$//;p}' || true; }
+
+write_meta() {
+    local has_lb=0 r
+    for r in "${ROWS[@]}"; do [[ ${ROW_KIND[$r]} == lb ]] && has_lb=1; done
+    {
+        printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
+        printf 'machine\t%s cores, %s\n' "$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+        printf 'kernel\t%s\n' "$(uname -r)"
+        printf 'haproxy\t%s\n' "$(first_line haproxy -v)"
+        printf 'nginx\t%s\n' "$(first_line nginx -v)"
+        printf 'wrk\t%s\n' "$(first_line wrk -v)"
+        printf 'iperf3\t%s\n' "$(first_line iperf3 --version)"
+        if ((has_lb)); then
+            printf 'lb\t%s (%s)\n' "$(first_line "$LB_BIN" --version)" "$LB_BIN"
+        fi
+        printf 'rustc\t%s\n' "$(command -v rustc >/dev/null && first_line rustc --version || echo n/a)"
+        printf 'gnuplot\t%s\n' "$(first_line gnuplot --version)"
+        printf 'python3\t%s\n' "$(first_line "${PY[0]}" --version)"
+        printf 'machine busy before start\t%s%% CPU, load average %s\n' "$BUSY_BEFORE" "$(cut -d' ' -f1-3 /proc/loadavg)"
+        printf 'rounds\t%s\n' "$ROUNDS"
+        printf 'rows\t%s\n' "$(IFS=,; echo "${ROWS[*]}")"
+        printf 'kinds\t%s\n' "$(for r in "${ROWS[@]}"; do printf '%s=%s,' "$r" "${ROW_KIND[$r]}"; done | sed 's/,$//')"
+        printf 'wrk args\t-t%s -c%s -d%ss --latency (conn/request: -H '"'"'Connection: close'"'"')\n' "$WRK_THREADS" "$WRK_CONNS" "$DURATION"
+        printf 'iperf3 args\t-t %s -J, forward and -R\n' "$BULK_DURATION"
+        printf 'settings\tworkers/nbthread/worker_processes %s, buffer %s B, connect timeout %ss, idle timeout %ss, maxconn %s, held connections %s\n' \
+            "$WORKERS" "$BUFSIZE" "$CONNECT_TIMEOUT" "$IDLE_TIMEOUT" "$MAXCONN" "$HOLD_CONNS"
+        printf 'command\tscripts/bench.sh %s\n' "$ARGS_STR"
+        printf 'raw\t%s\n' "$(basename "$RAW")"
+    } >"$META"
+}
+
+make_report() {
+    "${PY[@]}" "$HELPERS/report.py" --raw "$RAW" --meta "$META" --md "$OUT_DIR/results.md" \
+        --chart-data "$TMP/chart.dat" --chart-script "$TMP/chart.gp" --chart-png "$OUT_DIR/chart.png" \
+        || die "report.py failed"
+    gnuplot "$TMP/chart.gp" 2>"$TMP/gnuplot.log" || die "gnuplot failed: $(cat "$TMP/gnuplot.log")"
+    echo
+    cat "$OUT_DIR/results.md"
+    echo
+    log "wrote $OUT_DIR/results.md, $OUT_DIR/chart.png, $RAW"
+}
+
+main() {
+    ARGS_STR="$*"
+    parse_args "$@"
+    install_deps
+    # The helpers need only the stdlib: run the interpreter itself (not a
+    # version-manager shim) without site-packages, so each call starts fast.
+    PY=("$(python3 -c 'import sys; print(sys.executable)')" -S)
+    ensure_lb
+    ((${#ROWS[@]})) || die "no rows left to run"
+    fit_durations
+    raise_nofile
+    CLK_TCK=$(getconf CLK_TCK)
+
+    TMP=$(mktemp -d "${TMPDIR:-/tmp}/lb-bench.XXXXXX")
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+
+    mkdir -p "$OUT_DIR"
+    RAW=$OUT_DIR/raw-$(date -u +%Y%m%dT%H%M%SZ).tsv
+    META=$TMP/meta.tsv
+    printf 'round\trow\tmetric\tvalue\n' >"$RAW"
+
+    log "rows: ${ROWS[*]}; $ROUNDS round(s); wrk ${DURATION}s, iperf3 ${BULK_DURATION}s; estimated $((ESTIMATE / 60)) min $((ESTIMATE % 60)) s"
+    BUSY_BEFORE=$(busy_percent)
+    ((BUSY_BEFORE < 20)) || log "warning: the machine is already ${BUSY_BEFORE}% busy before the benchmark; results will be noisy"
+    start_backends
+    write_meta
+    warm_up
+
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        for r in "${ROWS[@]}"; do run_row "$r"; done
+    done
+    ROUND=0 ROW=""
+    printf 'load average at end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$META"
+    make_report
+}
+
+main "$@"

@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""Turn bench.sh raw samples into results.md and a gnuplot chart (stdlib only).
+
+usage: report.py --raw RAW.tsv --meta META.tsv --md OUT.md
+                 --chart-data DAT --chart-script GP --chart-png PNG
+
+RAW.tsv:  header + lines "round<TAB>row<TAB>metric<TAB>value".
+META.tsv: lines "key<TAB>value" (machine, versions, settings, rows, kinds).
+Reports the median over rounds of every (row, metric), ratios of each lb row
+against the rows of other kinds, whether lb meets the targets of issue 5, and
+writes a gnuplot script drawing req/s, conn/s and Gbit/s bars per row (run it
+with gnuplot to get the PNG).
+"""
+import argparse
+import statistics
+import sys
+from collections import OrderedDict, defaultdict
+
+# (metric, column title, decimals, better: "higher" | "lower" | "")
+THROUGHPUT = [
+    ("ka_rps", "keep-alive req/s", 0, "higher"),
+    ("ka_p50_ms", "ka p50 ms", 3, "lower"),
+    ("ka_p99_ms", "ka p99 ms", 3, "lower"),
+    ("cc_rps", "conn/s (1 req/conn)", 0, "higher"),
+    ("cc_p50_ms", "cc p50 ms", 3, "lower"),
+    ("cc_p99_ms", "cc p99 ms", 3, "lower"),
+    ("fwd_gbps", "bulk fwd Gbit/s", 2, "higher"),
+    ("rev_gbps", "bulk rev Gbit/s", 2, "higher"),
+    ("ka_errors", "ka errors", 0, ""),
+    ("cc_errors", "cc errors", 0, ""),
+]
+COST = [
+    ("ka_cpu_us_per_req", "CPU µs/req keep-alive", 2, "lower"),
+    ("cc_cpu_us_per_req", "CPU µs/req conn/req", 2, "lower"),
+    ("fwd_cpu_ms_per_gb", "CPU ms/GB fwd", 1, "lower"),
+    ("rev_cpu_ms_per_gb", "CPU ms/GB rev", 1, "lower"),
+    ("rss_idle_kib", "RSS idle KiB", 0, "lower"),
+    ("rss_held_kib", "RSS holding conns KiB", 0, "lower"),
+    ("held_conns", "held conns", 0, ""),
+    ("kib_per_conn", "KiB per held conn", 2, "lower"),
+]
+SPREAD = [("ka_rps", "keep-alive req/s"), ("cc_rps", "conn/s"),
+          ("fwd_gbps", "bulk fwd"), ("rev_gbps", "bulk rev")]
+RATIO_METRICS = [m for m in THROUGHPUT + COST if m[3]]
+TITLES = {m: t for m, t, _, _ in THROUGHPUT + COST}
+
+# Targets (issue 5): (lb row role, metric, relation, factor, compared with).
+#   role "lb": the row named lb (lb's defaults); "copy": lb-splice-never if
+#   present (the copy path), else lb.
+#   relation ">=": lb >= factor * other; "<=": lb <= factor * other.
+#   compared with: a row kind (every row of that kind), a row name, or a
+#   number (an absolute limit).
+TARGETS = [
+    ("lb", "ka_rps", ">=", 1.2, "haproxy"),
+    ("lb", "ka_rps", ">=", 1.2, "nginx"),
+    ("lb", "ka_cpu_us_per_req", "<=", 0.8, "haproxy"),
+    ("lb", "cc_rps", ">=", 1.15, "haproxy"),
+    ("copy", "fwd_gbps", ">=", 1.1, "haproxy-nosplice"),
+    ("copy", "rev_gbps", ">=", 1.1, "haproxy-nosplice"),
+    ("copy", "fwd_cpu_ms_per_gb", "<=", 1.0, "haproxy-nosplice"),
+    ("copy", "rev_cpu_ms_per_gb", "<=", 1.0, "haproxy-nosplice"),
+    ("lb", "ka_p99_ms", "<=", 1.0, "haproxy"),
+    ("lb", "kib_per_conn", "<=", None, 1.5),
+]
+
+SYMBOL = {">=": "≥", "<=": "≤"}
+
+
+def targets(rows, kinds, med):
+    """Markdown lines judging each target on the medians; [] without an lb row."""
+    lb_rows = [r for r in rows if kinds.get(r) == "lb"]
+    if not lb_rows:
+        return []
+    main = "lb" if "lb" in lb_rows else lb_rows[0]
+    copy = "lb-splice-never" if "lb-splice-never" in lb_rows else main
+    out = ["## Targets (issue 5), judged on the medians above", "",
+           "| target | lb row | lb | other | lb/other | met |", "|---|---|---|---|---|---|"]
+    for role, m, rel, factor, against in TARGETS:
+        row = main if role == "lb" else copy
+        mine = med.get((row, m))
+        if isinstance(against, (int, float)):
+            others = [(None, float(against))]
+        elif against in rows:
+            others = [(against, med.get((against, m)))]
+        else:
+            others = [(r, med.get((r, m))) for r in rows if kinds.get(r) == against]
+        for other, val in others:
+            if mine is None or val is None:
+                continue
+            if other is None:
+                label = f"{TITLES[m]} {SYMBOL[rel]} {val:g}"
+                ok = mine >= val if rel == ">=" else mine <= val
+                cells = [label, f"`{row}`", f"{mine:,.2f}", "—", "—"]
+            else:
+                label = f"{TITLES[m]} {SYMBOL[rel]} {factor:g} × `{other}`"
+                ok = mine >= factor * val if rel == ">=" else mine <= factor * val
+                ratio = f"{mine / val:.2f}" if val else "—"
+                cells = [label, f"`{row}`", f"{mine:,.2f}", f"{val:,.2f}", ratio]
+            out.append("| " + " | ".join(cells + ["yes" if ok else "**no**"]) + " |")
+    out.append("")
+    return out
+
+
+def load_raw(path):
+    samples = defaultdict(list)  # (row, metric) -> [values]
+    with open(path) as f:
+        header = f.readline()
+        if not header.startswith("round"):
+            sys.exit(f"report.py: {path} has no header line")
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 4:
+                continue
+            _, row, metric, value = parts
+            try:
+                samples[(row, metric)].append(float(value))
+            except ValueError:
+                continue
+    return samples
+
+
+def load_meta(path):
+    meta = OrderedDict()
+    with open(path) as f:
+        for line in f:
+            if "\t" in line:
+                k, v = line.rstrip("\n").split("\t", 1)
+                meta[k] = v
+    return meta
+
+
+def fmt(v, decimals):
+    if v is None:
+        return "—"
+    if decimals == 0:
+        return f"{v:,.0f}"
+    return f"{v:,.{decimals}f}"
+
+
+def table(rows, metrics, med):
+    head = ["row"] + [title for _, title, _, _ in metrics]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r}`"] + [fmt(med.get((r, m)), d) for m, _, d, _ in metrics]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    for opt in ("--raw", "--meta", "--md", "--chart-data", "--chart-script", "--chart-png"):
+        ap.add_argument(opt, required=True)
+    a = ap.parse_args()
+
+    samples = load_raw(a.raw)
+    meta = load_meta(a.meta)
+    rows = [r for r in meta.get("rows", "").split(",") if r]
+    kinds = dict(kv.split("=", 1) for kv in meta.get("kinds", "").split(",") if "=" in kv)
+    if not samples:
+        sys.exit("report.py: no samples in " + a.raw)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+
+    md = ["# lb benchmark results", ""]
+    md.append(f"Latest run of `scripts/bench.sh`: {meta.get('date', '?')}. "
+              f"Median of {meta.get('rounds', '?')} round(s); rows run one at a time, "
+              "alternating per round. Everything on 127.0.0.1; load generators, "
+              "backends and proxy share the same cores (no pinning).")
+    md.append("")
+    md.append("## Throughput and latency")
+    md.append("")
+    md += table(rows, THROUGHPUT, med)
+    md.append("")
+    md.append("## Proxy cost (CPU: user+system of all proxy processes; RSS: sum of VmRSS)")
+    md.append("")
+    md += table([r for r in rows if kinds.get(r) != "direct"], COST, med)
+    md.append("")
+
+    if any(len(samples.get((r, m), [])) > 1 for r in rows for m, _ in SPREAD):
+        md.append("## Spread across rounds: (max - min) / median")
+        md.append("")
+        md.append("Large values mean the machine was noisy; compare rows with care.")
+        md.append("")
+        md.append("| row | " + " | ".join(t for _, t in SPREAD) + " |")
+        md.append("|" + "---|" * (len(SPREAD) + 1))
+        for r in rows:
+            cells = []
+            for m, _ in SPREAD:
+                v = samples.get((r, m), [])
+                mid = statistics.median(v) if v else 0
+                cells.append(f"{100 * (max(v) - min(v)) / mid:.0f}%" if len(v) > 1 and mid else "—")
+            md.append(f"| `{r}` | " + " | ".join(cells) + " |")
+        md.append("")
+
+    lb_rows = [r for r in rows if kinds.get(r) == "lb"]
+    for lb in lb_rows:
+        cmp_rows = [r for r in rows if kinds.get(r) != "lb"]
+        if not cmp_rows:
+            continue
+        md.append(f"## Ratios `{lb}` / other rows")
+        md.append("")
+        md.append("Above 1 is better for lb where higher is better (req/s, Gbit/s), "
+                  "below 1 is better where lower is better (latency, CPU, memory).")
+        md.append("")
+        head = ["figure", "better"] + [f"{lb}/{r}" for r in cmp_rows]
+        md.append("| " + " | ".join(head) + " |")
+        md.append("|" + "---|" * len(head))
+        for m, title, _, better in RATIO_METRICS:
+            ratios = []
+            mine = med.get((lb, m))
+            for r in cmp_rows:
+                other = med.get((r, m))
+                if mine is None or other is None or other == 0:
+                    ratios.append("—")
+                else:
+                    ratios.append(f"{mine / other:.2f}")
+            if any(x != "—" for x in ratios):
+                md.append("| " + " | ".join([title, better] + ratios) + " |")
+        md.append("")
+
+    md += targets(rows, kinds, med)
+
+    md.append("## Setup")
+    md.append("")
+    for k, v in meta.items():
+        if k in ("date", "kinds"):
+            continue
+        md.append(f"- **{k}**: `{v}`")
+    md.append("")
+    md.append("Bulk: iperf3 client -> proxy -> iperf3 server, the proxy having that server "
+              "as its only backend; `fwd` = client sends, `rev` = `-R`. GB = 10^9 bytes "
+              "received. Held connections: idle TCP connections opened by "
+              "`scripts/bench/hold.py`, proxied to the nginx backends; KiB per held conn = "
+              "(RSS holding - RSS idle) / held connections. CPU per request counts the "
+              "proxy only (not wrk or the backends).")
+    md.append("")
+    md.append("![chart](chart.png)")
+    md.append("")
+    with open(a.md, "w") as f:
+        f.write("\n".join(md))
+
+    # Chart data: row, ka_rps, cc_rps, fwd_gbps, rev_gbps, CPU per request
+    # keep-alive and conn/req ('?' = missing).
+    def val(r, m):
+        v = med.get((r, m))
+        return "?" if v is None else f"{v:.4f}"
+
+    with open(a.chart_data, "w") as f:
+        f.write("# row ka_rps cc_rps fwd_gbps rev_gbps ka_cpu_us cc_cpu_us\n")
+        for r in rows:
+            f.write(f"\"{r}\" {val(r, 'ka_rps')} {val(r, 'cc_rps')} "
+                    f"{val(r, 'fwd_gbps')} {val(r, 'rev_gbps')} "
+                    f"{val(r, 'ka_cpu_us_per_req')} {val(r, 'cc_cpu_us_per_req')}\n")
+
+    n = len(rows)
+    title = (f"lb benchmark, {meta.get('machine', '')}, kernel {meta.get('kernel', '')}, "
+             f"median of {meta.get('rounds', '?')} round(s), {meta.get('date', '')}")
+    dat = a.chart_data
+    gp = f"""set terminal pngcairo size 1600,1100 font "DejaVu Sans,10"
+set output "{a.chart_png}"
+set datafile missing "?"
+set style fill solid 0.85 border -1
+set grid ytics lc rgb "#dddddd"
+set xtics rotate by -30 left nomirror
+set ytics nomirror
+set xrange [-0.6:{n - 0.4}]
+set yrange [0:*]
+set offsets 0, 0, graph 0.12, 0
+set key top right
+set multiplot layout 2,2 title "{title}"
+set title "HTTP keep-alive (wrk -c64)"
+set ylabel "requests/s"
+set boxwidth 0.6
+plot "{dat}" using 0:2:xtic(1) with boxes lc rgb "#4477aa" notitle, \\
+     "" using 0:2:(sprintf("%.0fk", $2/1000)) with labels offset 0,0.8 notitle
+set title "New connection per request (Connection: close)"
+set ylabel "connections/s"
+plot "{dat}" using 0:3:xtic(1) with boxes lc rgb "#228833" notitle, \\
+     "" using 0:3:(sprintf("%.1fk", $3/1000)) with labels offset 0,0.8 notitle
+set title "Bulk (iperf3 through the proxy)"
+set ylabel "Gbit/s"
+set boxwidth 0.36
+plot "{dat}" using ($0-0.19):4:xtic(1) with boxes lc rgb "#ee6677" title "client->server", \\
+     "" using ($0+0.19):5 with boxes lc rgb "#ccbb44" title "server->client (-R)", \\
+     "" using ($0-0.19):4:(sprintf("%.1f", $4)) with labels offset 0,0.8 font ",8" notitle, \\
+     "" using ($0+0.19):5:(sprintf("%.1f", $5)) with labels offset 0,0.8 font ",8" notitle
+set title "Proxy CPU (user+system) per request: lower is better"
+set ylabel "CPU µs per request"
+plot "{dat}" using ($0-0.19):6:xtic(1) with boxes lc rgb "#66ccee" title "keep-alive", \\
+     "" using ($0+0.19):7 with boxes lc rgb "#aa3377" title "one connection per request", \\
+     "" using ($0-0.19):6:(sprintf("%.1f", $6)) with labels offset 0,0.8 font ",8" notitle, \\
+     "" using ($0+0.19):7:(sprintf("%.0f", $7)) with labels offset 0,0.8 font ",8" notitle
+unset multiplot
+"""
+    with open(a.chart_script, "w") as f:
+        f.write(gp)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+//! When one relay direction should move its bytes by splice(2) through a
+//! pipe and when by copying through a buffer: a pure policy fed with the
+//! size of each read, free of I/O so it can be tested alone. The relay
+//! asks [`SplicePolicy::wants_splice`] only when nothing is pending in the
+//! current mechanism, so acting on the answer never reorders bytes.
+
+use crate::config::SpliceMode;
+
+/// Consecutive reads that filled the whole buffer before a copying
+/// direction is treated as bulk. Four 32 KiB reads: a typical HTTP
+/// response never gets there, a download does within its first 128 KiB.
+pub const FULL_READS_TO_SPLICE: u8 = 4;
+/// Consecutive small splices before a direction goes back to copying,
+/// where a small message costs fewer syscalls (no pipe round trip).
+pub const SMALL_READS_TO_COPY: u8 = 8;
+/// A splice is small below this fraction of the pipe's room.
+const SMALL_FRACTION: usize = 4;
+
+/// What the direction should use next, and the evidence gathered so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// Copy; `full_reads` consecutive reads filled the buffer.
+    Copy { full_reads: u8 },
+    /// Splice; `small_reads` consecutive splices were small.
+    Splice { small_reads: u8 },
+    /// Copy for good: `--splice never`, or splice proved unsupported.
+    CopyOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplicePolicy {
+    mode: SpliceMode,
+    want: Want,
+}
+
+impl SplicePolicy {
+    pub fn new(mode: SpliceMode) -> SplicePolicy {
+        let want = match mode {
+            SpliceMode::Never => Want::CopyOnly,
+            SpliceMode::Auto => Want::Copy { full_reads: 0 },
+            SpliceMode::Always => Want::Splice { small_reads: 0 },
+        };
+        SplicePolicy { mode, want }
+    }
+
+    pub fn wants_splice(&self) -> bool {
+        matches!(self.want, Want::Splice { .. })
+    }
+
+    /// A copy read of `n` bytes into a buffer of `room` bytes.
+    #[inline]
+    pub fn copied(&mut self, n: usize, room: usize) {
+        if let Want::Copy { full_reads } = &mut self.want {
+            if n < room {
+                *full_reads = 0;
+            } else if *full_reads + 1 >= FULL_READS_TO_SPLICE {
+                self.want = Want::Splice { small_reads: 0 };
+            } else {
+                *full_reads += 1;
+            }
+        }
+    }
+
+    /// A splice of `n` bytes into a pipe with `room` bytes free.
+    #[inline]
+    pub fn spliced(&mut self, n: usize, room: usize) {
+        if self.mode != SpliceMode::Auto {
+            return;
+        }
+        if let Want::Splice { small_reads } = &mut self.want {
+            if n.saturating_mul(SMALL_FRACTION) >= room {
+                *small_reads = 0;
+            } else if *small_reads + 1 >= SMALL_READS_TO_COPY {
+                self.want = Want::Copy { full_reads: 0 };
+            } else {
+                *small_reads += 1;
+            }
+        }
+    }
+
+    /// No pipe was available: copy, and try again only once the flow has
+    /// proved itself bulk anew, so a busy pool is not asked on every read.
+    pub fn exhausted(&mut self) {
+        if self.want != Want::CopyOnly {
+            self.want = Want::Copy { full_reads: 0 };
+        }
+    }
+
+    /// Splice failed as unsupported for these sockets: copy from now on.
+    pub fn unsupported(&mut self) {
+        self.want = Want::CopyOnly;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOM: usize = 32 * 1024;
+
+    fn auto() -> SplicePolicy {
+        SplicePolicy::new(SpliceMode::Auto)
+    }
+
+    #[test]
+    fn auto_starts_on_copy_and_splices_after_consecutive_full_reads() {
+        let mut p = auto();
+        assert!(!p.wants_splice());
+        for _ in 0..FULL_READS_TO_SPLICE - 1 {
+            p.copied(ROOM, ROOM);
+            assert!(!p.wants_splice());
+        }
+        p.copied(ROOM, ROOM);
+        assert!(p.wants_splice());
+    }
+
+    #[test]
+    fn a_short_read_restarts_the_count_towards_splicing() {
+        let mut p = auto();
+        for _ in 0..10 {
+            for _ in 0..FULL_READS_TO_SPLICE - 1 {
+                p.copied(ROOM, ROOM);
+            }
+            p.copied(ROOM - 1, ROOM);
+        }
+        assert!(!p.wants_splice(), "request/response traffic never fills the buffer long enough");
+    }
+
+    #[test]
+    fn auto_goes_back_to_copy_after_consecutive_small_splices() {
+        let mut p = auto();
+        for _ in 0..FULL_READS_TO_SPLICE {
+            p.copied(ROOM, ROOM);
+        }
+        for _ in 0..SMALL_READS_TO_COPY - 1 {
+            p.spliced(100, ROOM);
+            assert!(p.wants_splice());
+        }
+        p.spliced(100, ROOM);
+        assert!(!p.wants_splice());
+    }
+
+    #[test]
+    fn a_large_splice_restarts_the_count_towards_copying() {
+        let mut p = auto();
+        for _ in 0..FULL_READS_TO_SPLICE {
+            p.copied(ROOM, ROOM);
+        }
+        for _ in 0..10 {
+            for _ in 0..SMALL_READS_TO_COPY - 1 {
+                p.spliced(1, ROOM);
+            }
+            p.spliced(ROOM / SMALL_FRACTION, ROOM);
+        }
+        assert!(p.wants_splice());
+    }
+
+    #[test]
+    fn always_splices_from_the_start_and_whatever_the_read_size() {
+        let mut p = SplicePolicy::new(SpliceMode::Always);
+        assert!(p.wants_splice());
+        for _ in 0..100 {
+            p.spliced(1, ROOM);
+        }
+        assert!(p.wants_splice());
+    }
+
+    #[test]
+    fn never_copies_whatever_the_traffic() {
+        let mut p = SplicePolicy::new(SpliceMode::Never);
+        for _ in 0..100 {
+            p.copied(ROOM, ROOM);
+        }
+        assert!(!p.wants_splice());
+    }
+
+    #[test]
+    fn exhaustion_falls_back_to_copy_until_the_flow_is_bulk_again() {
+        for mode in [SpliceMode::Always, SpliceMode::Auto] {
+            let mut p = SplicePolicy::new(mode);
+            if mode == SpliceMode::Auto {
+                for _ in 0..FULL_READS_TO_SPLICE {
+                    p.copied(ROOM, ROOM);
+                }
+            }
+            p.exhausted();
+            assert!(!p.wants_splice(), "{mode:?}");
+            for _ in 0..FULL_READS_TO_SPLICE {
+                p.copied(ROOM, ROOM);
+            }
+            assert!(p.wants_splice(), "{mode:?} retries once bulk again");
+        }
+    }
+
+    #[test]
+    fn unsupported_splice_means_copy_for_good() {
+        let mut p = SplicePolicy::new(SpliceMode::Always);
+        p.unsupported();
+        for _ in 0..100 {
+            p.copied(ROOM, ROOM);
+        }
+        p.exhausted();
+        assert!(!p.wants_splice());
+    }
+}

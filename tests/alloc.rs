@@ -19,19 +19,23 @@ use std::time::Duration;
 
 use lb::backend;
 use lb::balancer;
-use lb::config::BackendSpec;
+use lb::config::{BackendSpec, SpliceMode};
+use lb::pipe::PipePool;
 use lb::pool::BufferPool;
+use lb::session::Pools;
 use lb::shared::Shared;
 use lb::worker::{WAKER, Worker, WorkerSettings};
 use mio::{Poll, Waker};
 
 const NOT_COUNTED: usize = usize::MAX;
-const SLOT_RELAY: usize = 0;
+const SLOT_RELAY_COPY: usize = 0;
 const SLOT_PICK: usize = 1;
 const SLOT_SELF_CHECK: usize = 2;
 const SLOT_ACCEPT: usize = 3;
+const SLOT_RELAY_SPLICE: usize = 4;
+const SLOT_RELAY_AUTO: usize = 5;
 
-static COUNTS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+static COUNTS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 
 thread_local! {
     // Const-initialised and without a destructor: reading it never
@@ -98,7 +102,7 @@ struct InProcess {
 }
 
 impl InProcess {
-    fn start(backends: &[SocketAddr], slot: usize) -> InProcess {
+    fn start(backends: &[SocketAddr], slot: usize, splice: SpliceMode) -> InProcess {
         let listeners = lb::listener::bind("127.0.0.1:0".parse().expect("literal"), 1).expect("bind a loopback port");
         // Accepted sockets inherit these, which bounds what `saturate` must write.
         small_buffers(&listeners[0]);
@@ -112,14 +116,17 @@ impl InProcess {
             idle_timeout: None,
             retries: 1,
             fall: 0,
+            splice,
         };
         let s = Arc::clone(&shared);
         let thread = thread::Builder::new()
             .name("lb-worker-under-test".into())
             .spawn(move || {
                 count_this_thread(slot);
-                let pool = BufferPool::new(16 * 1024, 128);
-                let worker = Worker::new(0, poll, listeners, &s, &pool, settings, 64).expect("worker starts");
+                let buffers = BufferPool::new(16 * 1024, 128);
+                let pipes = PipePool::new(16 * 1024, 16, 16, &s.counters.pipes_open);
+                let pools = Pools { buffers: &buffers, pipes: &pipes };
+                let worker = Worker::new(0, poll, listeners, &s, pools, settings, 64).expect("worker starts");
                 worker.run();
             })
             .expect("spawn worker");
@@ -209,7 +216,21 @@ fn saturate(s: &mut TcpStream, chunk: &[u8]) -> usize {
 }
 
 #[test]
-fn relaying_an_established_connection_allocates_nothing() {
+fn relaying_an_established_connection_allocates_nothing_on_the_copy_path() {
+    relay_allocates_nothing(SLOT_RELAY_COPY, SpliceMode::Never);
+}
+
+#[test]
+fn relaying_an_established_connection_allocates_nothing_through_pipes() {
+    relay_allocates_nothing(SLOT_RELAY_SPLICE, SpliceMode::Always);
+}
+
+#[test]
+fn relaying_an_established_connection_allocates_nothing_while_switching_paths() {
+    relay_allocates_nothing(SLOT_RELAY_AUTO, SpliceMode::Auto);
+}
+
+fn relay_allocates_nothing(slot: usize, splice: SpliceMode) {
     let echo = common::backend(|mut s| {
         small_buffers(&s.stream);
         let mut buf = vec![0u8; 64 * 1024];
@@ -224,16 +245,18 @@ fn relaying_an_established_connection_allocates_nothing() {
             }
         }
     });
-    let lb = InProcess::start(&[echo.addr], SLOT_RELAY);
+    // Worker start-up allocates (its slab, its event list) on the counted
+    // thread, so the count must move by the end of warm-up: proof that the
+    // counter sees the worker at all.
+    let before_start = count(slot);
+    let lb = InProcess::start(&[echo.addr], slot, splice);
     let small = common::random_bytes(64, 1);
     let large = common::random_bytes(48 * 1024, 2);
     let chunk = common::random_bytes(16 * 1024 + 7, 3);
     let mut back = vec![0u8; 64 * 1024];
 
     // Warm-up, up to the most this pair can hold: both directions' buffers
-    // at once. The first checkout allocates on the worker thread, so the
-    // count must move here: proof that it sees the worker at all.
-    let before_warm_up = count(SLOT_RELAY);
+    // or pipes full at once.
     let mut c = common::connect(lb.addr);
     for _ in 0..50 {
         round_trip(&mut c, &small, &mut back);
@@ -241,10 +264,14 @@ fn relaying_an_established_connection_allocates_nothing() {
     }
     bulk(&c, &chunk, 64);
     saturate(&mut c, &chunk);
-    let warm_up = count(SLOT_RELAY) - before_warm_up;
-    assert!(warm_up > 0, "the counter saw no allocation by the worker, even its first buffer");
+    let warm_up = count(slot) - before_start;
+    assert!(warm_up > 0, "the counter saw no allocation by the worker thread, not even at start-up");
+    // The mode took effect: pipes exist exactly when splicing is allowed
+    // (bulk traffic above moves `auto` onto them).
+    let pipes = lb.shared.counters.pipes_open.load(Ordering::SeqCst);
+    assert_eq!(pipes > 0, splice != SpliceMode::Never, "{pipes} pipes open in mode {splice:?}");
 
-    let before = count(SLOT_RELAY);
+    let before = count(slot);
     for _ in 0..2000 {
         round_trip(&mut c, &small, &mut back);
     }
@@ -253,7 +280,7 @@ fn relaying_an_established_connection_allocates_nothing() {
     }
     bulk(&c, &chunk, 256);
     let stalled = saturate(&mut c, &chunk);
-    let during = count(SLOT_RELAY) - before;
+    let during = count(slot) - before;
     assert_eq!(
         during, 0,
         "the worker allocated {during} times while relaying (warm-up: {warm_up}; stalled at {stalled} bytes)"
@@ -265,7 +292,7 @@ fn a_new_connection_after_warm_up_allocates_nothing() {
     // Accept, pick, connect, register, relay one exchange and close: the
     // per-connection path reuses slab slots, lists and buffers.
     let echo = common::echo_backend();
-    let lb = InProcess::start(&[echo.addr], SLOT_ACCEPT);
+    let lb = InProcess::start(&[echo.addr], SLOT_ACCEPT, SpliceMode::Auto);
     let small = common::random_bytes(512, 4);
     let mut back = vec![0u8; 512];
     let one = |back: &mut [u8]| {

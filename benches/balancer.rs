@@ -19,9 +19,7 @@ fn table(n: usize) -> Vec<Backend> {
     let specs: Vec<BackendSpec> = (0..n)
         .map(|i| BackendSpec {
             name: format!("b{i}"),
-            addr: format!("127.0.0.1:{}", 10_000 + i)
-                .parse()
-                .expect("literal address"),
+            addr: format!("127.0.0.1:{}", 10_000 + i).parse().expect("literal address"),
             weight: 1 + (i % 3) as u32,
         })
         .collect();
@@ -95,10 +93,7 @@ fn contended(c: &mut Criterion) {
 
 /// Bounded so the whole `cargo bench` run takes about a minute on 2 cores.
 fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .sample_size(50)
+    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3)).sample_size(50)
 }
 
 criterion_group! {

@@ -20,10 +20,7 @@ fn checkout_and_return(c: &mut Criterion) {
 
 /// Bounded so the whole `cargo bench` run takes about a minute on 2 cores.
 fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .sample_size(50)
+    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3)).sample_size(50)
 }
 
 criterion_group! {

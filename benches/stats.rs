@@ -12,9 +12,7 @@ fn record(c: &mut Criterion) {
     c.bench_function("histogram/record", |b| {
         b.iter(|| {
             // Spread samples over many buckets, as real connect times do.
-            us = us
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            us = us.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             h.record(black_box(Duration::from_micros(us >> 44)));
         })
     });
@@ -23,10 +21,7 @@ fn record(c: &mut Criterion) {
 
 /// Bounded so the whole `cargo bench` run takes about a minute on 2 cores.
 fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .sample_size(50)
+    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3)).sample_size(50)
 }
 
 criterion_group! {

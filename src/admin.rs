@@ -58,7 +58,10 @@ pub enum Parsed {
     Partial,
     /// Malformed, or too large: answered with 400.
     Bad,
-    Request { route: Route, head_only: bool },
+    Request {
+        route: Route,
+        head_only: bool,
+    },
 }
 
 /// Parses the bytes of a request head received so far.
@@ -160,16 +163,16 @@ pub fn spawn(listener: std::net::TcpListener, shared: Arc<Shared>) -> io::Result
         scratch: vec![0; 4096].into_boxed_slice(),
     };
     server.listen();
-    thread::Builder::new()
-        .name("lb-admin".into())
-        .spawn(move || server.run(&shared))?;
+    thread::Builder::new().name("lb-admin".into()).spawn(move || server.run(&shared))?;
     Ok(())
 }
 
 #[derive(Debug)]
 enum State {
     Reading,
-    Writing { written: usize },
+    Writing {
+        written: usize,
+    },
     /// Response sent and write side shut: reading until the client closes.
     Lingering,
 }
@@ -252,11 +255,9 @@ impl Server {
                     debug!("admin endpoint: connection from {peer}");
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        Token(key),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
+                    if let Err(e) =
+                        self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
+                    {
                         warn!("admin endpoint: cannot register a connection: {e}");
                         continue;
                     }
@@ -287,8 +288,7 @@ impl Server {
     }
 
     fn check_timers(&mut self, now: Instant) {
-        let expired: Vec<usize> =
-            self.conns.iter().filter(|(_, c)| now >= c.deadline).map(|(k, _)| k).collect();
+        let expired: Vec<usize> = self.conns.iter().filter(|(_, c)| now >= c.deadline).map(|(k, _)| k).collect();
         for key in expired {
             debug!("admin endpoint: closing a connection past its deadline");
             self.close(key);
@@ -441,7 +441,11 @@ mod tests {
         assert!(text.contains("\r\nConnection: close\r\n"));
         assert!(text.ends_with("\r\n\r\nOK\n"));
         let head = response(200, TEXT, b"OK\n", true);
-        assert!(String::from_utf8(head).unwrap().ends_with("Content-Length: 3\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"));
+        assert!(
+            String::from_utf8(head)
+                .unwrap()
+                .ends_with("Content-Length: 3\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n")
+        );
         let r405 = String::from_utf8(response(405, TEXT, b"", false)).unwrap();
         assert!(r405.contains("\r\nAllow: GET, HEAD\r\n"));
     }
@@ -470,10 +474,7 @@ mod tests {
         let (_poll, s) = shared();
         assert_eq!(status_of(&answer(Parsed::Bad, &s)), 400);
         assert_eq!(status_of(&answer(Parsed::Request { route: Route::NotFound, head_only: false }, &s)), 404);
-        assert_eq!(
-            status_of(&answer(Parsed::Request { route: Route::MethodNotAllowed, head_only: false }, &s)),
-            405
-        );
+        assert_eq!(status_of(&answer(Parsed::Request { route: Route::MethodNotAllowed, head_only: false }, &s)), 405);
         let metrics = answer(Parsed::Request { route: Route::Metrics, head_only: false }, &s);
         assert_eq!(status_of(&metrics), 200);
         assert!(String::from_utf8(metrics).unwrap().contains("lb_connections_max 10\n"));

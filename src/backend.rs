@@ -18,11 +18,7 @@ use crate::stats::Histogram;
 /// the best so far, which would chain every step to the one before.
 pub fn table(specs: &[BackendSpec]) -> Vec<Backend> {
     let units = units(specs.iter().map(|s| s.weight));
-    specs
-        .iter()
-        .zip(units)
-        .map(|(spec, unit)| Backend::new(spec, unit))
-        .collect()
+    specs.iter().zip(units).map(|(spec, unit)| Backend::new(spec, unit)).collect()
 }
 
 /// `L / weight` while `L` fits in 32 bits, which covers any realistic set of
@@ -178,11 +174,7 @@ mod tests {
     use super::*;
 
     fn spec(weight: u32) -> BackendSpec {
-        BackendSpec {
-            name: "b".into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            weight,
-        }
+        BackendSpec { name: "b".into(), addr: "127.0.0.1:1".parse().unwrap(), weight }
     }
 
     fn backend() -> Backend {

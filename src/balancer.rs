@@ -44,11 +44,7 @@ fn scan(part: &[Backend], base: usize, skip: impl Fn(usize) -> bool, mut best: (
     // Any real key is below u64::MAX, so an ineligible backend never wins
     // and the first eligible one always does.
     let key = |i: usize, b: &Backend| {
-        if b.is_healthy() && !skip(i) {
-            b.load_key()
-        } else {
-            u64::MAX
-        }
+        if b.is_healthy() && !skip(i) { b.load_key() } else { u64::MAX }
     };
     let mut pairs = part.chunks_exact(2);
     let mut i = base;

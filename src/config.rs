@@ -200,27 +200,24 @@ impl fmt::Display for ConfigError {
             ConfigError::BindAddress { value } => {
                 write!(f, "--bind: '{value}' is not an IPv4 or IPv6 address")
             }
-            ConfigError::BackendFormat { value } => write!(
-                f,
-                "--backends: '{value}' is not host:port or host:port@weight"
-            ),
+            ConfigError::BackendFormat { value } => {
+                write!(f, "--backends: '{value}' is not host:port or host:port@weight")
+            }
             ConfigError::BackendPort { value } => {
                 write!(f, "--backends: '{value}' has no valid port (1-65535)")
             }
-            ConfigError::BackendWeight { value } => write!(
-                f,
-                "--backends: '{value}' has an invalid weight (a whole number from 1 to 65535)"
-            ),
+            ConfigError::BackendWeight { value } => {
+                write!(f, "--backends: '{value}' has an invalid weight (a whole number from 1 to 65535)")
+            }
             ConfigError::Resolve { value, reason } => {
                 write!(f, "--backends: cannot resolve '{value}': {reason}")
             }
             ConfigError::Number { flag, value, expected } => {
                 write!(f, "{flag}: '{value}' is not {expected}")
             }
-            ConfigError::Seconds { flag, value } => write!(
-                f,
-                "{flag}: '{value}' is not a number of seconds (e.g. 3 or 0.5)"
-            ),
+            ConfigError::Seconds { flag, value } => {
+                write!(f, "{flag}: '{value}' is not a number of seconds (e.g. 3 or 0.5)")
+            }
             ConfigError::Splice { value } => {
                 write!(f, "--splice: '{value}' is not one of auto, always, never")
             }
@@ -241,9 +238,7 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Validates and resolves everything once, at start-up.
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
-        let port = parse_port(&args.port).ok_or_else(|| ConfigError::Port {
-            value: args.port.clone(),
-        })?;
+        let port = parse_port(&args.port).ok_or_else(|| ConfigError::Port { value: args.port.clone() })?;
         let ip: IpAddr = args
             .bind
             .trim_start_matches('[')
@@ -273,10 +268,7 @@ impl Config {
         }
         let connect_timeout = parse_seconds("--connection-timeout", &args.connection_timeout)?;
         if connect_timeout.is_zero() {
-            return Err(ConfigError::Seconds {
-                flag: "--connection-timeout",
-                value: args.connection_timeout.clone(),
-            });
+            return Err(ConfigError::Seconds { flag: "--connection-timeout", value: args.connection_timeout.clone() });
         }
         let idle = parse_seconds("--idle-timeout", &args.idle_timeout)?;
         let drain_timeout = parse_seconds("--drain-timeout", &args.drain_timeout)?;
@@ -294,11 +286,7 @@ impl Config {
         let health = parse_health(args, connect_timeout)?;
         let stats_period = parse_seconds("--stats-period", &args.stats_period)?;
         let admin = args.admin.as_deref().map(parse_admin).transpose()?;
-        let backends = args
-            .backends
-            .iter()
-            .map(|b| parse_backend(b))
-            .collect::<Result<Vec<_>, _>>()?;
+        let backends = args.backends.iter().map(|b| parse_backend(b)).collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             listen: SocketAddr::new(ip, port),
             backends,
@@ -333,11 +321,7 @@ fn parse_health(args: &Args, connect_timeout: Duration) -> Result<HealthConfig, 
     let threshold = |flag: &'static str, s: &str| {
         let n = parse_count(flag, s, 1)?;
         if n > MAX_THRESHOLD {
-            return Err(ConfigError::Number {
-                flag,
-                value: s.to_string(),
-                expected: "a whole number from 1 to 1000",
-            });
+            return Err(ConfigError::Number { flag, value: s.to_string(), expected: "a whole number from 1 to 1000" });
         }
         Ok(n as u32)
     };
@@ -388,11 +372,7 @@ fn parse_port(s: &str) -> Option<u16> {
 }
 
 fn parse_count(flag: &'static str, s: &str, min: usize) -> Result<usize, ConfigError> {
-    let expected = if min == 0 {
-        "a whole number (0 or more)"
-    } else {
-        "a whole number greater than 0"
-    };
+    let expected = if min == 0 { "a whole number (0 or more)" } else { "a whole number greater than 0" };
     match s.trim().parse::<usize>() {
         Ok(n) if n >= min => Ok(n),
         _ => Err(ConfigError::Number { flag, value: s.to_string(), expected }),
@@ -423,9 +403,7 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
         }
         None => (s, 1),
     };
-    let (host, port) = hostport
-        .rsplit_once(':')
-        .ok_or_else(|| ConfigError::BackendFormat { value: s.to_string() })?;
+    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| ConfigError::BackendFormat { value: s.to_string() })?;
     if host.is_empty() {
         return Err(ConfigError::BackendFormat { value: s.to_string() });
     }
@@ -440,15 +418,9 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
     } else {
         (host, port)
             .to_socket_addrs()
-            .map_err(|e| ConfigError::Resolve {
-                value: s.to_string(),
-                reason: e.to_string(),
-            })?
+            .map_err(|e| ConfigError::Resolve { value: s.to_string(), reason: e.to_string() })?
             .next()
-            .ok_or_else(|| ConfigError::Resolve {
-                value: s.to_string(),
-                reason: "no addresses found".to_string(),
-            })?
+            .ok_or_else(|| ConfigError::Resolve { value: s.to_string(), reason: "no addresses found".to_string() })?
     };
     Ok(BackendSpec { name: hostport.to_string(), addr, weight })
 }
@@ -496,8 +468,7 @@ mod tests {
     fn the_probe_timeout_follows_the_connection_timeout_unless_given() {
         let c = Config::from_args(&args(&["--connection-timeout", "1.5"])).unwrap();
         assert_eq!(c.health.timeout, Duration::from_millis(1500));
-        let c = Config::from_args(&args(&["--connection-timeout", "1.5", "--health-check-timeout", "0.2"]))
-            .unwrap();
+        let c = Config::from_args(&args(&["--connection-timeout", "1.5", "--health-check-timeout", "0.2"])).unwrap();
         assert_eq!(c.health.timeout, Duration::from_millis(200));
     }
 

@@ -222,11 +222,7 @@ fn hold_down_loop(shared: &Shared, period: Duration) {
         let mut next = now + tick;
         for (b, hold) in shared.backends.iter().zip(holds.iter_mut()) {
             if hold.revive(b.is_healthy(), now, period) && b.set_healthy(true) {
-                log_up(
-                    b,
-                    "retrying with client traffic",
-                    &format!("down for {period:?}; health checks are disabled"),
-                );
+                log_up(b, "retrying with client traffic", &format!("down for {period:?}; health checks are disabled"));
             }
             if let Some(due) = hold.due(period) {
                 next = next.min(due);
@@ -299,10 +295,7 @@ impl<'a> Prober<'a> {
     }
 
     fn next_wake(&self) -> Instant {
-        self.slots
-            .iter()
-            .filter_map(|s| s.probe.as_ref().map(|p| p.deadline))
-            .fold(self.next_round, Instant::min)
+        self.slots.iter().filter_map(|s| s.probe.as_ref().map(|p| p.deadline)).fold(self.next_round, Instant::min)
     }
 
     /// Starts a probe of every backend whose previous probe has ended; one
@@ -315,19 +308,14 @@ impl<'a> Prober<'a> {
             let addr = self.shared.backends[i].addr;
             match TcpStream::connect(addr) {
                 Ok(mut stream) => {
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        Token(i),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
+                    if let Err(e) =
+                        self.poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE)
+                    {
                         self.record(i, Ended::Skipped(e));
                         continue;
                     }
-                    self.slots[i].probe = Some(Probe {
-                        stream,
-                        deadline: now + self.config.timeout,
-                        phase: Phase::Connecting,
-                    });
+                    self.slots[i].probe =
+                        Some(Probe { stream, deadline: now + self.config.timeout, phase: Phase::Connecting });
                 }
                 Err(e) if is_resource_exhaustion(&e) => self.record(i, Ended::Skipped(e)),
                 Err(e) => self.record(i, Ended::Failed(describe(&e))),
@@ -562,10 +550,7 @@ mod tests {
 
     #[test]
     fn other_statuses_are_down_with_the_code_as_reason() {
-        assert_eq!(
-            judge_response(b"HTTP/1.1 503 Service Unavailable\r\n\r\n"),
-            HttpVerdict::Down("HTTP 503".into())
-        );
+        assert_eq!(judge_response(b"HTTP/1.1 503 Service Unavailable\r\n\r\n"), HttpVerdict::Down("HTTP 503".into()));
         assert_eq!(judge_response(b"HTTP/1.1 404 Not Found\r\n\r\n"), HttpVerdict::Down("HTTP 404".into()));
         assert_eq!(judge_response(b"HTTP/1.1 101 Switching\r\n\r\n"), HttpVerdict::Down("HTTP 101".into()));
     }

@@ -94,8 +94,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     // Logged once serving, so a start-up failure stays a single line.
     let fd_limit = listener::raise_fd_limit();
     // Must run before any thread starts: it reads and clears the environment.
-    let inherited = systemd::listen_fds()
-        .map_err(|source| RunError::Listen(ListenError::Inherited { source }))?;
+    let inherited = systemd::listen_fds().map_err(|source| RunError::Listen(ListenError::Inherited { source }))?;
     let per_worker = if inherited.is_empty() {
         listener::bind(config.listen, config.workers)
             .map_err(RunError::Listen)?
@@ -107,11 +106,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?
     };
     let notifier = systemd::Notifier::from_env();
-    let bound = per_worker
-        .first()
-        .and_then(|ls| ls.first())
-        .and_then(listener::local_addr)
-        .unwrap_or(config.listen);
+    let bound = per_worker.first().and_then(|ls| ls.first()).and_then(listener::local_addr).unwrap_or(config.listen);
 
     let mut polls = Vec::with_capacity(config.workers);
     let mut wakers = Vec::with_capacity(config.workers);
@@ -136,11 +131,9 @@ pub fn run(config: Config) -> Result<(), RunError> {
     // Bound before the workers start, so a taken --admin port is a start-up
     // error, and announced before the `listening on` line.
     if let Some(addr) = config.admin {
-        let admin_listener =
-            admin::bind(addr).map_err(|source| RunError::Admin { addr, source })?;
+        let admin_listener = admin::bind(addr).map_err(|source| RunError::Admin { addr, source })?;
         let actual = admin_listener.local_addr().unwrap_or(addr);
-        admin::spawn(admin_listener, Arc::clone(&shared))
-            .map_err(|source| RunError::Admin { addr, source })?;
+        admin::spawn(admin_listener, Arc::clone(&shared)).map_err(|source| RunError::Admin { addr, source })?;
         info!("admin endpoint on http://{actual} (/metrics, /stats, /health)");
     }
     health::spawn(Arc::clone(&shared), config.health.clone()).map_err(RunError::Health)?;
@@ -276,10 +269,7 @@ fn supervise(
             && Instant::now() >= deadline
             && !shared.is_stopping()
         {
-            warn!(
-                "drain timeout reached; closing {} connections still open",
-                shared.active_clients()
-            );
+            warn!("drain timeout reached; closing {} connections still open", shared.active_clients());
             shared.stop_now();
         }
     }

@@ -75,11 +75,7 @@ pub fn bind(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>
     // half the clients; a plain bind first makes "already in use" an error.
     let probe = socket_for(addr, false)?;
     probe.bind(&addr.into()).map_err(|e| classify_bind(addr, "bind", e))?;
-    let actual = probe
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .unwrap_or(addr);
+    let actual = probe.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(addr);
     drop(probe);
 
     let mut out = Vec::with_capacity(count);
@@ -105,9 +101,7 @@ pub fn from_inherited(
         for l in &base {
             let dup = l.try_clone().map_err(|source| ListenError::Inherited { source })?;
             dup.set_nonblocking(true).map_err(|source| ListenError::Inherited { source })?;
-            SockRef::from(&dup)
-                .set_tcp_nodelay(true)
-                .map_err(|source| ListenError::Inherited { source })?;
+            SockRef::from(&dup).set_tcp_nodelay(true).map_err(|source| ListenError::Inherited { source })?;
             mine.push(dup);
         }
         per_worker.push(mine);

@@ -70,13 +70,7 @@ pub fn render_prometheus(s: &Snapshot) -> String {
     family(&mut out, "lb_build_info", "gauge", "Build information of the running lb; always 1.");
     let _ = writeln!(out, "lb_build_info{{version=\"{}\"}} 1", label_value(s.version));
     single(&mut out, "lb_draining", "gauge", "1 while lb drains after a stop signal, else 0.", u64::from(s.draining));
-    single(
-        &mut out,
-        "lb_connections_accepted_total",
-        "counter",
-        "Client connections accepted.",
-        s.accepted,
-    );
+    single(&mut out, "lb_connections_accepted_total", "counter", "Client connections accepted.", s.accepted);
     single(&mut out, "lb_connections_active", "gauge", "Client connections open now.", s.active as u64);
     single(
         &mut out,
@@ -153,12 +147,22 @@ pub fn render_prometheus(s: &Snapshot) -> String {
     let _ = writeln!(out, "lb_splice_fallbacks_total{{reason=\"no_pipe\"}} {}", r.pipes_exhausted);
     let _ = writeln!(out, "lb_splice_fallbacks_total{{reason=\"unsupported\"}} {}", r.splice_unsupported);
 
-    per_backend(&mut out, s, "lb_backend_up", "gauge", "1 if the backend takes new clients, 0 if it is marked down.", |b| {
-        u64::from(b.up)
-    });
-    per_backend(&mut out, s, "lb_backend_weight", "gauge", "Weight of the backend in least-connections selection.", |b| {
-        u64::from(b.weight)
-    });
+    per_backend(
+        &mut out,
+        s,
+        "lb_backend_up",
+        "gauge",
+        "1 if the backend takes new clients, 0 if it is marked down.",
+        |b| u64::from(b.up),
+    );
+    per_backend(
+        &mut out,
+        s,
+        "lb_backend_weight",
+        "gauge",
+        "Weight of the backend in least-connections selection.",
+        |b| u64::from(b.weight),
+    );
     per_backend(
         &mut out,
         s,
@@ -204,11 +208,8 @@ pub fn render_prometheus(s: &Snapshot) -> String {
     for b in &s.backends {
         let name = label_value(&b.name);
         let _ = writeln!(out, "lb_backend_health_checks_total{{backend=\"{name}\",result=\"ok\"}} {}", b.checks_ok);
-        let _ = writeln!(
-            out,
-            "lb_backend_health_checks_total{{backend=\"{name}\",result=\"failed\"}} {}",
-            b.checks_failed
-        );
+        let _ =
+            writeln!(out, "lb_backend_health_checks_total{{backend=\"{name}\",result=\"failed\"}} {}", b.checks_failed);
     }
 
     let h = "lb_backend_connect_duration_seconds";
@@ -347,8 +348,7 @@ mod tests {
                 let name = line.split(['{', ' ']).next().unwrap();
                 let family = declared.last().expect("a sample after a TYPE");
                 assert!(
-                    name == family
-                        || ["_bucket", "_sum", "_count"].iter().any(|s| name == format!("{family}{s}")),
+                    name == family || ["_bucket", "_sum", "_count"].iter().any(|s| name == format!("{family}{s}")),
                     "{name} outside its family {family}"
                 );
             }

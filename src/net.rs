@@ -22,8 +22,8 @@ pub fn classify(e: &io::Error) -> IoClass {
     match e.kind() {
         WouldBlock => IoClass::WouldBlock,
         Interrupted => IoClass::Interrupted,
-        ConnectionReset | ConnectionAborted | ConnectionRefused | BrokenPipe | NotConnected
-        | UnexpectedEof | WriteZero | TimedOut | HostUnreachable | NetworkUnreachable => IoClass::Closed,
+        ConnectionReset | ConnectionAborted | ConnectionRefused | BrokenPipe | NotConnected | UnexpectedEof
+        | WriteZero | TimedOut | HostUnreachable | NetworkUnreachable => IoClass::Closed,
         _ => IoClass::Error,
     }
 }
@@ -31,10 +31,7 @@ pub fn classify(e: &io::Error) -> IoClass {
 /// True for accept() failures caused by running out of descriptors or
 /// kernel memory: the listener is fine, the process must back off.
 pub fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
-    )
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM))
 }
 
 /// A short, operator-facing reason for a failed connect or probe

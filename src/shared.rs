@@ -62,12 +62,7 @@ impl Shared {
             if cur >= self.max_connections {
                 return None;
             }
-            match self.active_clients.compare_exchange_weak(
-                cur,
-                cur + 1,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
+            match self.active_clients.compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => return Some(ClientSlot { shared: self }),
                 Err(now) => cur = now,
             }

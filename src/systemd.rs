@@ -111,10 +111,7 @@ impl Notifier {
     pub fn status(&self, status: &str) -> io::Result<()> {
         // A newline would start a new assignment, letting the status text
         // inject arbitrary state (e.g. "READY=1") into the message.
-        let line: String = status
-            .chars()
-            .map(|c| if c == '\n' { ' ' } else { c })
-            .collect();
+        let line: String = status.chars().map(|c| if c == '\n' { ' ' } else { c }).collect();
         self.notify(&format!("STATUS={line}"))
     }
 }
@@ -138,11 +135,7 @@ fn from_env_value(value: Option<&OsStr>) -> Option<Notifier> {
 ///
 /// Variables addressed to another process (inherited from a parent that was
 /// itself socket-activated) mean "not activated", not an error.
-pub fn parse_listen_env(
-    pid: Option<&str>,
-    fds: Option<&str>,
-    my_pid: u32,
-) -> Result<usize, String> {
+pub fn parse_listen_env(pid: Option<&str>, fds: Option<&str>, my_pid: u32) -> Result<usize, String> {
     let Some(pid) = pid else { return Ok(0) };
     let pid: u32 = match pid.parse() {
         Ok(0) | Err(_) => return Err(format!("invalid LISTEN_PID {pid:?}")),
@@ -152,9 +145,7 @@ pub fn parse_listen_env(
         return Ok(0);
     }
     let Some(fds) = fds else { return Ok(0) };
-    let n: usize = fds
-        .parse()
-        .map_err(|_| format!("invalid LISTEN_FDS {fds:?}"))?;
+    let n: usize = fds.parse().map_err(|_| format!("invalid LISTEN_FDS {fds:?}"))?;
     // Keeps `LISTEN_FDS_START + n` from overflowing in listen_fds (what
     // libsystemd reports as E2BIG).
     let max = (RawFd::MAX - LISTEN_FDS_START) as usize;
@@ -186,12 +177,8 @@ pub fn listen_fds() -> io::Result<Vec<OwnedFd>> {
             unsafe { std::env::remove_var(var) };
         }
     }
-    let n = parse_listen_env(
-        env_str(VARS[0], pid.as_deref())?,
-        env_str(VARS[1], fds.as_deref())?,
-        std::process::id(),
-    )
-    .map_err(|msg| io::Error::new(io::ErrorKind::InvalidInput, msg))?;
+    let n = parse_listen_env(env_str(VARS[0], pid.as_deref())?, env_str(VARS[1], fds.as_deref())?, std::process::id())
+        .map_err(|msg| io::Error::new(io::ErrorKind::InvalidInput, msg))?;
 
     // Validate everything before taking ownership so that an error does not
     // close descriptors we did not understand.
@@ -210,11 +197,7 @@ pub fn listen_fds() -> io::Result<Vec<OwnedFd>> {
 
 fn env_str<'a>(name: &str, value: Option<&'a OsStr>) -> io::Result<Option<&'a str>> {
     value
-        .map(|v| {
-            v.to_str().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("{name} is not UTF-8"))
-            })
-        })
+        .map(|v| v.to_str().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{name} is not UTF-8"))))
         .transpose()
 }
 
@@ -225,20 +208,12 @@ fn set_cloexec(fd: RawFd) -> io::Result<()> {
     // yields EBADF, which is reported below.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     if flags < 0 {
-        return Err(fd_error(
-            fd,
-            "is not open",
-            Some(io::Error::last_os_error()),
-        ));
+        return Err(fd_error(fd, "is not open", Some(io::Error::last_os_error())));
     }
     if flags & libc::FD_CLOEXEC == 0 {
         // SAFETY: as above.
         if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
-            return Err(fd_error(
-                fd,
-                "cannot set FD_CLOEXEC",
-                Some(io::Error::last_os_error()),
-            ));
+            return Err(fd_error(fd, "cannot set FD_CLOEXEC", Some(io::Error::last_os_error())));
         }
     }
     Ok(())
@@ -247,20 +222,19 @@ fn set_cloexec(fd: RawFd) -> io::Result<()> {
 /// Checks that `fd` is something lb can accept TCP connections on: a
 /// listening stream socket in the IPv4 or IPv6 family.
 fn check_listener(fd: RawFd) -> io::Result<()> {
-    let sock_type = getsockopt_int(fd, libc::SO_TYPE)
-        .map_err(|err| fd_error(fd, "is not a socket", Some(err)))?;
+    let sock_type = getsockopt_int(fd, libc::SO_TYPE).map_err(|err| fd_error(fd, "is not a socket", Some(err)))?;
     if sock_type != libc::SOCK_STREAM {
         return Err(fd_error(fd, "is not a stream (TCP) socket", None));
     }
-    let domain = getsockopt_int(fd, libc::SO_DOMAIN)
-        .map_err(|err| fd_error(fd, "has no readable address family", Some(err)))?;
+    let domain =
+        getsockopt_int(fd, libc::SO_DOMAIN).map_err(|err| fd_error(fd, "has no readable address family", Some(err)))?;
     if domain != libc::AF_INET && domain != libc::AF_INET6 {
         // lb treats listeners as TCP; e.g. ListenStream=/run/lb.sock would
         // only fail later, at accept time, with a confusing error.
         return Err(fd_error(fd, "is not an IPv4/IPv6 socket", None));
     }
-    let listening = getsockopt_int(fd, libc::SO_ACCEPTCONN)
-        .map_err(|err| fd_error(fd, "cannot be queried", Some(err)))?;
+    let listening =
+        getsockopt_int(fd, libc::SO_ACCEPTCONN).map_err(|err| fd_error(fd, "cannot be queried", Some(err)))?;
     if listening == 0 {
         return Err(fd_error(fd, "is not listening", None));
     }
@@ -272,15 +246,7 @@ fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: value/len point to a properly sized, writable c_int; the kernel
     // writes at most `len` bytes and reports errors (EBADF, ENOTSOCK) via -1.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut value as *mut libc::c_int).cast(), &mut len) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -289,10 +255,7 @@ fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
 
 fn fd_error(fd: RawFd, what: &str, cause: Option<io::Error>) -> io::Error {
     let cause = cause.map(|c| format!(" ({c})")).unwrap_or_default();
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!("socket activation: fd {fd} passed by systemd {what}{cause}"),
-    )
+    io::Error::new(io::ErrorKind::InvalidInput, format!("socket activation: fd {fd} passed by systemd {what}{cause}"))
 }
 
 #[cfg(test)]
@@ -320,9 +283,7 @@ mod tests {
             let path = std::env::temp_dir().join(unique(tag));
             let _ = std::fs::remove_file(&path);
             let socket = UnixDatagram::bind(&path).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             TempSocket { path, socket }
         }
 
@@ -356,9 +317,7 @@ mod tests {
         let name = unique("abstract");
         let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         let manager = UnixDatagram::bind_addr(&addr).unwrap();
-        manager
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        manager.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let notifier = Notifier::open(OsStr::new(&format!("@{name}"))).unwrap();
         notifier.stopping().unwrap();
         assert_eq!(recv(&manager), "STOPPING=1");
@@ -455,12 +414,8 @@ mod tests {
 
     #[test]
     fn a_non_listening_tcp_socket_is_rejected() {
-        let socket = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )
-        .unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP)).unwrap();
         let err = check_listener(socket.as_raw_fd()).unwrap_err();
         assert!(err.to_string().contains("is not listening"), "{err}");
     }

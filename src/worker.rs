@@ -112,11 +112,8 @@ impl<'a> Worker<'a> {
         settings: WorkerSettings,
         capacity: usize,
     ) -> io::Result<Worker<'a>> {
-        let listeners: Vec<TcpListener> = listeners
-            .into_iter()
-            .take(MAX_LISTENERS)
-            .map(TcpListener::from_std)
-            .collect();
+        let listeners: Vec<TcpListener> =
+            listeners.into_iter().take(MAX_LISTENERS).map(TcpListener::from_std).collect();
         let mut w = Worker {
             id,
             poll,
@@ -173,9 +170,7 @@ impl<'a> Worker<'a> {
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => self.on_wake(now),
-                    Token(t) if t > LISTENER_BASE - MAX_LISTENERS && t <= LISTENER_BASE => {
-                        self.accept(now)
-                    }
+                    Token(t) if t > LISTENER_BASE - MAX_LISTENERS && t <= LISTENER_BASE => self.accept(now),
                     Token(t) => self.on_session_event(t, ev, now),
                 }
             }
@@ -225,9 +220,7 @@ impl<'a> Worker<'a> {
             }
             return;
         }
-        if self.accepting == Accepting::AtCap
-            && self.shared.active_clients() < self.shared.max_connections()
-        {
+        if self.accepting == Accepting::AtCap && self.shared.active_clients() < self.shared.max_connections() {
             self.resume_accepting(now);
         }
     }
@@ -337,7 +330,11 @@ impl<'a> Worker<'a> {
         let session = entry.insert(Session::new(client, backend, lease, slot, tried, now, &self.settings));
         let registry = self.poll.registry();
         let registered = registry
-            .register(session.client_stream(), session_token(key, Side::Client), Interest::READABLE | Interest::WRITABLE)
+            .register(
+                session.client_stream(),
+                session_token(key, Side::Client),
+                Interest::READABLE | Interest::WRITABLE,
+            )
             .and_then(|()| {
                 registry.register(
                     session.backend_stream(),

@@ -111,13 +111,8 @@ impl InProcess {
         let waker = Waker::new(poll.registry(), WAKER).expect("waker");
         let specs: Vec<BackendSpec> = backends.iter().map(|a| spec(*a, 1)).collect();
         let shared = Arc::new(Shared::new(backend::table(&specs), 64, vec![waker]));
-        let settings = WorkerSettings {
-            connect_timeout: common::WAIT,
-            idle_timeout: None,
-            retries: 1,
-            fall: 0,
-            splice,
-        };
+        let settings =
+            WorkerSettings { connect_timeout: common::WAIT, idle_timeout: None, retries: 1, fall: 0, splice };
         let s = Arc::clone(&shared);
         let thread = thread::Builder::new()
             .name("lb-worker-under-test".into())
@@ -348,4 +343,3 @@ fn the_counter_sees_a_deliberate_allocation() {
     drop(v);
     assert_eq!(after - before, 1, "one Vec, one allocation");
 }
-

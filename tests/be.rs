@@ -31,10 +31,7 @@ impl Server {
             .expect("spawn be");
         let stdout = child.stdout.take().expect("piped stdout");
         // Guard first, so a failure below still kills the child.
-        let mut server = Server {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
+        let mut server = Server { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
 
         // Reading a pipe cannot time out by itself; do it on a thread.
         let (tx, rx) = mpsc::channel();
@@ -43,29 +40,18 @@ impl Server {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx
-            .recv_timeout(TIMEOUT)
-            .expect("be printed no `listening on` line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
+        let line = rx.recv_timeout(TIMEOUT).expect("be printed no `listening on` line");
+        let addr =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
         server.addr = addr.parse().expect("listening address");
         server
     }
 
     fn connect(&self) -> Client {
         let stream = TcpStream::connect_timeout(&self.addr, TIMEOUT).expect("connect");
-        stream
-            .set_read_timeout(Some(TIMEOUT))
-            .expect("read timeout");
-        stream
-            .set_write_timeout(Some(TIMEOUT))
-            .expect("write timeout");
-        Client {
-            stream,
-            buf: Vec::new(),
-        }
+        stream.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+        stream.set_write_timeout(Some(TIMEOUT)).expect("write timeout");
+        Client { stream, buf: Vec::new() }
     }
 }
 
@@ -84,10 +70,7 @@ struct Response {
 
 impl Response {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -143,21 +126,12 @@ impl Client {
                 (n.trim().to_string(), v.trim().to_string())
             })
             .collect();
-        let mut response = Response {
-            status,
-            headers,
-            body: String::new(),
-        };
-        let len: usize = response
-            .header("content-length")
-            .expect("content-length")
-            .parse()
-            .expect("number");
+        let mut response = Response { status, headers, body: String::new() };
+        let len: usize = response.header("content-length").expect("content-length").parse().expect("number");
         while self.buf.len() < head_end + len {
             assert!(self.fill(), "connection closed inside a response body");
         }
-        response.body =
-            String::from_utf8(self.buf[head_end..head_end + len].to_vec()).expect("utf-8 body");
+        response.body = String::from_utf8(self.buf[head_end..head_end + len].to_vec()).expect("utf-8 body");
         self.buf.drain(..head_end + len);
         response
     }
@@ -168,18 +142,11 @@ impl Client {
         let mut chunk = [0u8; 64];
         match self.stream.read(&mut chunk) {
             Ok(0) => {}
-            Ok(n) => panic!(
-                "unexpected extra bytes: {:?}",
-                String::from_utf8_lossy(&chunk[..n])
-            ),
+            Ok(n) => panic!("unexpected extra bytes: {:?}", String::from_utf8_lossy(&chunk[..n])),
             Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
             Err(e) => panic!("connection not closed (timed out?): {e}"),
         }
-        assert!(
-            self.buf.is_empty(),
-            "unexpected extra bytes: {:?}",
-            String::from_utf8_lossy(&self.buf)
-        );
+        assert!(self.buf.is_empty(), "unexpected extra bytes: {:?}", String::from_utf8_lossy(&self.buf));
     }
 }
 
@@ -281,10 +248,7 @@ fn http10_without_keep_alive_is_closed_after_the_response() {
 fn oversized_head_gets_400_and_close() {
     let server = Server::start(&["-c", "Server O"]);
     let mut client = server.connect();
-    let big = format!(
-        "GET / HTTP/1.1\r\nHost: be\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(20 * 1024)
-    );
+    let big = format!("GET / HTTP/1.1\r\nHost: be\r\nX-Big: {}\r\n\r\n", "a".repeat(20 * 1024));
     client.send(big.as_bytes());
     let r = client.read_response();
     assert_eq!(r.status, 400);

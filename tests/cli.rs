@@ -54,7 +54,8 @@ fn help_and_version_exit_zero() {
     let out = Command::new(lb_bin()).arg("--help").output().expect("run lb --help");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    let flags = ["--port", "--backends", "--max-connections", "--drain-timeout", "--idle-timeout", "--splice", "--max-pipes"];
+    let flags =
+        ["--port", "--backends", "--max-connections", "--drain-timeout", "--idle-timeout", "--splice", "--max-pipes"];
     for flag in flags {
         assert!(help.contains(flag), "help lacks {flag}");
     }
@@ -72,17 +73,13 @@ fn a_port_in_use_is_a_one_line_error() {
 
 /// A name no resolver can look up: a label longer than 63 bytes is refused
 /// by the stub resolver before any query is built.
-const UNRESOLVABLE: &str =
-    "this-label-is-longer-than-sixty-three-characters-so-no-dns-query-is-sent.invalid:80";
+const UNRESOLVABLE: &str = "this-label-is-longer-than-sixty-three-characters-so-no-dns-query-is-sent.invalid:80";
 
 #[test]
 fn an_unresolvable_host_is_a_one_line_error_without_network_access() {
     // In a fresh network namespace with only loopback (when we may create
     // one) not even a malformed query can leave the machine.
-    let isolated = Command::new("unshare")
-        .args(["-n", "--", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
+    let isolated = Command::new("unshare").args(["-n", "--", "true"]).status().is_ok_and(|s| s.success());
     let (code, err) = if isolated {
         let out = Command::new("unshare")
             .args(["-n", "--", lb_bin(), "-b", UNRESOLVABLE])
@@ -111,10 +108,7 @@ fn a_privileged_port_without_permission_is_a_one_line_error() {
             .output()
             .expect("run lb as nobody")
     } else {
-        Command::new(lb_bin())
-            .args(["--bind", "127.0.0.1", "-p", "81", "-b", "127.0.0.1:1"])
-            .output()
-            .expect("run lb")
+        Command::new(lb_bin()).args(["--bind", "127.0.0.1", "-p", "81", "-b", "127.0.0.1:1"]).output().expect("run lb")
     };
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

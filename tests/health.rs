@@ -90,7 +90,11 @@ fn a_killed_backend_is_reported_down_and_avoided_then_returns_when_restarted() {
     lb.signal(libc::SIGUSR1);
     let line = format!("{a_addr}: Status=UNHEALTHY");
     assert!(lb.wait_stdout(|l| l.contains(&line), WAIT), "{}", lb.stdout_text());
-    assert!(lb.stderr_text().contains(&format!("backend {a_addr} is DOWN: connection refused")), "{}", lb.stderr_text());
+    assert!(
+        lb.stderr_text().contains(&format!("backend {a_addr} is DOWN: connection refused")),
+        "{}",
+        lb.stderr_text()
+    );
 
     let before = scrape(admin).backend("lb_backend_connections_total", a_addr);
     for i in 0..20 {
@@ -128,15 +132,15 @@ fn the_http_probe_marks_a_503_backend_down_and_a_200_backend_up() {
     let admin = admin_addr(&lb);
     assert!(wait_backend(admin, sick_addr, false, WAIT), "{}", lb.stderr_text());
     assert!(
-        lb.stderr_text().contains(&format!(
-            "backend {sick_addr} is DOWN: HTTP 503 ({FALL} consecutive failed health checks)"
-        )),
+        lb.stderr_text()
+            .contains(&format!("backend {sick_addr} is DOWN: HTTP 503 ({FALL} consecutive failed health checks)")),
         "{}",
         lb.stderr_text()
     );
     // More failed probes while down log nothing more.
     assert!(wait_until(WAIT, || {
-        scrape(admin).value("lb_backend_health_checks_total", &[("backend", &sick_addr.to_string()), ("result", "failed")])
+        scrape(admin)
+            .value("lb_backend_health_checks_total", &[("backend", &sick_addr.to_string()), ("result", "failed")])
             >= f64::from(FALL + 3)
     }));
     assert_eq!(count_lines(&lb, &format!("backend {sick_addr} is DOWN")), 1);
@@ -150,9 +154,8 @@ fn the_http_probe_marks_a_503_backend_down_and_a_200_backend_up() {
     let healed = be_on(sick_addr, "Server A", &[]);
     assert!(wait_backend(admin, healed.addr, true, WAIT), "{}", lb.stderr_text());
     assert!(
-        lb.stderr_text().contains(&format!(
-            "backend {sick_addr} is UP: HTTP 200 ({RISE} consecutive successful health checks)"
-        )),
+        lb.stderr_text()
+            .contains(&format!("backend {sick_addr} is UP: HTTP 200 ({RISE} consecutive successful health checks)")),
         "{}",
         lb.stderr_text()
     );
@@ -199,11 +202,7 @@ fn a_backend_that_never_answers_goes_down_after_the_timeout_without_delaying_oth
     assert!(common::admin::backend_up(admin, silent_addr), "not down before its timeout");
 
     assert!(wait_backend(admin, silent_addr, false, secs(2.5 * 2.0 + 0.4) + SLACK), "{}", lb.stderr_text());
-    assert!(
-        lb.stderr_text().contains(&format!("backend {silent_addr} is DOWN: timed out")),
-        "{}",
-        lb.stderr_text()
-    );
+    assert!(lb.stderr_text().contains(&format!("backend {silent_addr} is DOWN: timed out")), "{}", lb.stderr_text());
     assert_eq!(who_answers(lb.addr), "Server F");
     drop(silent);
 }
@@ -215,7 +214,17 @@ fn with_probes_off_a_refusing_backend_is_marked_down_after_fall_failed_connects(
     // A long period: the hold-down keeps it down for the whole test.
     let lb = lb(
         &[dead, live.addr],
-        &["--no-health-check", "--fall", "2", "--retries", "1", "--health-check-period", "60", "--admin", "127.0.0.1:0"],
+        &[
+            "--no-health-check",
+            "--fall",
+            "2",
+            "--retries",
+            "1",
+            "--health-check-period",
+            "60",
+            "--admin",
+            "127.0.0.1:0",
+        ],
     );
     let admin = admin_addr(&lb);
     let mut sent = 0;
@@ -229,9 +238,8 @@ fn with_probes_off_a_refusing_backend_is_marked_down_after_fall_failed_connects(
     assert_eq!(m.backend("lb_backend_connect_failures_total", dead), 2.0, "down after exactly --fall failures");
     assert_eq!(m.sum("lb_backend_health_checks_total"), 0.0, "no probes were sent");
     assert!(
-        lb.stderr_text().contains(&format!(
-            "backend {dead} is DOWN: connection refused (2 consecutive failed client connects)"
-        )),
+        lb.stderr_text()
+            .contains(&format!("backend {dead} is DOWN: connection refused (2 consecutive failed client connects)")),
         "{}",
         lb.stderr_text()
     );
@@ -290,7 +298,10 @@ fn with_no_backend_up_a_client_is_closed_at_once_and_counted() {
     }
     assert!(wait_until(WAIT, || scrape(admin).value("lb_connections_no_backend_total", &[]) == 1.0));
     let after = scrape(admin);
-    assert_eq!(after.value("lb_connections_accepted_total", &[]), before.value("lb_connections_accepted_total", &[]) + 1.0);
+    assert_eq!(
+        after.value("lb_connections_accepted_total", &[]),
+        before.value("lb_connections_accepted_total", &[]) + 1.0
+    );
     assert_eq!(
         after.sum("lb_backend_connect_failures_total"),
         before.sum("lb_backend_connect_failures_total"),

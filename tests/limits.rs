@@ -119,9 +119,7 @@ fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
     let lb = spawn_listening("bash", &args, &[]);
     // Far more clients than descriptors: some are served, the rest wait or
     // are closed, and lb backs off instead of spinning on EMFILE.
-    let held: Vec<_> = (0..60)
-        .filter_map(|_| std::net::TcpStream::connect(lb.addr).ok())
-        .collect();
+    let held: Vec<_> = (0..60).filter_map(|_| std::net::TcpStream::connect(lb.addr).ok()).collect();
     assert!(wait_until(WAIT, || echo.gauge.active.load(Ordering::SeqCst) >= 5));
     assert!(
         wait_until(WAIT, || lb.stderr_text().contains("Too many open files")),

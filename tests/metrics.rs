@@ -367,11 +367,7 @@ fn health_answers_503_while_draining() {
     assert!(held.read(&mut buf).expect("response") > 0);
     assert_eq!(get(admin, "/health").status, 200);
     lb.signal(libc::SIGTERM);
-    assert!(
-        wait_until(WAIT, || get(admin, "/health").status == 503),
-        "{}",
-        lb.stderr_text()
-    );
+    assert!(wait_until(WAIT, || get(admin, "/health").status == 503), "{}", lb.stderr_text());
     assert_eq!(get(admin, "/health").body, "draining\n");
     assert_eq!(scrape(admin).value("lb_draining", &[]), 1.0);
 }
@@ -389,8 +385,8 @@ fn the_exposition_parser_rejects_what_prometheus_would() {
         "# TYPE a gauge\n# TYPE b gauge\na 1\nb 1\na{x=\"y\"} 1\n", // family split in two
         "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n",
         "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 1\nh_count 1\n", // no +Inf
-        "# TYPE 1a gauge\n1a 1\n",                                  // bad name
-        "# TYPE a gauge\na 1.2.3\n",                                // bad value
+        "# TYPE 1a gauge\n1a 1\n",                                        // bad name
+        "# TYPE a gauge\na 1.2.3\n",                                      // bad value
     ];
     for text in bad {
         assert!(parse_exposition(text).is_err(), "accepted {text:?}");

@@ -162,11 +162,7 @@ fn no_descriptors_or_close_wait_sockets_leak_after_many_connections_and_resets()
         drop(s); // client RST
     }
     let ports = [lb.addr.port(), echo.addr.port()];
-    assert!(
-        wait_until(WAIT, || lb.fd_count() == idle),
-        "lb holds {} descriptors, {idle} when idle",
-        lb.fd_count()
-    );
+    assert!(wait_until(WAIT, || lb.fd_count() == idle), "lb holds {} descriptors, {idle} when idle", lb.fd_count());
     assert!(
         wait_until(WAIT, || close_wait_count(&ports) == 0),
         "{} sockets left in CLOSE_WAIT",

@@ -88,11 +88,7 @@ fn main() -> ExitCode {
             // clap's message can span lines (e.g. a list of missing
             // arguments) before its usage hint; keep it to one line.
             let text = e.to_string();
-            let parts: Vec<&str> = text
-                .lines()
-                .take_while(|l| !l.trim().is_empty())
-                .map(str::trim)
-                .collect();
+            let parts: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
             eprintln!("be: {}", parts.join(" ").trim_start_matches("error: "));
             return ExitCode::from(2);
         }
@@ -111,10 +107,7 @@ fn main() -> ExitCode {
 /// that read the `listening on` line can connect at once, and so setup errors
 /// are reported instead of the line.
 fn run(cli: Cli) -> Result<(), String> {
-    let ip: IpAddr = cli
-        .bind
-        .parse()
-        .map_err(|_| format!("invalid --bind address '{}'", cli.bind))?;
+    let ip: IpAddr = cli.bind.parse().map_err(|_| format!("invalid --bind address '{}'", cli.bind))?;
     let workers = match cli.workers {
         Some(n) => usize::from(n),
         None => thread::available_parallelism().map_or(1, |n| n.get()),
@@ -129,17 +122,12 @@ fn run(cli: Cli) -> Result<(), String> {
         .ok_or_else(|| "cannot read the bound address".to_string())?;
     let listeners: Vec<TcpListener> = listeners.into_iter().map(TcpListener::from_std).collect();
 
-    let name = cli
-        .content
-        .unwrap_or_else(|| format!("Server {}", addr.port()));
+    let name = cli.content.unwrap_or_else(|| format!("Server {}", addr.port()));
     let responses = Responses::new(&name, cli.status, cli.health_status.unwrap_or(cli.status));
 
     let mut ready = Vec::with_capacity(listeners.len());
     for listener in listeners {
-        ready.push(
-            Worker::new(listener, responses.clone())
-                .map_err(|e| format!("cannot set up event loop: {e}"))?,
-        );
+        ready.push(Worker::new(listener, responses.clone()).map_err(|e| format!("cannot set up event loop: {e}"))?);
     }
 
     let mut stdout = io::stdout().lock();
@@ -177,38 +165,20 @@ struct Response {
 impl Response {
     fn new(status: u16, body: &[u8], keep_alive: bool) -> Self {
         // These statuses must not carry a body, and a 204 not even a length.
-        let body: &[u8] = if matches!(status, 204 | 304) {
-            b""
-        } else {
-            body
-        };
-        let mut head = format!(
-            "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\n",
-            reason(status)
-        );
+        let body: &[u8] = if matches!(status, 204 | 304) { b"" } else { body };
+        let mut head = format!("HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\n", reason(status));
         if status != 204 {
             head.push_str(&format!("Content-Length: {}\r\n", body.len()));
         }
-        head.push_str(if keep_alive {
-            "Connection: keep-alive\r\n\r\n"
-        } else {
-            "Connection: close\r\n\r\n"
-        });
+        head.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
         let mut bytes = head.into_bytes();
         let head_len = bytes.len();
         bytes.extend_from_slice(body);
-        Response {
-            bytes: bytes.into_boxed_slice(),
-            head_len,
-        }
+        Response { bytes: bytes.into_boxed_slice(), head_len }
     }
 
     fn write_to(&self, out: &mut Vec<u8>, head_only: bool) {
-        let bytes = if head_only {
-            &self.bytes[..self.head_len]
-        } else {
-            &self.bytes[..]
-        };
+        let bytes = if head_only { &self.bytes[..self.head_len] } else { &self.bytes[..] };
         out.extend_from_slice(bytes);
     }
 }
@@ -249,14 +219,8 @@ impl Responses {
     fn new(name: &str, status: u16, health_status: u16) -> Self {
         let body = format!("{name}\n");
         Responses {
-            named: [
-                Response::new(status, body.as_bytes(), true),
-                Response::new(status, body.as_bytes(), false),
-            ],
-            health: [
-                Response::new(health_status, b"OK\n", true),
-                Response::new(health_status, b"OK\n", false),
-            ],
+            named: [Response::new(status, body.as_bytes(), true), Response::new(status, body.as_bytes(), false)],
+            health: [Response::new(health_status, b"OK\n", true), Response::new(health_status, b"OK\n", false)],
             bad_request: Response::new(400, b"Bad Request\n", false),
         }
     }
@@ -282,17 +246,11 @@ fn serve(input: &[u8], body_left: &mut u64, out: &mut Vec<u8>, responses: &Respo
             pos += skip as usize;
             *body_left -= skip;
             if *body_left > 0 {
-                return Served {
-                    consumed: pos,
-                    close: false,
-                };
+                return Served { consumed: pos, close: false };
             }
         }
         if pos == input.len() {
-            return Served {
-                consumed: pos,
-                close: false,
-            };
+            return Served { consumed: pos, close: false };
         }
 
         let rest = &input[pos..];
@@ -301,10 +259,7 @@ fn serve(input: &[u8], body_left: &mut u64, out: &mut Vec<u8>, responses: &Respo
         let head_len = match req.parse(rest) {
             Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
             Ok(httparse::Status::Partial) if rest.len() < MAX_HEAD => {
-                return Served {
-                    consumed: pos,
-                    close: false,
-                };
+                return Served { consumed: pos, close: false };
             }
             // Oversized (complete or not), malformed, or too many headers.
             _ => return bad_request(out, responses, input.len()),
@@ -320,17 +275,10 @@ fn serve(input: &[u8], body_left: &mut u64, out: &mut Vec<u8>, responses: &Respo
             out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
         let close = !meta.keep_alive;
-        let set = if meta.health {
-            &responses.health
-        } else {
-            &responses.named
-        };
+        let set = if meta.health { &responses.health } else { &responses.named };
         set[usize::from(close)].write_to(out, meta.head_only);
         if close {
-            return Served {
-                consumed: input.len(),
-                close: true,
-            };
+            return Served { consumed: input.len(), close: true };
         }
         *body_left = meta.content_length;
     }
@@ -338,10 +286,7 @@ fn serve(input: &[u8], body_left: &mut u64, out: &mut Vec<u8>, responses: &Respo
 
 fn bad_request(out: &mut Vec<u8>, responses: &Responses, all: usize) -> Served {
     responses.bad_request.write_to(out, false);
-    Served {
-        consumed: all,
-        close: true,
-    }
+    Served { consumed: all, close: true }
 }
 
 /// The parts of a request head that decide the response.
@@ -429,15 +374,7 @@ enum Next {
 
 impl Conn {
     fn new(stream: TcpStream) -> Self {
-        Conn {
-            stream,
-            input: Vec::new(),
-            out: Vec::new(),
-            out_pos: 0,
-            body_left: 0,
-            closing: false,
-            peer_eof: false,
-        }
+        Conn { stream, input: Vec::new(), out: Vec::new(), out_pos: 0, body_left: 0, closing: false, peer_eof: false }
     }
 
     /// Alternates flushing and reading until the socket would block either
@@ -548,8 +485,7 @@ struct Worker {
 impl Worker {
     fn new(mut listener: TcpListener, responses: Responses) -> io::Result<Self> {
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         Ok(Worker {
             poll,
             listener,
@@ -565,19 +501,14 @@ impl Worker {
     fn run(mut self) -> io::Error {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
-            let timeout = self
-                .accept_paused_until
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = self.accept_paused_until.map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return e;
             }
-            if self
-                .accept_paused_until
-                .is_some_and(|t| Instant::now() >= t)
-            {
+            if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
                 self.accept_paused_until = None;
                 self.accept_all();
             }
@@ -605,11 +536,7 @@ impl Worker {
                     self.add(stream);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                    ) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
                 Err(e) => {
                     // EMFILE, ENFILE, ENOBUFS, ENOMEM, or something unknown:
                     // retrying now would fail the same way, so back off.

@@ -55,11 +55,8 @@ pub fn parse_response(raw: &[u8]) -> Response {
         Ok(httparse::Status::Complete(n)) => n,
         other => panic!("incomplete or bad response {other:?}: {:?}", String::from_utf8_lossy(raw)),
     };
-    let headers: Vec<(String, String)> = r
-        .headers
-        .iter()
-        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
-        .collect();
+    let headers: Vec<(String, String)> =
+        r.headers.iter().map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned())).collect();
     let body = String::from_utf8(raw[head_len..].to_vec()).expect("UTF-8 body");
     Response { status: r.code.expect("status"), headers, body }
 }
@@ -316,9 +313,8 @@ fn check_histograms(exp: &Exposition) -> Result<(), String> {
             if last.0 != f64::INFINITY {
                 return Err(format!("{family}{labels:?}: no +Inf bucket"));
             }
-            let matching = |suffix: &str| {
-                exp.samples.iter().find(|s| s.name == format!("{family}{suffix}") && s.labels == labels)
-            };
+            let matching =
+                |suffix: &str| exp.samples.iter().find(|s| s.name == format!("{family}{suffix}") && s.labels == labels);
             let count = matching("_count").ok_or_else(|| format!("{family}{labels:?}: no _count"))?;
             matching("_sum").ok_or_else(|| format!("{family}{labels:?}: no _sum"))?;
             if count.value != last.1 {
@@ -465,7 +461,8 @@ impl JsonParser<'_> {
             Some(b'n') if self.eat("null") => Ok(Json::Null),
             Some(c) if *c == b'-' || c.is_ascii_digit() => {
                 let start = self.i;
-                while self.i < self.s.len() && matches!(self.s[self.i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                while self.i < self.s.len() && matches!(self.s[self.i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
                     self.i += 1;
                 }
                 let t = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;

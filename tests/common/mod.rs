@@ -73,9 +73,7 @@ impl Proc {
 
     /// Open descriptors of the process.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
     }
 }
 
@@ -125,10 +123,7 @@ pub fn spawn_listening(bin: &str, args: &[String], envs: &[(&str, &str)]) -> Pro
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "{bin} did not report its address; stderr: {}",
-                    stderr.lock().expect("stderr lock").join("\n")
-                );
+                panic!("{bin} did not report its address; stderr: {}", stderr.lock().expect("stderr lock").join("\n"));
             }
         }
     };
@@ -150,10 +145,8 @@ pub fn lb(backends: &[SocketAddr], extra: &[&str]) -> Proc {
 }
 
 pub fn lb_env(backends: &[SocketAddr], extra: &[&str], envs: &[(&str, &str)]) -> Proc {
-    let mut args: Vec<String> = ["-p", "0", "--bind", "127.0.0.1", "--workers", "2"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> =
+        ["-p", "0", "--bind", "127.0.0.1", "--workers", "2"].iter().map(|s| s.to_string()).collect();
     if !backends.is_empty() {
         args.push("-b".into());
         args.extend(backends.iter().map(|b| b.to_string()));

@@ -51,7 +51,9 @@ ROW_TABLE=(
 
 # Shared settings: identical for every proxy.
 WORKERS=$(nproc)          # lb --workers, haproxy nbthread, nginx worker_processes
-BUFSIZE=32768             # lb --buffer-size, haproxy tune.bufsize, nginx proxy_buffer_size
+BUFSIZE=32768             # lb --buffer-size (which also sizes its pipes), haproxy tune.bufsize and
+                          # tune.pipesize, nginx proxy_buffer_size. HAProxy's pipes would otherwise
+                          # stay at the kernel's 64 KiB and need half the splice calls per byte.
 CONNECT_TIMEOUT=5         # seconds: lb --connection-timeout, haproxy timeout connect, nginx proxy_connect_timeout
 IDLE_TIMEOUT=300          # seconds: lb --idle-timeout, haproxy timeout client/server, nginx proxy_timeout
 MAXCONN=20000             # lb --max-connections, haproxy maxconn, nginx worker_connections (lowered if ulimit -n is small)
@@ -490,6 +492,7 @@ global
     nbthread $WORKERS
     maxconn $MAXCONN
     tune.bufsize $BUFSIZE
+    tune.pipesize $BUFSIZE
     pidfile $dir/haproxy.pid
 
 defaults
@@ -745,7 +748,7 @@ write_meta() {
         printf 'kinds\t%s\n' "$(for r in "${ROWS[@]}"; do printf '%s=%s,' "$r" "${ROW_KIND[$r]}"; done | sed 's/,$//')"
         printf 'wrk args\t-t%s -c%s -d%ss --latency (conn/request: -H '"'"'Connection: close'"'"')\n' "$WRK_THREADS" "$WRK_CONNS" "$DURATION"
         printf 'iperf3 args\t-t %s -J, forward and -R\n' "$BULK_DURATION"
-        printf 'settings\tworkers/nbthread/worker_processes %s, buffer %s B, connect timeout %ss, idle timeout %ss, maxconn %s, held connections %s\n' \
+        printf 'settings\tworkers/nbthread/worker_processes %s, buffer and pipe %s B, connect timeout %ss, idle timeout %ss, maxconn %s, held connections %s\n' \
             "$WORKERS" "$BUFSIZE" "$CONNECT_TIMEOUT" "$IDLE_TIMEOUT" "$MAXCONN" "$HOLD_CONNS"
         printf 'command\tscripts/bench.sh %s\n' "$ARGS_STR"
         printf 'raw\t%s\n' "$(basename "$RAW")"

@@ -2,11 +2,12 @@
 //! alone and while another thread keeps changing the `active` counters the
 //! way other workers' leases do.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use lb::backend::{self, Backend};
@@ -91,14 +92,9 @@ fn contended(c: &mut Criterion) {
     g.finish();
 }
 
-/// Bounded so the whole `cargo bench` run takes about a minute on 2 cores.
-fn config() -> Criterion {
-    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3)).sample_size(50)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config();
     targets = single_threaded, contended
 }
 criterion_main!(benches);

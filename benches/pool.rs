@@ -1,8 +1,9 @@
 //! Relay buffer checkout and return: one `BufferPool::get` plus the drop
 //! that gives the buffer back, after warm-up (no allocation in the loop).
 
+mod common;
+
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use lb::pool::BufferPool;
@@ -18,14 +19,9 @@ fn checkout_and_return(c: &mut Criterion) {
     });
 }
 
-/// Bounded so the whole `cargo bench` run takes about a minute on 2 cores.
-fn config() -> Criterion {
-    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3)).sample_size(50)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config();
     targets = checkout_and_return
 }
 criterion_main!(benches);

@@ -1,5 +1,7 @@
 //! Recording one sample into the connect-time histogram.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -19,14 +21,9 @@ fn record(c: &mut Criterion) {
     black_box(h.snapshot());
 }
 
-/// Bounded so the whole `cargo bench` run takes about a minute on 2 cores.
-fn config() -> Criterion {
-    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3)).sample_size(50)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config();
     targets = record
 }
 criterion_main!(benches);

@@ -228,17 +228,7 @@ fn relaying_an_established_connection_allocates_nothing_while_switching_paths() 
 fn relay_allocates_nothing(slot: usize, splice: SpliceMode) {
     let echo = common::backend(|mut s| {
         small_buffers(&s.stream);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
+        common::echo_until_eof(&mut s);
     });
     // Worker start-up allocates (its slab, its event list) on the counted
     // thread, so the count must move by the end of warm-up: proof that the

@@ -314,7 +314,7 @@ pub fn echo_backend() -> Backend {
 }
 
 /// Writes back whatever arrives until EOF or an error.
-fn echo_until_eof(s: &mut Conn) {
+pub fn echo_until_eof(s: &mut Conn) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match s.read(&mut buf) {

@@ -3,19 +3,21 @@
 # their estimates, judged against issue 5's targets, to
 # bench-results/micro.md. About two minutes on 2 cores; no network use.
 #
-#   ./scripts/microbench.sh            # all benches
-#   ./scripts/microbench.sh pick       # only those whose name contains "pick"
+# Every run measures all of them, so the file never mixes fresh and stale
+# estimates.
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=$REPO_ROOT/bench-results/micro.md
 
 case "${1:-}" in
+    "") ;;
     -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "microbench.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
 esac
 
 cd "$REPO_ROOT"
-cargo bench --benches -- "${1:-}"
+cargo bench --benches
 mkdir -p "$(dirname "$OUT")"
 python3 - "$REPO_ROOT/target/criterion" "$OUT" <<'PY'
 import json, os, platform, subprocess, sys, datetime

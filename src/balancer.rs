@@ -14,22 +14,22 @@ pub fn pick(backends: &[Backend], start: usize, exclude: &[u32]) -> Option<usize
     if !exclude.is_empty() {
         return pick_excluding(backends, start, exclude);
     }
-    let n = backends.len();
-    let start = if start < n { start } else { start.checked_rem(n)? };
-    // [start, n) then [0, start): the first-at-or-after-start tie rule
-    // without an index wrap per step.
-    let best = scan(&backends[start..], start, |_| false, (usize::MAX, u64::MAX));
-    let (best, _) = scan(&backends[..start], 0, |_| false, best);
-    (best != usize::MAX).then_some(best)
+    least_loaded(backends, start, |_| false)
 }
 
 /// Retries after a failed connect: kept out of line so the first attempt's
 /// loop, the one every connection runs, stays small and in registers.
 #[inline(never)]
 fn pick_excluding(backends: &[Backend], start: usize, exclude: &[u32]) -> Option<usize> {
+    least_loaded(backends, start, |i| exclude.contains(&(i as u32)))
+}
+
+#[inline(always)]
+fn least_loaded(backends: &[Backend], start: usize, skip: impl Fn(usize) -> bool + Copy) -> Option<usize> {
     let n = backends.len();
     let start = if start < n { start } else { start.checked_rem(n)? };
-    let skip = |i: usize| exclude.contains(&(i as u32));
+    // [start, n) then [0, start): the first-at-or-after-start tie rule
+    // without an index wrap per step.
     let best = scan(&backends[start..], start, skip, (usize::MAX, u64::MAX));
     let (best, _) = scan(&backends[..start], 0, skip, best);
     (best != usize::MAX).then_some(best)

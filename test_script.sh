@@ -527,22 +527,29 @@ http_status() {
     curl -s -o /dev/null --max-time 3 -w '%{http_code}' "$1"
 }
 
+# wait_status URL CODE SECONDS: polls URL until it answers CODE or the time
+# is up; prints the last status seen and fails (status 1) on timeout.
+wait_status() {
+    local until code=000
+    deadline until "$3"
+    while before "$until"; do
+        code=$(http_status "$1")
+        [ "$code" = "$2" ] && break
+        sleep 0.1
+    done
+    echo "$code"
+    [ "$code" = "$2" ]
+}
+
 test_metrics() {
-    local admin port out=$LB_WORK/metrics.out m=$LB_WORK/metrics.txt h=$LB_WORK/metrics.head until code bad
+    local admin port out=$LB_WORK/metrics.out m=$LB_WORK/metrics.txt h=$LB_WORK/metrics.head code bad
     require_flag --admin "the admin endpoint"
     port=$(free_port) || fail "cannot find a free port"
     admin=127.0.0.1:$port
     start_two_backends
     start_lb --workers 1 -b "$A" "$B" --admin "$admin" \
         --health-check-period 0.2 --health-check-timeout 1 --rise 2 --fall 2 || fail "$ERR"
-    deadline until 5
-    code=000
-    while before "$until"; do
-        code=$(http_status "http://$admin/metrics")
-        [ "$code" = 200 ] && break
-        sleep 0.1
-    done
-    [ "$code" = 200 ] || fail "GET http://$admin/metrics gave $code"
+    code=$(wait_status "http://$admin/metrics" 200 5) || fail "GET http://$admin/metrics gave $code"
     get_many "$LB_ADDR" 6 "$out"
     [ "$(count "$out" 'HTTP 200')" -eq 6 ] || fail "requests failed: $(tally "$out" "Server A" "Server B")"
 
@@ -575,13 +582,8 @@ test_metrics() {
     [ "$code" = 200 ] || fail "GET /health gave $code with both backends up"
 
     kill -KILL "$A_PID" "$B_PID" 2>/dev/null
-    deadline until 5
-    while before "$until"; do
-        code=$(http_status "http://$admin/health")
-        [ "$code" = 503 ] && break
-        sleep 0.1
-    done
-    [ "$code" = 503 ] || fail "GET /health gave $code 5 s after every backend died (expected 503)"
+    code=$(wait_status "http://$admin/health" 503 5) ||
+        fail "GET /health gave $code 5 s after every backend died (expected 503)"
     no_panic "$LB_LOG"
     note "/metrics $(grep -c '^lb_' "$m") lb_ samples; /stats JSON; /health 200 then 503"
 }

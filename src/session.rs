@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 use mio::event::Event;
 use mio::net::TcpStream;
+use socket2::SockRef;
 
 use crate::backend::Lease;
 use crate::config::{MAX_RETRIES, SpliceMode};
@@ -85,17 +86,22 @@ struct Peer {
     /// The peer's FIN (or an error) was already reported: it sits behind
     /// the queued data and raises no new edge, so reads go on until EOF.
     hup_pending: bool,
+    /// The peer's FIN was reported without an error. TCP queues a FIN only
+    /// behind all the data sent before it, so once a read comes back short
+    /// the stream is known to be over without the read that returns 0.
+    fin_seen: bool,
 }
 
 impl Peer {
     fn new(stream: TcpStream) -> Peer {
-        Peer { stream, readable: false, writable: false, hup_pending: false }
+        Peer { stream, readable: false, writable: false, hup_pending: false, fin_seen: false }
     }
 
     fn note(&mut self, ev: &Event) {
         // Errors and hang-ups are surfaced by the next read or write.
         let fault = ev.is_error() || ev.is_read_closed() || ev.is_write_closed();
         self.hup_pending |= ev.is_error() || ev.is_read_closed();
+        self.fin_seen |= ev.is_read_closed() && !ev.is_error();
         self.readable |= ev.is_readable() || fault;
         self.writable |= ev.is_writable() || fault;
     }
@@ -252,7 +258,15 @@ impl<'p> Direction<'p> {
         let result = match &mut self.transfer {
             Transfer::Copy { buf, start, end } => {
                 let b = buf.as_ref().expect("pending bytes live in a buffer");
-                match dst.stream.write(&b[*start..*end]) {
+                let written = if self.flow == Flow::Draining {
+                    // The last bytes of the stream: the shutdown or close
+                    // that follows at once pushes them out with the FIN in
+                    // the same segment, instead of one segment each.
+                    SockRef::from(&dst.stream).send_with_flags(&b[*start..*end], libc::MSG_MORE | libc::MSG_NOSIGNAL)
+                } else {
+                    dst.stream.write(&b[*start..*end])
+                };
+                match written {
                     Ok(n) => {
                         *start += n;
                         self.unreported += n as u64;
@@ -335,12 +349,21 @@ impl<'p> Direction<'p> {
                     }
                     Ok(n) => {
                         *end = n;
-                        // A short read drained the socket; epoll reports the
-                        // next arrival, so skip the read that would WouldBlock.
-                        if n < room && !src.hup_pending {
-                            src.readable = false;
-                        }
                         self.policy.copied(n, room);
+                        if n < room {
+                            if src.fin_seen {
+                                // A short read emptied the queue up to the
+                                // FIN already reported: these are the last
+                                // bytes, and knowing it now lets them leave
+                                // with the FIN (see `flush`).
+                                self.flow = Flow::Draining;
+                            } else if !src.hup_pending {
+                                // A short read drained the socket; epoll
+                                // reports the next arrival, so skip the read
+                                // that would WouldBlock.
+                                src.readable = false;
+                            }
+                        }
                         return Ok(Filled::Progress);
                     }
                     Err(e) => {
@@ -585,7 +608,7 @@ impl<'a> Session<'a> {
     /// Makes the coming close send RST instead of FIN.
     pub fn reset_both(&mut self) {
         for s in [&self.client.stream, &self.backend.stream] {
-            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+            let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
         }
     }
 

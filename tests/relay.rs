@@ -38,6 +38,34 @@ fn a_half_close_is_relayed_and_the_reply_still_arrives() {
     assert!(got == random_bytes(REPLY, 7));
 }
 
+#[test]
+fn a_reply_that_arrives_with_the_backends_fin_leaves_in_one_segment_with_it() {
+    // The backend's last bytes and its FIN arrive together; lb relays them
+    // together too (one segment, not data then a bare FIN). The client's
+    // direction stays open: what it sends afterwards still reaches the
+    // backend, which proves the early EOF did not end the pair.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let tx = std::sync::Mutex::new(tx);
+    let backend = backend(move |mut s| {
+        send_with_fin(&s, b"last words");
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let _ = tx.lock().expect("sender").send(got);
+    });
+    // No probes: each would be a connection of its own to this backend.
+    let lb = lb(&[backend.addr], &["--no-health-check"]);
+    let mut c = connect(lb.addr);
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).expect("client reads to EOF");
+    assert_eq!(got, b"last words");
+    // The SYN-ACK, then the bytes and the FIN in one segment.
+    assert_eq!(segments_received(&c), 2, "the reply and the FIN came in separate segments");
+    c.write_all(b"after the FIN").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let at_backend = rx.recv_timeout(Duration::from_secs(10)).expect("the backend reached EOF");
+    assert_eq!(at_backend, b"after the FIN");
+}
+
 fn tag_of(s: &mut std::net::TcpStream) -> String {
     String::from_utf8(read_n(s, 1)).expect("tag")
 }

@@ -344,6 +344,31 @@ pub fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
     v
 }
 
+/// Sends `data` and the FIN in one TCP segment: MSG_MORE holds the bytes
+/// back and the shutdown pushes them out with the FIN.
+pub fn send_with_fin(s: &TcpStream, data: &[u8]) {
+    let n = socket2::SockRef::from(s).send_with_flags(data, libc::MSG_MORE).expect("send with MSG_MORE");
+    assert_eq!(n, data.len(), "a small send goes in whole");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown(Write)");
+}
+
+/// TCP segments this socket has received so far (`tcpi_segs_in` of
+/// TCP_INFO, Linux 4.2+), the SYN-ACK included.
+pub fn segments_received(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // struct tcp_info up to tcpi_segs_in (offset 140, see linux/tcp.h).
+    const SEGS_IN: usize = 140;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the buffer is valid for `len` bytes and outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
+    };
+    assert_eq!(rc, 0, "getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
+    assert!(len as usize >= SEGS_IN + 4, "TCP_INFO too short for tcpi_segs_in ({len} bytes)");
+    u32::from_ne_bytes(info[SEGS_IN..SEGS_IN + 4].try_into().expect("4 bytes"))
+}
+
 /// Sockets in CLOSE_WAIT whose local or remote port is one of `ports`,
 /// from /proc/net/tcp and tcp6.
 pub fn close_wait_count(ports: &[u16]) -> usize {

@@ -70,7 +70,12 @@ FIXED_OVERHEAD=10         # seconds: busy check, backends, warm-up, report
 ROW_OVERHEAD=5            # seconds per row and round: starts, stops, holding connections
 
 # Defaults, changed by options.
-ROUNDS=3
+# Five short rounds rather than three long ones: a row's throughput barely
+# moves within one start of its proxy (about 2 % between back-to-back wrk
+# runs) but moves up to 30 % from one start to the next (where the scheduler
+# happens to place the threads), so more starts steady the medians more
+# than longer measurements do.
+ROUNDS=5
 DURATION_MAX=7            # seconds per wrk measurement
 DURATION=""               # chosen by fit_durations unless --duration is given
 BULK_DURATION=""          # seconds per iperf3 direction; default max(2, DURATION/2)
@@ -90,7 +95,7 @@ libnginx-mod-stream, wrk, iperf3, gnuplot-nox, python3).
 
 options:
   --quick          1 round, wrk runs of at most 3 s (fits in 3 min)
-  --rounds N       rounds over all rows, medians reported (default 3)
+  --rounds N       rounds over all rows, medians reported (default 5)
   --duration S     seconds per wrk measurement; iperf3 gets max(2, S/2) per
                    direction (default: 7, shortened when needed so that the
                    run ends within 12 min, or 3 min with --quick)

@@ -76,6 +76,21 @@ enum Flow {
     Done,
 }
 
+/// What the peer has reported about the end of its stream. Neither report
+/// raises a new edge once the queued data is read, so both keep reads
+/// going until the end shows up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hangup {
+    /// Nothing reported: a short read means the queue is empty for now.
+    None,
+    /// The peer's FIN arrived. TCP queues it behind all the data sent
+    /// before it, so a short read has reached it: the stream is over
+    /// without the read that returns 0.
+    Fin,
+    /// An error arrived; the next read or write surfaces it.
+    Error,
+}
+
 /// A socket plus readiness hints. The hints let edge-triggered readiness be
 /// remembered, so no syscall is made that is known to return `WouldBlock`.
 #[derive(Debug)]
@@ -83,25 +98,22 @@ struct Peer {
     stream: TcpStream,
     readable: bool,
     writable: bool,
-    /// The peer's FIN (or an error) was already reported: it sits behind
-    /// the queued data and raises no new edge, so reads go on until EOF.
-    hup_pending: bool,
-    /// The peer's FIN was reported without an error. TCP queues a FIN only
-    /// behind all the data sent before it, so once a read comes back short
-    /// the stream is known to be over without the read that returns 0.
-    fin_seen: bool,
+    hangup: Hangup,
 }
 
 impl Peer {
     fn new(stream: TcpStream) -> Peer {
-        Peer { stream, readable: false, writable: false, hup_pending: false, fin_seen: false }
+        Peer { stream, readable: false, writable: false, hangup: Hangup::None }
     }
 
     fn note(&mut self, ev: &Event) {
         // Errors and hang-ups are surfaced by the next read or write.
         let fault = ev.is_error() || ev.is_read_closed() || ev.is_write_closed();
-        self.hup_pending |= ev.is_error() || ev.is_read_closed();
-        self.fin_seen |= ev.is_read_closed() && !ev.is_error();
+        if ev.is_error() {
+            self.hangup = Hangup::Error;
+        } else if ev.is_read_closed() && self.hangup == Hangup::None {
+            self.hangup = Hangup::Fin;
+        }
         self.readable |= ev.is_readable() || fault;
         self.writable |= ev.is_writable() || fault;
     }
@@ -351,17 +363,16 @@ impl<'p> Direction<'p> {
                         *end = n;
                         self.policy.copied(n, room);
                         if n < room {
-                            if src.fin_seen {
-                                // A short read emptied the queue up to the
-                                // FIN already reported: these are the last
-                                // bytes, and knowing it now lets them leave
-                                // with the FIN (see `flush`).
-                                self.flow = Flow::Draining;
-                            } else if !src.hup_pending {
-                                // A short read drained the socket; epoll
-                                // reports the next arrival, so skip the read
-                                // that would WouldBlock.
-                                src.readable = false;
+                            match src.hangup {
+                                // The socket is drained; epoll reports the
+                                // next arrival, so skip the read that would
+                                // WouldBlock.
+                                Hangup::None => src.readable = false,
+                                // These are the last bytes, and knowing it
+                                // now lets them leave with the FIN (`flush`).
+                                Hangup::Fin => self.flow = Flow::Draining,
+                                // Read on until the error surfaces.
+                                Hangup::Error => {}
                             }
                         }
                         return Ok(Filled::Progress);

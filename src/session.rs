@@ -84,8 +84,8 @@ enum Hangup {
     /// Nothing reported: a short read means the queue is empty for now.
     None,
     /// The peer's FIN arrived. TCP queues it behind all the data sent
-    /// before it, so a short read has reached it: the stream is over
-    /// without the read that returns 0.
+    /// before it, so after a short read the next read finds it unless
+    /// urgent data cut the first one short.
     Fin,
     /// An error arrived; the next read or write surfaces it.
     Error,
@@ -368,9 +368,20 @@ impl<'p> Direction<'p> {
                                 // next arrival, so skip the read that would
                                 // WouldBlock.
                                 Hangup::None => src.readable = false,
-                                // These are the last bytes, and knowing it
-                                // now lets them leave with the FIN (`flush`).
-                                Hangup::Fin => self.flow = Flow::Draining,
+                                // The FIN is queued behind these bytes, or
+                                // behind urgent data, where a read also
+                                // stops short. Reading on into the rest of
+                                // the buffer tells which; at the EOF, bytes
+                                // known to be the last leave with the FIN
+                                // (`flush`).
+                                Hangup::Fin => match src.stream.read(&mut b[n..]) {
+                                    Ok(0) => self.flow = Flow::Draining,
+                                    Ok(more) => *end += more,
+                                    Err(e) => match classify(&e) {
+                                        IoClass::WouldBlock | IoClass::Interrupted => {}
+                                        _ => return Err(e),
+                                    },
+                                },
                                 // Read on until the error surfaces.
                                 Hangup::Error => {}
                             }

@@ -66,6 +66,29 @@ fn a_reply_that_arrives_with_the_backends_fin_leaves_in_one_segment_with_it() {
     assert_eq!(at_backend, b"after the FIN");
 }
 
+#[test]
+fn urgent_data_ahead_of_the_fin_does_not_cut_the_stream_short() {
+    // A read stops short at TCP's urgent mark even with more bytes queued,
+    // so a short read is no proof that the FIN is next. Everything here
+    // (the urgent byte in the middle) arrives in one segment with the FIN.
+    // lb does not read out-of-band bytes: the urgent one drops out and the
+    // rest must all arrive.
+    let backend = backend(|s| {
+        let sock = socket2::SockRef::from(&*s);
+        sock.send_with_flags(b"before ", libc::MSG_MORE).expect("send");
+        sock.send_with_flags(b"!", libc::MSG_MORE | libc::MSG_OOB).expect("send urgent");
+        sock.send_with_flags(b"after", libc::MSG_MORE).expect("send");
+        s.shutdown(Shutdown::Write).expect("shutdown(Write)");
+        let mut rest = Vec::new();
+        let _ = (&*s).read_to_end(&mut rest);
+    });
+    let lb = lb(&[backend.addr], &["--no-health-check"]);
+    let mut c = connect(lb.addr);
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).expect("client reads to EOF");
+    assert_eq!(String::from_utf8_lossy(&got), "before after");
+}
+
 fn tag_of(s: &mut std::net::TcpStream) -> String {
     String::from_utf8(read_n(s, 1)).expect("tag")
 }

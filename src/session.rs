@@ -10,6 +10,7 @@ use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use log::debug;
+use mio::Interest;
 use mio::event::Event;
 use mio::net::TcpStream;
 use socket2::SockRef;
@@ -32,6 +33,11 @@ pub enum Side {
     Client,
     Backend,
 }
+
+/// What a session's sockets are registered for. PRIORITY reports TCP
+/// urgent data: a read stops short at its mark with more bytes queued, so
+/// a peer that sends it must be read until `WouldBlock`.
+pub const SOCKET_INTEREST: Interest = Interest::READABLE.add(Interest::WRITABLE).add(Interest::PRIORITY);
 
 /// What the worker must do after a session handled an event.
 #[derive(Debug)]
@@ -99,11 +105,15 @@ struct Peer {
     readable: bool,
     writable: bool,
     hangup: Hangup,
+    /// The peer has sent urgent data, where a read stops short with more
+    /// bytes queued: a short read proves nothing, so reads go on to
+    /// `WouldBlock`. Rare enough that it stays set for the connection.
+    urgent: bool,
 }
 
 impl Peer {
     fn new(stream: TcpStream) -> Peer {
-        Peer { stream, readable: false, writable: false, hangup: Hangup::None }
+        Peer { stream, readable: false, writable: false, hangup: Hangup::None, urgent: false }
     }
 
     fn note(&mut self, ev: &Event) {
@@ -114,6 +124,7 @@ impl Peer {
         } else if ev.is_read_closed() && self.hangup == Hangup::None {
             self.hangup = Hangup::Fin;
         }
+        self.urgent |= ev.is_priority();
         self.readable |= ev.is_readable() || fault;
         self.writable |= ev.is_writable() || fault;
     }
@@ -367,7 +378,9 @@ impl<'p> Direction<'p> {
                                 // The socket is drained; epoll reports the
                                 // next arrival, so skip the read that would
                                 // WouldBlock.
-                                Hangup::None => src.readable = false,
+                                Hangup::None if !src.urgent => src.readable = false,
+                                // Maybe stopped at an urgent mark: read on.
+                                Hangup::None => {}
                                 // The FIN is queued behind these bytes, or
                                 // behind urgent data, where a read also
                                 // stops short. Reading on into the rest of

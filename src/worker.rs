@@ -17,7 +17,7 @@ use crate::backend::{Backend, Lease};
 use crate::balancer;
 use crate::config::SpliceMode;
 use crate::net::{IoClass, classify, is_resource_exhaustion};
-use crate::session::{CloseReason, Outcome, Pools, Session, Side, Stage, Tried};
+use crate::session::{CloseReason, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
 use crate::shared::Shared;
 
 /// Reserved tokens sit at the top of the token space, away from sessions.
@@ -329,19 +329,10 @@ impl<'a> Worker<'a> {
         let key = entry.key();
         let session = entry.insert(Session::new(client, backend, lease, slot, tried, now, &self.settings));
         let registry = self.poll.registry();
-        let registered = registry
-            .register(
-                session.client_stream(),
-                session_token(key, Side::Client),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .and_then(|()| {
-                registry.register(
-                    session.backend_stream(),
-                    session_token(key, Side::Backend),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-            });
+        let registered =
+            registry.register(session.client_stream(), session_token(key, Side::Client), SOCKET_INTEREST).and_then(
+                |()| registry.register(session.backend_stream(), session_token(key, Side::Backend), SOCKET_INTEREST),
+            );
         if let Err(e) = registered {
             warn!("worker {}: cannot register a new connection: {e}", self.id);
             self.sessions.try_remove(key);
@@ -419,11 +410,7 @@ impl<'a> Worker<'a> {
                 session.tried = tried;
                 session.retry_with(stream, lease, now, self.settings.connect_timeout);
                 let token = session_token(key, Side::Backend);
-                if let Err(e) = self.poll.registry().register(
-                    session.backend_stream(),
-                    token,
-                    Interest::READABLE | Interest::WRITABLE,
-                ) {
+                if let Err(e) = self.poll.registry().register(session.backend_stream(), token, SOCKET_INTEREST) {
                     warn!("worker {}: cannot register a backend connection: {e}", self.id);
                     self.sessions.try_remove(key);
                     return;

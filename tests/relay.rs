@@ -89,6 +89,30 @@ fn urgent_data_ahead_of_the_fin_does_not_cut_the_stream_short() {
     assert_eq!(String::from_utf8_lossy(&got), "before after");
 }
 
+#[test]
+fn bytes_behind_urgent_data_are_relayed_without_waiting_for_more() {
+    // The same short read at the urgent mark, with no FIN behind it: the
+    // bytes after the mark are already queued and no new edge will report
+    // them, so a relay that took the short read as "drained" would hold
+    // them until the backend sent something else (here: never).
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let done_rx = std::sync::Mutex::new(done_rx);
+    let backend = backend(move |s| {
+        let sock = socket2::SockRef::from(&*s);
+        sock.send_with_flags(b"before ", libc::MSG_MORE).expect("send");
+        sock.send_with_flags(b"!", libc::MSG_MORE | libc::MSG_OOB).expect("send urgent");
+        sock.send_with_flags(b"after", 0).expect("send");
+        // Hold the connection open, silent, until the client is done.
+        let _ = done_rx.lock().expect("receiver").recv_timeout(Duration::from_secs(30));
+    });
+    let lb = lb(&[backend.addr], &["--no-health-check"]);
+    let mut c = connect(lb.addr);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let got = read_n(&mut c, "before after".len());
+    assert_eq!(String::from_utf8_lossy(&got), "before after");
+    let _ = done_tx.send(());
+}
+
 fn tag_of(s: &mut std::net::TcpStream) -> String {
     String::from_utf8(read_n(s, 1)).expect("tag")
 }

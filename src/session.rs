@@ -236,6 +236,13 @@ impl<'p> Direction<'p> {
             if !src.readable {
                 return Ok(Pumped::Idle);
             }
+            if src.urgent && self.policy.wants_splice() {
+                // splice(2) stops at TCP's urgent mark and keeps returning
+                // EAGAIN there; read(2) steps over the urgent byte. Like a
+                // socket that cannot splice at all: copy from now on.
+                pools.pipes.note_unsupported();
+                self.policy.unsupported();
+            }
             self.settle();
             match self.fill(src, pools)? {
                 Filled::Progress => {}

@@ -1,8 +1,9 @@
 //! The splice relay end to end, in every `--splice` mode: byte-exact bulk
 //! transfer both ways over many connections, a half-close with bytes still
 //! in a pipe, a backend reset while a pipe holds bytes, pipe exhaustion,
-//! descriptors (pipes included) returning once traffic ends, and how each
-//! mode splits the bytes between splice and copy (read from `/metrics`).
+//! descriptors (pipes included) returning once traffic ends, how each
+//! mode splits the bytes between splice and copy (read from `/metrics`),
+//! and TCP urgent data in the middle of a bulk flow.
 //! Health probes are off throughout: they would be extra backend
 //! connections and descriptors.
 
@@ -364,6 +365,46 @@ fn small_messages_copy_and_a_bulk_download_splices(mode: &str) {
     }
 }
 
+fn urgent_data_in_a_bulk_flow_is_stepped_over_without_a_stall(mode: &str) {
+    // splice(2) stops at TCP's urgent mark and returns EAGAIN there for
+    // good; read(2) steps over the urgent byte. A backlog behind lb makes
+    // auto splice by the time the mark arrives; always splices from the
+    // start. The urgent byte itself is out of band and lb does not relay
+    // it; every other byte must arrive, without the backend sending more.
+    const BULK: usize = 4 << 20;
+    let progress = Arc::new(AtomicUsize::new(0));
+    let p = Arc::clone(&progress);
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let done_rx = Mutex::new(done_rx);
+    let backend = backend(move |mut s| {
+        let r = (|| {
+            for c in random_bytes(BULK, 33).chunks(64 * 1024) {
+                s.write_all(c)?;
+                p.fetch_add(c.len(), Ordering::SeqCst);
+            }
+            let sock = socket2::SockRef::from(&*s);
+            sock.send_with_flags(b"!", libc::MSG_OOB)?;
+            s.write_all(b"after the mark")
+        })();
+        if r.is_ok() {
+            // Silent and open until the client has read it all.
+            let _ = done_rx.lock().expect("receiver").recv_timeout(Duration::from_secs(30));
+        }
+    });
+    let (lb, admin) = lb_splice(&[backend.addr], mode, &[]);
+    let mut c = connect(lb.addr);
+    c.set_read_timeout(Some(WAIT)).expect("timeout");
+    assert!(wait_stalled(&progress), "the backend neither stalled nor finished");
+    assert!(read_n(&mut c, BULK) == random_bytes(BULK, 33), "bulk bytes differ");
+    assert_eq!(read_n(&mut c, 14), b"after the mark");
+    let _ = done_tx.send(());
+    if mode == "always" {
+        // Workers publish the counter about once a second.
+        let counted = wait_until(WAIT, || fallbacks(admin, "unsupported") >= 1);
+        assert!(counted, "the urgent mark did not move the flow to copying");
+    }
+}
+
 /// Small messages auto may still splice after a bulk flow before it
 /// notices the flow turned small (lb's SMALL_READS_TO_COPY, with room).
 fn splice_back_allowance() -> usize {
@@ -391,4 +432,5 @@ in_every_mode!(
     running_out_of_pipes_falls_back_to_copying_without_loss,
     descriptors_return_to_the_idle_count_after_bulk_traffic_and_resets,
     small_messages_copy_and_a_bulk_download_splices,
+    urgent_data_in_a_bulk_flow_is_stepped_over_without_a_stall,
 );

@@ -74,11 +74,7 @@ fn urgent_data_ahead_of_the_fin_does_not_cut_the_stream_short() {
     // lb does not read out-of-band bytes: the urgent one drops out and the
     // rest must all arrive.
     let backend = backend(|s| {
-        let sock = socket2::SockRef::from(&*s);
-        sock.send_with_flags(b"before ", libc::MSG_MORE).expect("send");
-        sock.send_with_flags(b"!", libc::MSG_MORE | libc::MSG_OOB).expect("send urgent");
-        sock.send_with_flags(b"after", libc::MSG_MORE).expect("send");
-        s.shutdown(Shutdown::Write).expect("shutdown(Write)");
+        send_around_urgent_byte(&s, b"before ", b"after", true);
         let mut rest = Vec::new();
         let _ = (&*s).read_to_end(&mut rest);
     });
@@ -98,10 +94,7 @@ fn bytes_behind_urgent_data_are_relayed_without_waiting_for_more() {
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let done_rx = std::sync::Mutex::new(done_rx);
     let backend = backend(move |s| {
-        let sock = socket2::SockRef::from(&*s);
-        sock.send_with_flags(b"before ", libc::MSG_MORE).expect("send");
-        sock.send_with_flags(b"!", libc::MSG_MORE | libc::MSG_OOB).expect("send urgent");
-        sock.send_with_flags(b"after", 0).expect("send");
+        send_around_urgent_byte(&s, b"before ", b"after", false);
         // Hold the connection open, silent, until the client is done.
         let _ = done_rx.lock().expect("receiver").recv_timeout(Duration::from_secs(30));
     });

@@ -352,6 +352,19 @@ pub fn send_with_fin(s: &TcpStream, data: &[u8]) {
     s.shutdown(std::net::Shutdown::Write).expect("shutdown(Write)");
 }
 
+/// Sends `before`, one urgent (out-of-band) byte and `after` in one TCP
+/// segment, with the FIN in it too when `then_fin`.
+pub fn send_around_urgent_byte(s: &TcpStream, before: &[u8], after: &[u8], then_fin: bool) {
+    let sock = socket2::SockRef::from(s);
+    sock.send_with_flags(before, libc::MSG_MORE).expect("send");
+    sock.send_with_flags(b"!", libc::MSG_MORE | libc::MSG_OOB).expect("send urgent");
+    if then_fin {
+        send_with_fin(s, after);
+    } else {
+        sock.send_with_flags(after, 0).expect("send");
+    }
+}
+
 /// TCP segments this socket has received so far (`tcpi_segs_in` of
 /// TCP_INFO, Linux 4.2+), the SYN-ACK included.
 pub fn segments_received(s: &TcpStream) -> u32 {

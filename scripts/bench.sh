@@ -82,6 +82,7 @@ BULK_DURATION=""          # seconds per iperf3 direction; default max(2, DURATIO
 ROWS_ARG=""
 LB_BIN=$REPO_ROOT/target/release/lb
 LB_BIN_DEFAULT=1
+LB_CMP_BIN=""             # --compare: a second lb binary, run as row lb-compare
 KEEP_TMP=0
 QUICK=0
 
@@ -103,6 +104,11 @@ options:
                    lb flags the lb binary supports)
   --lb PATH        lb binary (default target/release/lb, built with
                    'cargo build --release' if missing)
+  --compare PATH   A/B of two lb builds: adds row lb-compare, running the lb
+                   binary at PATH with the same flags as row lb; without
+                   --rows only lb and lb-compare run. Writes
+                   bench-results/compare-<timestamp>.md and .png, not
+                   results.md; the lb/lb-compare ratios judge the change
   --keep-tmp       keep the temp dir with configs and logs
   -h, --help       this help
 
@@ -130,6 +136,7 @@ parse_args() {
             --duration) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die "--duration needs a positive number of seconds"; DURATION=$2; shift ;;
             --rows) [[ -n ${2:-} ]] || die "--rows needs a comma-separated list"; ROWS_ARG=$2; shift ;;
             --lb) [[ -n ${2:-} ]] || die "--lb needs a path"; LB_BIN=$2; LB_BIN_DEFAULT=0; shift ;;
+            --compare) [[ -n ${2:-} ]] || die "--compare needs a path"; LB_CMP_BIN=$2; shift ;;
             --keep-tmp) KEEP_TMP=1 ;;
             -h|--help) usage; exit 0 ;;
             *) usage >&2; die "unknown option: $1" ;;
@@ -148,13 +155,19 @@ parse_args() {
         ROW_KIND[$name]=${rest%%|*}
         ROW_EXTRA[$name]=${rest#*|}
     done
+    if [[ -n $LB_CMP_BIN ]]; then
+        ROW_KIND[lb-compare]=lbcmp
+        ROW_EXTRA[lb-compare]=${ROW_EXTRA[lb]}
+    fi
     if [[ -n $ROWS_ARG ]]; then
         IFS=, read -r -a ROWS <<<"$ROWS_ARG"
+    elif [[ -n $LB_CMP_BIN ]]; then
+        ROWS=(lb lb-compare)
     else
         mapfile -t ROWS < <(row_names)
     fi
     for r in "${ROWS[@]}"; do
-        [[ -n ${ROW_KIND[$r]+x} ]] || die "unknown row '$r' (rows: $(row_names | paste -sd, -))"
+        [[ -n ${ROW_KIND[$r]+x} ]] || die "unknown row '$r' (rows: $(row_names | paste -sd, -)$([[ -n $LB_CMP_BIN ]] && echo ,lb-compare))"
     done
 }
 
@@ -195,7 +208,7 @@ install_deps() {
 
 ensure_lb() {
     local r need_lb=0
-    for r in "${ROWS[@]}"; do [[ ${ROW_KIND[$r]} == lb ]] && need_lb=1; done
+    for r in "${ROWS[@]}"; do [[ ${ROW_KIND[$r]} == lb* ]] && need_lb=1; done
     ((need_lb)) || return 0
     if [[ ! -x $LB_BIN ]]; then
         ((LB_BIN_DEFAULT)) || die "lb binary not found or not executable: $LB_BIN"
@@ -205,6 +218,13 @@ ensure_lb() {
         [[ -x $LB_BIN ]] || die "cargo build --release did not produce $LB_BIN"
     fi
     LB_BIN=$(cd "$(dirname "$LB_BIN")" && pwd)/$(basename "$LB_BIN")
+    if [[ -n $LB_CMP_BIN ]]; then
+        [[ -x $LB_CMP_BIN ]] || die "--compare: lb binary not found or not executable: $LB_CMP_BIN"
+        LB_CMP_BIN=$(cd "$(dirname "$LB_CMP_BIN")" && pwd)/$(basename "$LB_CMP_BIN")
+        LB_HELP=$("$LB_CMP_BIN" --help 2>&1 || true)
+        lb_optional_args
+        LB_CMP_OPTIONAL_ARGS=("${LB_OPTIONAL_ARGS[@]}")
+    fi
     LB_HELP=$("$LB_BIN" --help 2>&1 || true)
     lb_optional_args
     drop_unsupported_lb_rows
@@ -487,6 +507,13 @@ start_lb() {
         "${LB_OPTIONAL_ARGS[@]}" "${extra_args[@]}"
 }
 
+# start_lbcmp: row lb-compare, the --compare binary with row lb's flags.
+start_lbcmp() {
+    local LB_BIN=$LB_CMP_BIN
+    local LB_OPTIONAL_ARGS=("${LB_CMP_OPTIONAL_ARGS[@]}")
+    start_lb "$@"
+}
+
 start_haproxy() {
     local name=$1 port=$2 extra=$3; shift 3
     local dir=$TMP/$name b i=0
@@ -744,6 +771,9 @@ write_meta() {
         if ((has_lb)); then
             printf 'lb\t%s (%s)\n' "$(first_line "$LB_BIN" --version)" "$LB_BIN"
         fi
+        if [[ -n $LB_CMP_BIN ]]; then
+            printf 'lb-compare\t%s (%s)\n' "$(first_line "$LB_CMP_BIN" --version)" "$LB_CMP_BIN"
+        fi
         printf 'rustc\t%s\n' "$(command -v rustc >/dev/null && first_line rustc --version || echo n/a)"
         printf 'gnuplot\t%s\n' "$(first_line gnuplot --version)"
         printf 'python3\t%s\n' "$(first_line "${PY[0]}" --version)"
@@ -760,15 +790,21 @@ write_meta() {
     } >"$META"
 }
 
+# make_report: results.md and chart.png, or, for --compare (an A/B of two
+# builds, not a result to publish), compare-<stamp>.md and .png.
 make_report() {
-    "${PY[@]}" "$HELPERS/report.py" --raw "$RAW" --meta "$META" --md "$OUT_DIR/results.md" \
-        --chart-data "$TMP/chart.dat" --chart-script "$TMP/chart.gp" --chart-png "$OUT_DIR/chart.png" \
+    local md=$OUT_DIR/results.md png=$OUT_DIR/chart.png
+    if [[ -n $LB_CMP_BIN ]]; then
+        md=$OUT_DIR/compare-$STAMP.md png=$OUT_DIR/compare-$STAMP.png
+    fi
+    "${PY[@]}" "$HELPERS/report.py" --raw "$RAW" --meta "$META" --md "$md" \
+        --chart-data "$TMP/chart.dat" --chart-script "$TMP/chart.gp" --chart-png "$png" \
         || die "report.py failed"
     gnuplot "$TMP/chart.gp" 2>"$TMP/gnuplot.log" || die "gnuplot failed: $(cat "$TMP/gnuplot.log")"
     echo
-    cat "$OUT_DIR/results.md"
+    cat "$md"
     echo
-    log "wrote $OUT_DIR/results.md, $OUT_DIR/chart.png, $RAW"
+    log "wrote $md, $png, $RAW"
 }
 
 main() {
@@ -790,7 +826,8 @@ main() {
     trap 'exit 143' TERM
 
     mkdir -p "$OUT_DIR"
-    RAW=$OUT_DIR/raw-$(date -u +%Y%m%dT%H%M%SZ).tsv
+    STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+    RAW=$OUT_DIR/raw-$STAMP.tsv
     META=$TMP/meta.tsv
     printf 'round\trow\tmetric\tvalue\n' >"$RAW"
 

@@ -12,6 +12,7 @@ writes a gnuplot script drawing req/s, conn/s and Gbit/s bars per row (run it
 with gnuplot to get the PNG).
 """
 import argparse
+import os
 import statistics
 import sys
 from collections import OrderedDict, defaultdict
@@ -233,7 +234,7 @@ def main():
               "(RSS holding - RSS idle) / held connections. CPU per request counts the "
               "proxy only (not wrk or the backends).")
     md.append("")
-    md.append("![chart](chart.png)")
+    md.append(f"![chart]({os.path.basename(a.chart_png)})")
     md.append("")
     with open(a.md, "w") as f:
         f.write("\n".join(md))

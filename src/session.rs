@@ -431,8 +431,24 @@ impl<'p> Direction<'p> {
                 match p.fill_from(&src.stream) {
                     Ok(0) => {
                         *pipe = None;
-                        self.flow = Flow::Draining;
-                        return Ok(Filled::Progress);
+                        // Once the FIN is in, splice(2) also returns 0 at
+                        // an urgent mark that the event announcing it has
+                        // not yet reported, with bytes queued behind it.
+                        // A peek steps over the mark as read(2) does.
+                        match src.stream.peek(&mut [0u8; 1]) {
+                            Ok(0) => {
+                                self.flow = Flow::Draining;
+                                return Ok(Filled::Progress);
+                            }
+                            Ok(_) => {
+                                src.urgent = true;
+                                pools.pipes.note_unsupported();
+                                self.policy.unsupported();
+                                self.transfer = Transfer::copy();
+                                return Ok(Filled::Progress);
+                            }
+                            Err(e) => e,
+                        }
                     }
                     Ok(n) => {
                         // Unlike read, a short splice may mean the pipe ran

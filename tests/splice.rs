@@ -3,7 +3,7 @@
 //! in a pipe, a backend reset while a pipe holds bytes, pipe exhaustion,
 //! descriptors (pipes included) returning once traffic ends, how each
 //! mode splits the bytes between splice and copy (read from `/metrics`),
-//! and TCP urgent data in the middle of a bulk flow.
+//! and TCP urgent data in the middle of a bulk flow and just before its end.
 //! Health probes are off throughout: they would be extra backend
 //! connections and descriptors.
 
@@ -405,6 +405,41 @@ fn urgent_data_in_a_bulk_flow_is_stepped_over_without_a_stall(mode: &str) {
     }
 }
 
+fn urgent_data_just_before_the_fin_does_not_cut_the_stream_short(mode: &str) {
+    // Once the FIN is in, splice(2) returns 0 at an urgent mark, as at the
+    // end of the stream, when lb has not yet seen the event announcing the
+    // urgent data. That happens when mark and FIN arrive while a pump is
+    // splicing, so the race is run over many connections.
+    const BULK: usize = 1 << 20;
+    const TAIL: &[u8] = b"after the mark";
+    let backend = backend(|mut s| {
+        let r = (|| {
+            for c in random_bytes(BULK, 41).chunks(64 * 1024) {
+                s.write_all(c)?;
+            }
+            socket2::SockRef::from(&*s).send_with_flags(b"!", libc::MSG_OOB)?;
+            s.write_all(TAIL)?;
+            s.shutdown(Shutdown::Write)
+        })();
+        if r.is_ok() {
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+    });
+    let (lb, _admin) = lb_splice(&[backend.addr], mode, &[]);
+    let mut want = random_bytes(BULK, 41);
+    want.extend_from_slice(TAIL);
+    let mut short = Vec::new();
+    for i in 0..20 {
+        let mut c = connect(lb.addr);
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("the client reads to the EOF");
+        if got != want {
+            short.push((i, got.len()));
+        }
+    }
+    assert!(short.is_empty(), "streams that ended early (connection, bytes of {}): {short:?}", want.len());
+}
+
 /// Small messages auto may still splice after a bulk flow before it
 /// notices the flow turned small (lb's SMALL_READS_TO_COPY, with room).
 fn splice_back_allowance() -> usize {
@@ -433,4 +468,5 @@ in_every_mode!(
     descriptors_return_to_the_idle_count_after_bulk_traffic_and_resets,
     small_messages_copy_and_a_bulk_download_splices,
     urgent_data_in_a_bulk_flow_is_stepped_over_without_a_stall,
+    urgent_data_just_before_the_fin_does_not_cut_the_stream_short,
 );

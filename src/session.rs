@@ -646,7 +646,36 @@ impl<'a> Session<'a> {
         match (up, down) {
             (Pumped::Again, _) | (_, Pumped::Again) => Outcome::Again,
             (Pumped::Starved, _) | (_, Pumped::Starved) => Outcome::Starved,
-            _ => Outcome::Continue,
+            _ => match self.unheard_error() {
+                Some(side) => {
+                    let stream = match side {
+                        Side::Client => &self.client.stream,
+                        Side::Backend => &self.backend.stream,
+                    };
+                    let e = match stream.take_error() {
+                        Ok(Some(e)) | Err(e) => e,
+                        Ok(None) => io::Error::from(io::ErrorKind::ConnectionReset),
+                    };
+                    self.abort(side, &e)
+                }
+                None => Outcome::Continue,
+            },
+        }
+    }
+
+    /// A peer that reported an error which no read or write is going to
+    /// surface. A failed client can take no more bytes, so what the pair
+    /// still holds for either side is undeliverable or (to the backend)
+    /// would end in a reset anyway. A failed backend waits while bytes it
+    /// sent are still on their way to the client: they can be delivered,
+    /// and the next read from it then surfaces the error.
+    fn unheard_error(&self) -> Option<Side> {
+        if self.client.hangup == Hangup::Error {
+            Some(Side::Client)
+        } else if self.backend.hangup == Hangup::Error && self.down.pending() == 0 {
+            Some(Side::Backend)
+        } else {
+            None
         }
     }
 

@@ -5,7 +5,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -194,6 +195,62 @@ fn a_backend_reset_mid_stream_ends_the_client_promptly_and_lb_keeps_serving() {
     let mut first = [0u8; 1];
     c2.read_exact(&mut first).expect("lb still relays");
     assert_eq!(&first, b"x");
+}
+
+/// A backend that takes the connection and then neither reads nor writes
+/// until `release` is dropped or sent to (or 30 s pass), reporting on
+/// `started` when it reached that point: with `read_request` after reading
+/// the request to its EOF, otherwise at once.
+fn silent_backend(read_request: bool) -> (Backend, mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (started_tx, started) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let (started_tx, release_rx) = (Mutex::new(started_tx), Mutex::new(release_rx));
+    let b = backend(move |mut s| {
+        if read_request {
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+        let _ = started_tx.lock().expect("sender").send(());
+        let _ = release_rx.lock().expect("receiver").recv_timeout(Duration::from_secs(30));
+    });
+    (b, started, release)
+}
+
+/// Resets `c` (close with SO_LINGER 0).
+fn reset(c: TcpStream) {
+    socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).expect("linger");
+}
+
+#[test]
+fn a_client_reset_while_its_bytes_wait_for_the_backend_ends_the_pair() {
+    // The up direction holds bytes for a backend that is not reading, so it
+    // never reads the client again; the reset must still end the pair
+    // rather than hold both sockets until the backend reads.
+    let (silent, started, _release) = silent_backend(false);
+    let lb = lb(&[silent.addr], &["--no-health-check"]);
+    let idle = lb.fd_count();
+    let c = connect(lb.addr);
+    started.recv_timeout(WAIT).expect("the backend got the connection");
+    c.set_write_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let chunk = [b'u'; 64 * 1024];
+    // Blocks once every buffer on the way is full, then times out.
+    while (&c).write(&chunk).is_ok() {}
+    reset(c);
+    assert!(wait_until(WAIT, || lb.fd_count() == idle), "lb still holds {} descriptors", lb.fd_count() - idle);
+}
+
+#[test]
+fn a_client_reset_after_its_half_close_ends_the_pair() {
+    // The request and its FIN were relayed and the backend is working on
+    // the reply: nothing reads from or writes to the client now.
+    let (silent, started, _release) = silent_backend(true);
+    let lb = lb(&[silent.addr], &["--no-health-check"]);
+    let idle = lb.fd_count();
+    let c = connect(lb.addr);
+    (&c).write_all(b"request").expect("write");
+    c.shutdown(Shutdown::Write).expect("shutdown");
+    started.recv_timeout(WAIT).expect("the backend read the request to its EOF");
+    reset(c);
+    assert!(wait_until(WAIT, || lb.fd_count() == idle), "lb still holds {} descriptors", lb.fd_count() - idle);
 }
 
 #[test]

@@ -61,6 +61,8 @@ pub enum CloseReason {
     Done,
     /// A peer reset or errored; the other side is reset too.
     Aborted(Side),
+    /// lb ended the pair on its own: idle timeout or shutdown.
+    Expired,
 }
 
 /// Where the backend connection is.
@@ -690,6 +692,18 @@ impl<'a> Session<'a> {
         }
         self.reset_both();
         Outcome::Close(CloseReason::Aborted(side))
+    }
+
+    /// Readies a pair that lb ends on its own (idle timeout, shutdown) for
+    /// its close. Bytes still held for either side would be lost, so the
+    /// stream is cut and both sides get a reset, as on an abort: a FIN
+    /// would make the shortened stream look complete. With nothing in
+    /// flight the close sends FINs, the usual end of an idle connection.
+    pub fn expire(&mut self) -> CloseReason {
+        if self.up.pending() > 0 || self.down.pending() > 0 {
+            self.reset_both();
+        }
+        CloseReason::Expired
     }
 
     /// Makes the coming close send RST instead of FIN.

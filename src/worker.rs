@@ -192,6 +192,9 @@ impl<'a> Worker<'a> {
             info!("worker {}: closing {left} connections still open", self.id);
         }
         self.publish_all_bytes();
+        for (_, s) in self.sessions.iter_mut() {
+            s.expire();
+        }
         self.sessions.clear();
         self.publish_relay_stats();
     }
@@ -510,7 +513,10 @@ impl<'a> Worker<'a> {
         for key in expired.drain(..) {
             self.shared.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
             debug!("closing a pair idle for {:?}", idle.unwrap_or_default());
-            self.close(key, CloseReason::Done);
+            if let Some(s) = self.sessions.get_mut(key) {
+                let reason = s.expire();
+                self.close(key, reason);
+            }
         }
         self.expired = expired;
         self.pools.pipes.trim_idle();

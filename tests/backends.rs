@@ -109,3 +109,19 @@ fn an_idle_pair_is_closed_after_the_idle_timeout() {
     assert!(rest.is_empty());
     assert!(wait_until(WAIT, || echo.gauge.active.load(Ordering::SeqCst) == 0));
 }
+
+#[test]
+fn the_idle_timeout_resets_a_stream_it_cuts_short() {
+    // The client stops reading a download: lb's buffer fills, the pair goes
+    // idle and the timeout throws away bytes lb holds. A FIN after what the
+    // client already has would pass the shortened stream off as complete.
+    let (source, stopped) = endless_source();
+    let lb = lb(&[source.addr], &["--idle-timeout", "0.5", "--no-health-check"]);
+    let mut c = connect(lb.addr);
+    let sent = stopped.recv_timeout(WAIT).expect("lb ends the stalled pair");
+    let end = read_to_the_end(&mut c);
+    assert!(
+        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client's stream ended with {end:?} (the backend sent {sent} bytes), not a reset"
+    );
+}

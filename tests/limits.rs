@@ -91,6 +91,26 @@ fn the_drain_timeout_closes_stragglers_and_still_exits_zero() {
     assert!(rest.is_empty());
 }
 
+#[test]
+fn the_drain_timeout_resets_a_download_it_cuts_short() {
+    // As with the idle timeout: bytes lb held are lost, so the client must
+    // not see a clean end.
+    let (source, _stopped) = endless_source();
+    let mut lb = lb(&[source.addr], &["--drain-timeout", "0.3", "--no-health-check"]);
+    let mut c = connect(lb.addr);
+    let mut first = [0u8; 1];
+    c.read_exact(&mut first).expect("the download starts");
+    // Not reading on: lb's buffer fills and stays full.
+    lb.signal(libc::SIGTERM);
+    let status = lb.wait_exit(WAIT).expect("lb gives up on the stalled download");
+    assert_eq!(status.code(), Some(0));
+    let end = read_to_the_end(&mut c);
+    assert!(
+        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client's download ended with {end:?}, not a reset"
+    );
+}
+
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
     // Fields after the command name, which is in parentheses.

@@ -308,6 +308,36 @@ where
     Backend { addr, gauge }
 }
 
+/// A backend that streams bytes to each client until a write fails (at
+/// most 256 MiB), then reports on `stopped` how many it wrote.
+pub fn endless_source() -> (Backend, mpsc::Receiver<usize>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let b = backend(move |mut s| {
+        let chunk = [b'z'; 64 * 1024];
+        let mut sent = 0;
+        while sent < 256 << 20 && s.write_all(&chunk).is_ok() {
+            sent += chunk.len();
+        }
+        let _ = tx.lock().expect("sender").send(sent);
+    });
+    (b, rx)
+}
+
+/// Reads `s` to its end and says how it ended: `Ok` with the byte count on
+/// a clean EOF, the error (after any bytes queued ahead of it) otherwise.
+pub fn read_to_the_end(s: &mut TcpStream) -> std::io::Result<usize> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Echoes until EOF, then closes.
 pub fn echo_backend() -> Backend {
     backend(|mut s| echo_until_eof(&mut s))

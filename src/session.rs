@@ -139,6 +139,20 @@ pub struct Pools<'a> {
     pub pipes: &'a PipePool<'a>,
 }
 
+/// What follows once a direction has relayed its last bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The other direction goes on: shut down the destination's write side.
+    Shutdown,
+    /// The other direction is done, so the pair closes at once and the
+    /// close sends the FIN.
+    Close,
+    /// The other direction failed and the pair is about to be reset. No
+    /// FIN, and no MSG_MORE on the last bytes: the reset would discard
+    /// bytes held back for a FIN that never comes.
+    Reset,
+}
+
 /// How one direction moves its bytes right now. Each mechanism holds its
 /// pooled resource only while bytes are pending in it.
 #[derive(Debug)]
@@ -214,15 +228,14 @@ impl<'p> Direction<'p> {
     /// Moves bytes from `src` to `dst` until nothing more can move now.
     /// Reads only into an empty buffer or pipe, so a full one stops reading
     /// from the source (backpressure) and neither ever grows.
-    /// `closing_next` says the other direction is done, so the pair closes
-    /// once this one is: the close itself then sends the FIN.
-    fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pools: Pools<'p>, closing_next: bool) -> io::Result<Pumped> {
+    /// `ending` says what follows this direction's EOF.
+    fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pools: Pools<'p>, ending: Ending) -> io::Result<Pumped> {
         for _ in 0..MAX_CHUNKS_PER_PUMP {
             if self.pending() > 0 {
                 if !dst.writable {
                     return Ok(Pumped::Idle);
                 }
-                match self.flush(dst, pools)? {
+                match self.flush(dst, pools, ending)? {
                     Flushed::All => {}
                     Flushed::Blocked => {
                         dst.writable = false;
@@ -256,7 +269,7 @@ impl<'p> Direction<'p> {
             }
         }
         if self.flow == Flow::Draining && self.pending() == 0 {
-            if !closing_next {
+            if ending == Ending::Shutdown {
                 match dst.stream.shutdown(Shutdown::Write) {
                     Ok(()) => {}
                     // The destination already went away; nothing left to tell it.
@@ -286,11 +299,11 @@ impl<'p> Direction<'p> {
 
     /// Writes pending bytes to `dst`, returning the buffer or pipe to its
     /// pool once empty.
-    fn flush(&mut self, dst: &mut Peer, pools: Pools<'p>) -> io::Result<Flushed> {
+    fn flush(&mut self, dst: &mut Peer, pools: Pools<'p>, ending: Ending) -> io::Result<Flushed> {
         let result = match &mut self.transfer {
             Transfer::Copy { buf, start, end } => {
                 let b = buf.as_ref().expect("pending bytes live in a buffer");
-                let written = if self.flow == Flow::Draining {
+                let written = if self.flow == Flow::Draining && ending != Ending::Reset {
                     // The last bytes of the stream: the shutdown or close
                     // that follows at once pushes them out with the FIN in
                     // the same segment, instead of one segment each.
@@ -634,11 +647,25 @@ impl<'a> Session<'a> {
     }
 
     fn relay(&mut self, pools: Pools<'a>) -> Outcome {
-        let up = match self.up.pump(&mut self.client, &mut self.backend, pools, self.down.flow == Flow::Done) {
+        let ending = |other: &Direction| if other.flow == Flow::Done { Ending::Close } else { Ending::Shutdown };
+        let up = self.up.pump(&mut self.client, &mut self.backend, pools, ending(&self.down));
+        // Even when the up direction failed, what the backend sent before
+        // it went away still goes to the client ahead of the reset: a
+        // server that refuses an upload answers, then resets the rest.
+        let down_ending = if up.is_err() {
+            // The write that failed may have come before the event that
+            // reports the backend's bytes.
+            self.backend.readable = true;
+            Ending::Reset
+        } else {
+            ending(&self.up)
+        };
+        let down = self.down.pump(&mut self.backend, &mut self.client, pools, down_ending);
+        let up = match up {
             Ok(p) => p,
             Err(e) => return self.abort(Side::Client, &e),
         };
-        let down = match self.down.pump(&mut self.backend, &mut self.client, pools, self.up.flow == Flow::Done) {
+        let down = match down {
             Ok(p) => p,
             Err(e) => return self.abort(Side::Backend, &e),
         };

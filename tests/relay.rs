@@ -254,6 +254,44 @@ fn a_client_reset_after_its_half_close_ends_the_pair() {
 }
 
 #[test]
+fn a_reply_sent_before_the_backend_resets_an_upload_reaches_the_client() {
+    // A server that refuses an upload answers and closes with the rest of
+    // the body unread, which the kernel turns into a reset. Without a
+    // proxy the client reads the answer and then the reset; lb must not
+    // drop the answer when its next write to the backend fails.
+    let refusing = backend(|mut s| {
+        let mut head = [0u8; 1024];
+        let _ = s.read_exact(&mut head);
+        let _ = s.write_all(b"413 too large");
+        // Dropped with unread bytes queued: RST.
+    });
+    for mode in ["never", "auto", "always"] {
+        let lb = lb(&[refusing.addr], &["--no-health-check", "--splice", mode]);
+        let mut c = connect(lb.addr);
+        let mut w = c.try_clone().expect("clone");
+        let uploader = thread::spawn(move || {
+            let chunk = [b'u'; 64 * 1024];
+            for _ in 0..256 {
+                if w.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        let end = loop {
+            match c.read(&mut buf) {
+                Ok(0) => break None,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break Some(e.kind()),
+            }
+        };
+        uploader.join().expect("uploader");
+        assert_eq!(got, b"413 too large", "--splice {mode}: the client's stream ended with {end:?}");
+    }
+}
+
+#[test]
 fn no_descriptors_or_close_wait_sockets_leak_after_many_connections_and_resets() {
     let echo = echo_backend();
     // A health probe's socket would come and go in the descriptor counts.

@@ -677,15 +677,22 @@ impl<'a> Session<'a> {
             (Pumped::Starved, _) | (_, Pumped::Starved) => Outcome::Starved,
             _ => match self.unheard_error() {
                 Some(side) => {
-                    let stream = match side {
-                        Side::Client => &self.client.stream,
-                        Side::Backend => &self.backend.stream,
+                    let peer = match side {
+                        Side::Client => &mut self.client,
+                        Side::Backend => &mut self.backend,
                     };
-                    let e = match stream.take_error() {
-                        Ok(Some(e)) | Err(e) => e,
-                        Ok(None) => io::Error::from(io::ErrorKind::ConnectionReset),
-                    };
-                    self.abort(side, &e)
+                    match peer.stream.take_error() {
+                        Ok(Some(e)) | Err(e) => self.abort(side, &e),
+                        // The socket has no error: the report was meant for
+                        // the one that had this token before (a closed
+                        // pair's event later in the same batch). Keep
+                        // reading on after short reads, as for a FIN, in
+                        // case one was noted before.
+                        Ok(None) => {
+                            peer.hangup = Hangup::Fin;
+                            Outcome::Continue
+                        }
+                    }
                 }
                 None => Outcome::Continue,
             },
@@ -759,5 +766,69 @@ impl<'a> Session<'a> {
     /// Buffers this session holds right now (0 when idle).
     pub fn buffers_held(&self) -> usize {
         usize::from(self.up.holds_buffer()) + usize::from(self.down.holds_buffer())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener};
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::backend;
+    use crate::config::BackendSpec;
+    use crate::shared::Shared;
+
+    /// Both ends of a loopback connection: lb's (non-blocking, for mio)
+    /// and the peer's.
+    fn connected() -> (TcpStream, std::net::TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let far = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (near, _) = l.accept().expect("accept");
+        near.set_nonblocking(true).expect("nonblocking");
+        (TcpStream::from_std(near), far)
+    }
+
+    fn settings() -> WorkerSettings {
+        WorkerSettings {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: None,
+            retries: 0,
+            fall: 0,
+            splice: SpliceMode::Never,
+        }
+    }
+
+    #[test]
+    fn an_error_report_the_socket_does_not_confirm_is_not_acted_on() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let shared = Shared::new(backend::table(&[BackendSpec { name: "b".into(), addr, weight: 1 }]), 4, Vec::new());
+        let buffers = BufferPool::new(1024, 4);
+        let open = AtomicU64::new(0);
+        let pipes = PipePool::new(1024, 0, 0, &open);
+        let pools = Pools { buffers: &buffers, pipes: &pipes };
+        let ((client, client_far), (backend, _backend_far)) = (connected(), connected());
+        let slot = shared.try_acquire_client().expect("a slot");
+        let now = Instant::now();
+        let lease = shared.backends[0].lease();
+        let mut s = Session::new(client, backend, lease, slot, Tried::default(), now, &settings());
+        s.stage = Stage::Relaying;
+
+        // As a stale event for a closed pair's socket would leave it.
+        s.client.hangup = Hangup::Error;
+        assert!(matches!(s.resume(pools, now), Outcome::Continue), "a healthy pair was ended");
+
+        // A real reset is acted on although nothing reads the client.
+        SockRef::from(&client_far).set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(client_far);
+        // poll(2), unlike a read, leaves the error for lb to find.
+        let mut pfd = libc::pollfd { fd: s.client.stream.as_raw_fd(), events: 0, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the reset never arrived");
+        s.client.hangup = Hangup::Error;
+        s.client.readable = false;
+        assert!(matches!(s.resume(pools, now), Outcome::Close(CloseReason::Aborted(Side::Client))));
     }
 }

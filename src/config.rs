@@ -186,6 +186,7 @@ pub enum ConfigError {
     Resolve { value: String, reason: String },
     Number { flag: &'static str, value: String, expected: &'static str },
     Seconds { flag: &'static str, value: String },
+    SecondsRange { flag: &'static str, value: String, expected: &'static str },
     Splice { value: String },
     HealthUrl { value: String },
     AdminAddress { value: String },
@@ -217,6 +218,9 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::Seconds { flag, value } => {
                 write!(f, "{flag}: '{value}' is not a number of seconds (e.g. 3 or 0.5)")
+            }
+            ConfigError::SecondsRange { flag, value, expected } => {
+                write!(f, "{flag}: '{value}' seconds is out of range: {expected}")
             }
             ConfigError::Splice { value } => {
                 write!(f, "--splice: '{value}' is not one of auto, always, never")
@@ -256,8 +260,15 @@ impl Config {
         }
         let workers = match &args.workers {
             Some(w) => parse_count("--workers", w, 1)?,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS),
         };
+        if workers > MAX_WORKERS {
+            return Err(ConfigError::Number {
+                flag: "--workers",
+                value: args.workers.clone().unwrap_or_default(),
+                expected: "a whole number from 1 to 1024",
+            });
+        }
         let retries = parse_count("--retries", &args.retries, 0)?;
         if retries > MAX_RETRIES as usize {
             return Err(ConfigError::Number {
@@ -284,7 +295,10 @@ impl Config {
             None => max_connections / 4,
         };
         let health = parse_health(args, connect_timeout)?;
-        let stats_period = parse_seconds("--stats-period", &args.stats_period)?;
+        let stats_period = match parse_seconds("--stats-period", &args.stats_period)? {
+            Duration::ZERO => Duration::ZERO,
+            _ => at_least_min_period("--stats-period", &args.stats_period)?,
+        };
         let admin = args.admin.as_deref().map(parse_admin).transpose()?;
         let backends = args.backends.iter().map(|b| parse_backend(b)).collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
@@ -325,7 +339,7 @@ fn parse_health(args: &Args, connect_timeout: Duration) -> Result<HealthConfig, 
         }
         Ok(n as u32)
     };
-    let period = positive("--health-check-period", &args.health_check_period)?;
+    let period = at_least_min_period("--health-check-period", &args.health_check_period)?;
     let timeout = match &args.health_check_timeout {
         Some(t) => positive("--health-check-timeout", t)?,
         None => connect_timeout,
@@ -379,15 +393,39 @@ fn parse_count(flag: &'static str, s: &str, min: usize) -> Result<usize, ConfigE
     }
 }
 
-/// Accepts whole or fractional seconds; rejects negatives, NaN and values
-/// too large for a `Duration`.
+/// Most workers `--workers` takes: far more than any machine has cores,
+/// and few enough that their listeners and threads always fit.
+pub const MAX_WORKERS: usize = 1024;
+
+/// Longest duration any flag takes: a year, far past any useful timeout
+/// or period, and far below where adding it to an `Instant` overflows.
+pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
+
+/// Shortest period between health-check rounds or stats reports: a
+/// shorter one would keep its thread busy doing nothing else.
+pub const MIN_PERIOD: Duration = Duration::from_millis(10);
+
+/// Accepts whole or fractional seconds up to [`MAX_SECONDS`]; rejects
+/// negatives, NaN and anything longer.
 pub fn parse_seconds(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
     let err = || ConfigError::Seconds { flag, value: s.to_string() };
     let secs: f64 = s.trim().parse().map_err(|_| err())?;
     if !secs.is_finite() || secs < 0.0 {
         return Err(err());
     }
+    if secs > MAX_SECONDS as f64 {
+        return Err(ConfigError::SecondsRange { flag, value: s.to_string(), expected: "at most 31536000 (a year)" });
+    }
     Duration::try_from_secs_f64(secs).map_err(|_| err())
+}
+
+/// A period of at least [`MIN_PERIOD`].
+fn at_least_min_period(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    let d = parse_seconds(flag, s)?;
+    if d < MIN_PERIOD {
+        return Err(ConfigError::SecondsRange { flag, value: s.to_string(), expected: "at least 0.01" });
+    }
+    Ok(d)
 }
 
 /// `host:port` or `host:port@weight`; IPv6 literals go in brackets.
@@ -541,6 +579,25 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_and_shortest_allowed_values_are_accepted() {
+        let c = Config::from_args(&args(&[
+            "--idle-timeout",
+            "31536000",
+            "--stats-period",
+            "0.01",
+            "--health-check-period",
+            "0.01",
+            "--workers",
+            "1024",
+        ]))
+        .expect("limits are inclusive");
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(MAX_SECONDS)));
+        assert_eq!(c.stats_period, Some(MIN_PERIOD));
+        assert_eq!(c.health.period, MIN_PERIOD);
+        assert_eq!(c.workers, MAX_WORKERS);
+    }
+
+    #[test]
     fn rejects_each_bad_value_naming_its_flag() {
         let cases: &[(&[&str], &str)] = &[
             (&["-p", "70000"], "--port"),
@@ -575,6 +632,17 @@ mod tests {
             (&["--admin", "9100"], "--admin"),
             (&["--admin", "example.com:9100"], "--admin"),
             (&["--admin", "127.0.0.1:99999"], "--admin"),
+            // Values whose use would overflow or spin rather than fail here.
+            (&["--workers", "1025"], "--workers"),
+            (&["--workers", "18446744073709551615"], "--workers"),
+            (&["--stats-period", "1e19"], "--stats-period"),
+            (&["--stats-period", "0.001"], "--stats-period"),
+            (&["--drain-timeout", "1e19"], "--drain-timeout"),
+            (&["--idle-timeout", "31536001"], "--idle-timeout"),
+            (&["--connection-timeout", "1e19"], "--connection-timeout"),
+            (&["--health-check-period", "1e19"], "--health-check-period"),
+            (&["--health-check-period", "1e-9"], "--health-check-period"),
+            (&["--health-check-timeout", "1e19"], "--health-check-timeout"),
         ];
         for (argv, flag) in cases {
             let err = Config::from_args(&args(argv)).expect_err("value must be rejected");

@@ -42,6 +42,11 @@ fn every_bad_value_is_one_line_naming_its_flag() {
         (&["--admin", "9100"], "--admin"),
         (&["--splice", "sometimes"], "--splice"),
         (&["--max-pipes", "-4"], "--max-pipes"),
+        (&["--workers", "100000000000"], "--workers"),
+        (&["--stats-period", "1e19"], "--stats-period"),
+        (&["--drain-timeout", "1e19"], "--drain-timeout"),
+        (&["--connection-timeout", "1e19", "--no-health-check"], "--connection-timeout"),
+        (&["--health-check-period", "1e-9"], "--health-check-period"),
         (&["--frobnicate"], "--frobnicate"),
     ];
     for (args, flag) in cases {

@@ -54,6 +54,7 @@ pub enum RunError {
     Poll(io::Error),
     Signals(io::Error),
     Spawn(io::Error),
+    Stats(io::Error),
     Health(io::Error),
     Admin { addr: std::net::SocketAddr, source: io::Error },
 }
@@ -65,6 +66,7 @@ impl fmt::Display for RunError {
             RunError::Poll(e) => write!(f, "cannot create an event loop: {e}"),
             RunError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
             RunError::Spawn(e) => write!(f, "cannot start a worker thread: {e}"),
+            RunError::Stats(e) => write!(f, "cannot start the stats reporter thread: {e}"),
             RunError::Health(e) => write!(f, "cannot start health checks: {e}"),
             RunError::Admin { addr, source } => write!(f, "--admin: cannot listen on {addr}: {source}"),
         }
@@ -137,6 +139,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         info!("admin endpoint on http://{actual} (/metrics, /stats, /health)");
     }
     health::spawn(Arc::clone(&shared), config.health.clone()).map_err(RunError::Health)?;
+    let mut reporter = stats::Reporter::spawn().map_err(RunError::Stats)?;
     let handles = spawn_workers(&config, &shared, polls, per_worker, &settings)?;
 
     match fd_limit {
@@ -169,7 +172,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     {
         warn!("sd_notify READY=1: {e}");
     }
-    supervise(&config, &shared, &rx, handles, notifier.as_ref());
+    supervise(&config, &shared, &rx, handles, notifier.as_ref(), &mut reporter);
     Ok(())
 }
 
@@ -218,6 +221,7 @@ fn supervise(
     rx: &mpsc::Receiver<Event>,
     handles: Vec<JoinHandle<()>>,
     notifier: Option<&systemd::Notifier>,
+    reporter: &mut stats::Reporter,
 ) {
     let mut drain_deadline: Option<Instant> = None;
     let mut last_status = usize::MAX;
@@ -251,7 +255,7 @@ fn supervise(
                     drain_deadline = Some(Instant::now() + config.drain_timeout);
                 }
             }
-            Ok(Event::Signal(Signal::ReportStats)) => stats::print_report(shared),
+            Ok(Event::Signal(Signal::ReportStats)) => reporter.report(shared),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 thread::sleep(SUPERVISOR_TICK);
@@ -260,7 +264,7 @@ fn supervise(
         if let (Some(due), Some(period)) = (next_stats, config.stats_period)
             && Instant::now() >= due
         {
-            stats::print_report(shared);
+            reporter.report(shared);
             // Keep the cadence, but never try to catch up on missed reports.
             let now = Instant::now();
             next_stats = Some(if due + period > now { due + period } else { now + period });

@@ -2,13 +2,18 @@
 //! counters shared by all workers and the fixed-bucket, allocation-free
 //! histogram used for backend connect times. Also the point-in-time
 //! [`Snapshot`] every report is made from, and the operators' stats report
-//! printed on stdout every `--stats-period` and on SIGUSR1.
+//! printed on stdout every `--stats-period` and on SIGUSR1, by a
+//! [`Reporter`] thread so a stalled stdout never holds up signals.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
 use std::time::Duration;
+
+use log::{info, warn};
 
 use crate::shared::Shared;
 
@@ -261,13 +266,48 @@ fn millis(d: Option<Duration>) -> String {
     }
 }
 
-/// Prints the report on stdout in one write and flushes it, so a reader of
-/// a pipe sees it at once. A closed stdout is not lb's problem: ignored.
-pub fn print_report(shared: &Shared) {
-    let text = render_report(&Snapshot::capture(shared));
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
+/// Prints reports on stdout from a thread of its own. A stdout nobody
+/// reads (a full pipe) then blocks only that thread, never the one that
+/// handles stop signals.
+#[derive(Debug)]
+pub struct Reporter {
+    tx: mpsc::SyncSender<String>,
+    skipped: u64,
+}
+
+impl Reporter {
+    pub fn spawn() -> std::io::Result<Reporter> {
+        // One report being written and one waiting; more are skipped.
+        let (tx, rx) = mpsc::sync_channel::<String>(1);
+        thread::Builder::new().name("lb-stats".into()).spawn(move || {
+            for text in rx {
+                // One write and a flush, so a reader of a pipe sees the
+                // whole report at once. A closed stdout is ignored.
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            }
+        })?;
+        Ok(Reporter { tx, skipped: 0 })
+    }
+
+    /// Hands a report over to be printed, or skips it while stdout is
+    /// still taking the earlier ones.
+    pub fn report(&mut self, shared: &Shared) {
+        match self.tx.try_send(render_report(&Snapshot::capture(shared))) {
+            Ok(()) if self.skipped > 0 => {
+                info!("stdout is being read again; {} stats reports were skipped", self.skipped);
+                self.skipped = 0;
+            }
+            Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => {}
+            Err(mpsc::TrySendError::Full(_)) => {
+                if self.skipped == 0 {
+                    warn!("stdout is not being read; stats reports are skipped until it is");
+                }
+                self.skipped += 1;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
@@ -109,6 +110,45 @@ fn the_drain_timeout_resets_a_download_it_cuts_short() {
         matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
         "the client's download ended with {end:?}, not a reset"
     );
+}
+
+#[test]
+fn sigterm_stops_lb_while_nobody_reads_its_stdout() {
+    // A stalled log reader fills the stdout pipe. Stats reports must not
+    // block the thread that handles stop signals.
+    let echo = echo_backend();
+    let mut args: Vec<String> = ["-p", "0", "--bind", "127.0.0.1", "--no-health-check", "--stats-period", "0.05", "-b"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // With 40 backends one report (~5 KiB) is more than the pipe holds, so
+    // a full pipe means its writer is blocked.
+    args.extend((0..40).map(|_| echo.addr.to_string()));
+    let mut child = std::process::Command::new(lb_bin())
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn lb");
+    let stdout = child.stdout.take().expect("stdout piped"); // never read
+    let fd = stdout.as_raw_fd();
+    // SAFETY: fcntl on a pipe this test owns; one page is the minimum.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, 4096) }, 4096, "pipe resized");
+    let full = wait_until(WAIT, || {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
+        queued >= 4096
+    });
+    assert!(full, "lb never filled its stdout pipe");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
+    let _ = child.kill();
+    let status = child.wait().expect("wait");
+    assert!(exited, "lb ignored SIGTERM while its stdout was full");
+    assert_eq!(status.code(), Some(0));
 }
 
 fn cpu_ticks(pid: u32) -> u64 {

@@ -104,8 +104,10 @@ pub fn run(config: Config) -> Result<(), RunError> {
             .map(|l| vec![l])
             .collect::<Vec<_>>()
     } else {
-        info!("using {} listening socket(s) passed by systemd; --port/--bind ignored", inherited.len());
-        listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?
+        let count = inherited.len();
+        let per_worker = listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?;
+        info!("using {count} listening socket(s) passed by systemd; --port/--bind ignored");
+        per_worker
     };
     let notifier = systemd::Notifier::from_env();
     let bound = per_worker.first().and_then(|ls| ls.first()).and_then(listener::local_addr).unwrap_or(config.listen);

@@ -22,6 +22,8 @@ pub enum ListenError {
     Other { addr: SocketAddr, step: &'static str, source: io::Error },
     /// A descriptor handed over by the service manager is unusable.
     Inherited { source: io::Error },
+    /// The service manager passed more sockets than a worker serves.
+    TooManyInherited { count: usize },
 }
 
 impl fmt::Display for ListenError {
@@ -40,11 +42,19 @@ impl fmt::Display for ListenError {
             ListenError::Inherited { source } => {
                 write!(f, "cannot use the listening sockets passed by systemd: {source}")
             }
+            ListenError::TooManyInherited { count } => {
+                write!(f, "systemd passed {count} listening sockets; lb serves at most {MAX_LISTENERS}")
+            }
         }
     }
 }
 
 impl std::error::Error for ListenError {}
+
+/// Most listening sockets one worker serves (each takes a reserved mio
+/// token); more passed by systemd are refused at start-up rather than
+/// left unserved.
+pub const MAX_LISTENERS: usize = 64;
 
 fn classify_bind(addr: SocketAddr, step: &'static str, e: io::Error) -> ListenError {
     match e.raw_os_error() {
@@ -94,6 +104,9 @@ pub fn from_inherited(
     fds: Vec<std::os::fd::OwnedFd>,
     count: usize,
 ) -> Result<Vec<Vec<std::net::TcpListener>>, ListenError> {
+    if fds.len() > MAX_LISTENERS {
+        return Err(ListenError::TooManyInherited { count: fds.len() });
+    }
     let base: Vec<std::net::TcpListener> = fds.into_iter().map(std::net::TcpListener::from).collect();
     let mut per_worker = Vec::with_capacity(count);
     for _ in 0..count.max(1) {

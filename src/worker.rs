@@ -16,15 +16,15 @@ use slab::Slab;
 use crate::backend::{Backend, Lease};
 use crate::balancer;
 use crate::config::SpliceMode;
+use crate::listener::MAX_LISTENERS;
 use crate::net::{IoClass, classify, is_resource_exhaustion};
 use crate::session::{CloseReason, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
 use crate::shared::Shared;
 
 /// Reserved tokens sit at the top of the token space, away from sessions.
 pub const WAKER: Token = Token(usize::MAX - 1);
+/// Listener `i` has token `LISTENER_BASE - i`, for `i < MAX_LISTENERS`.
 const LISTENER_BASE: usize = usize::MAX - 16;
-/// At most this many inherited listeners per worker.
-const MAX_LISTENERS: usize = 8;
 
 /// Connections accepted per listener wakeup before serving other events.
 const ACCEPTS_PER_WAKEUP: usize = 64;
@@ -112,8 +112,8 @@ impl<'a> Worker<'a> {
         settings: WorkerSettings,
         capacity: usize,
     ) -> io::Result<Worker<'a>> {
-        let listeners: Vec<TcpListener> =
-            listeners.into_iter().take(MAX_LISTENERS).map(TcpListener::from_std).collect();
+        debug_assert!(listeners.len() <= MAX_LISTENERS, "listener::from_inherited bounds the count");
+        let listeners: Vec<TcpListener> = listeners.into_iter().map(TcpListener::from_std).collect();
         let mut w = Worker {
             id,
             poll,

@@ -1,0 +1,94 @@
+//! Socket activation seen from outside: lb serves every listening socket
+//! systemd passes (LISTEN_FDS), and refuses at start-up, in one line, more
+//! than it can serve rather than leave some unserved.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+
+use common::*;
+
+/// Starts lb as systemd would with `listeners` as fds 3.. (LISTEN_FDS,
+/// LISTEN_PID set by a shell that then execs lb, so the pid matches). The
+/// test keeps its own copies open, as systemd does. Returns the child and
+/// its stderr lines.
+fn activated(listeners: &[TcpListener], extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let raw: Vec<i32> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(format!("LISTEN_PID=$$ LISTEN_FDS={} exec \"$0\" \"$@\"", raw.len()))
+        .arg(lb_bin())
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only fcntl and dup2 (async-signal-safe) run between fork and
+    // exec; the descriptors outlive the spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Out of the way first, so that dup2 onto 3.. clobbers no source.
+            let moved: Vec<i32> = raw.iter().map(|&fd| libc::fcntl(fd, libc::F_DUPFD, 200)).collect();
+            for (i, &fd) in moved.iter().enumerate() {
+                if fd < 0 || libc::dup2(fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn lb");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+fn loopback_listeners(n: usize) -> Vec<TcpListener> {
+    (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect()
+}
+
+#[test]
+fn every_socket_systemd_passes_is_served() {
+    let echo = echo_backend();
+    // More than the 8 an earlier lb kept, silently dropping the rest.
+    let ls = loopback_listeners(9);
+    let (mut child, lines) = activated(&ls, &["--workers", "2", "--no-health-check", "-b", &echo.addr.to_string()]);
+    let started = std::iter::from_fn(|| lines.recv_timeout(WAIT).ok()).any(|l| l.contains("listening on"));
+    let served: Vec<bool> = ls
+        .iter()
+        .map(|l| {
+            let mut c = TcpStream::connect_timeout(&l.local_addr().expect("addr"), WAIT).expect("connect");
+            c.set_read_timeout(Some(WAIT)).expect("timeout");
+            let mut got = [0u8; 4];
+            c.write_all(b"ping").is_ok() && c.read_exact(&mut got).is_ok() && &got == b"ping"
+        })
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(started, "lb did not start");
+    assert!(served.iter().all(|&s| s), "served per passed socket: {served:?}");
+}
+
+#[test]
+fn more_sockets_than_lb_serves_is_a_one_line_error() {
+    let ls = loopback_listeners(65);
+    let (mut child, lines) = activated(&ls, &["--no-health-check", "-b", "127.0.0.1:9"]);
+    let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
+    let _ = child.kill();
+    let status = child.wait().expect("wait");
+    assert!(exited, "lb started anyway");
+    assert!(!status.success());
+    let err: Vec<String> = lines.try_iter().collect();
+    assert_eq!(err.len(), 1, "one line: {err:?}");
+    assert!(err[0].contains("65 listening sockets") && err[0].contains("at most 64"), "{}", err[0]);
+}

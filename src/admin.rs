@@ -23,7 +23,7 @@ use slab::Slab;
 
 use crate::balancer;
 use crate::metrics::{PROMETHEUS_CONTENT_TYPE, render_json, render_prometheus};
-use crate::net::{IoClass, classify, is_resource_exhaustion};
+use crate::net::{IoClass, classify};
 use crate::shared::Shared;
 use crate::stats::Snapshot;
 
@@ -37,6 +37,8 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 /// close is a FIN (a close with unread bytes resets, and a reset can
 /// destroy the response before the client has read it).
 const LINGER: Duration = Duration::from_millis(500);
+/// Reads per wakeup of a lingering connection before it is closed.
+const MAX_LINGERING_READS: usize = 64;
 const MAX_HEADERS: usize = 32;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -269,17 +271,16 @@ impl Server {
                         deadline: Instant::now() + DEADLINE,
                     });
                 }
-                Err(e) if is_resource_exhaustion(&e) => {
-                    warn!("admin endpoint: accept: {e}; retrying in {ACCEPT_BACKOFF:?}");
-                    self.unlisten();
-                    self.backoff_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    return;
-                }
                 Err(e) => match classify(&e) {
                     IoClass::WouldBlock => return,
                     IoClass::Interrupted | IoClass::Closed => {}
+                    // Out of descriptors, or any other failure: clients
+                    // already queued raise no new edge, and retrying at
+                    // once could spin. Step back, then drain the backlog.
                     IoClass::Error => {
-                        warn!("admin endpoint: accept: {e}");
+                        warn!("admin endpoint: accept: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                        self.unlisten();
+                        self.backoff_until = Some(Instant::now() + ACCEPT_BACKOFF);
                         return;
                     }
                 },
@@ -329,6 +330,7 @@ impl Server {
 
 /// Advances one connection; `Ok(true)` when it is finished.
 fn step(conn: &mut Conn, scratch: &mut [u8], shared: &Shared) -> io::Result<bool> {
+    let mut lingering_reads = 0;
     loop {
         match &mut conn.state {
             State::Reading => {
@@ -369,7 +371,10 @@ fn step(conn: &mut Conn, scratch: &mut [u8], shared: &Shared) -> io::Result<bool
             }
             State::Lingering => match conn.stream.read(scratch) {
                 Ok(0) => return Ok(true),
-                Ok(_) => {}
+                // A client still sending after its answer is closed rather
+                // than let it hold the endpoint's thread in this loop.
+                Ok(_) if lingering_reads == MAX_LINGERING_READS => return Ok(true),
+                Ok(_) => lingering_reads += 1,
                 Err(e) => match classify(&e) {
                     IoClass::WouldBlock => return Ok(false),
                     IoClass::Interrupted => {}

@@ -139,9 +139,17 @@ impl<'a> Worker<'a> {
         Ok(w)
     }
 
+    /// Registers every listener, or none: a retry must not find some of
+    /// them registered already (EEXIST for good).
     fn register_listeners(&mut self) -> io::Result<()> {
-        for (i, l) in self.listeners.iter_mut().enumerate() {
-            self.poll.registry().register(l, listener_token(i), Interest::READABLE)?;
+        for i in 0..self.listeners.len() {
+            if let Err(e) = self.poll.registry().register(&mut self.listeners[i], listener_token(i), Interest::READABLE)
+            {
+                for l in &mut self.listeners[..i] {
+                    let _ = self.poll.registry().deregister(l);
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -290,25 +298,22 @@ impl<'a> Worker<'a> {
                         debug!("accepted {peer}");
                         self.start_session(stream, slot, now);
                     }
-                    Err(e) if is_resource_exhaustion(&e) => {
-                        drop(slot);
-                        self.shared.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
-                        warn!("worker {}: accept: {e}; retrying in {ACCEPT_BACKOFF:?}", self.id);
-                        // Level of the backlog stays high; without stepping
-                        // back the loop would spin on the same error.
-                        self.deregister_listeners();
-                        self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
-                        return;
-                    }
                     Err(e) => {
                         drop(slot);
                         match classify(&e) {
                             IoClass::WouldBlock => break,
                             // ECONNABORTED and friends: that client is gone, the next may not be.
                             IoClass::Interrupted | IoClass::Closed => continue,
+                            // Out of descriptors, or any other failure. The
+                            // backlog raises no new edge for clients already
+                            // queued, and retrying at once could spin on the
+                            // same error: step back, then drain it.
                             IoClass::Error => {
-                                warn!("worker {}: accept: {e}", self.id);
-                                break;
+                                self.shared.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                                warn!("worker {}: accept: {e}; retrying in {ACCEPT_BACKOFF:?}", self.id);
+                                self.deregister_listeners();
+                                self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
+                                return;
                             }
                         }
                     }

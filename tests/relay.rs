@@ -215,9 +215,19 @@ fn silent_backend(read_request: bool) -> (Backend, mpsc::Receiver<()>, mpsc::Sen
     (b, started, release)
 }
 
-/// Resets `c` (close with SO_LINGER 0).
-fn reset(c: TcpStream) {
+/// Connects through lb to a `silent_backend`, lets `setup` bring the pair
+/// to where nothing reads from or writes to the client, then resets the
+/// client (close with SO_LINGER 0): lb must let go of the pair.
+fn a_client_reset_ends_the_pair(backend_reads_request: bool, setup: impl FnOnce(&TcpStream)) {
+    let (silent, started, _release) = silent_backend(backend_reads_request);
+    let lb = lb(&[silent.addr], &["--no-health-check"]);
+    let idle = lb.fd_count();
+    let c = connect(lb.addr);
+    setup(&c);
+    started.recv_timeout(WAIT).expect("the backend went silent");
     socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).expect("linger");
+    drop(c);
+    assert!(wait_until(WAIT, || lb.fd_count() == idle), "lb still holds {} descriptors", lb.fd_count() - idle);
 }
 
 #[test]
@@ -225,32 +235,22 @@ fn a_client_reset_while_its_bytes_wait_for_the_backend_ends_the_pair() {
     // The up direction holds bytes for a backend that is not reading, so it
     // never reads the client again; the reset must still end the pair
     // rather than hold both sockets until the backend reads.
-    let (silent, started, _release) = silent_backend(false);
-    let lb = lb(&[silent.addr], &["--no-health-check"]);
-    let idle = lb.fd_count();
-    let c = connect(lb.addr);
-    started.recv_timeout(WAIT).expect("the backend got the connection");
-    c.set_write_timeout(Some(Duration::from_millis(200))).expect("timeout");
-    let chunk = [b'u'; 64 * 1024];
-    // Blocks once every buffer on the way is full, then times out.
-    while (&c).write(&chunk).is_ok() {}
-    reset(c);
-    assert!(wait_until(WAIT, || lb.fd_count() == idle), "lb still holds {} descriptors", lb.fd_count() - idle);
+    a_client_reset_ends_the_pair(false, |c| {
+        c.set_write_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        let chunk = [b'u'; 64 * 1024];
+        // Blocks once every buffer on the way is full, then times out.
+        while (&*c).write(&chunk).is_ok() {}
+    });
 }
 
 #[test]
 fn a_client_reset_after_its_half_close_ends_the_pair() {
     // The request and its FIN were relayed and the backend is working on
     // the reply: nothing reads from or writes to the client now.
-    let (silent, started, _release) = silent_backend(true);
-    let lb = lb(&[silent.addr], &["--no-health-check"]);
-    let idle = lb.fd_count();
-    let c = connect(lb.addr);
-    (&c).write_all(b"request").expect("write");
-    c.shutdown(Shutdown::Write).expect("shutdown");
-    started.recv_timeout(WAIT).expect("the backend read the request to its EOF");
-    reset(c);
-    assert!(wait_until(WAIT, || lb.fd_count() == idle), "lb still holds {} descriptors", lb.fd_count() - idle);
+    a_client_reset_ends_the_pair(true, |c| {
+        (&*c).write_all(b"request").expect("write");
+        c.shutdown(Shutdown::Write).expect("shutdown");
+    });
 }
 
 #[test]

@@ -8,7 +8,8 @@
 //! [`splice`]), choosing backends by least connections ([`balancer`]). The
 //! calling thread supervises: it turns [`signals`] into a graceful drain and
 //! prints the [`stats`] report. Off the data path, [`health`] probes the
-//! backends and [`admin`] serves [`metrics`] on its own thread.
+//! backends and [`admin`] serves [`metrics`] on its own thread; log lines
+//! reach stderr through [`logging`]'s writer thread.
 
 pub mod admin;
 pub mod backend;
@@ -16,6 +17,7 @@ pub mod balancer;
 pub mod config;
 pub mod health;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod pipe;

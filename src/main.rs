@@ -2,6 +2,7 @@
 //! stderr and a non-zero exit.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use clap::error::ErrorKind;
@@ -22,9 +23,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
+    let log = match lb::logging::init() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: cannot start the log writer thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match Config::from_args(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -32,7 +37,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match lb::run(config) {
+    let result = lb::run(config);
+    // Lines still queued for stderr go out first, within reason: a stderr
+    // nobody reads must not keep the process from exiting.
+    log.flush(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

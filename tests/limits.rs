@@ -112,6 +112,63 @@ fn the_drain_timeout_resets_a_download_it_cuts_short() {
     );
 }
 
+/// Which of lb's output streams the test leaves unread.
+#[derive(Clone, Copy)]
+enum Stalled {
+    Stdout,
+    Stderr,
+}
+
+/// Starts lb with `args` (and `RUST_LOG=log`) whose `stalled` stream is a
+/// one-page pipe nobody reads; the other goes to /dev/null. Returns the
+/// child and the test's end of the pipe, which must stay open.
+fn lb_with_a_stalled_reader(
+    args: &[String],
+    log: &str,
+    stalled: Stalled,
+) -> (std::process::Child, std::os::fd::OwnedFd) {
+    use std::process::{Command, Stdio};
+    let (out, err) = match stalled {
+        Stalled::Stdout => (Stdio::piped(), Stdio::null()),
+        Stalled::Stderr => (Stdio::null(), Stdio::piped()),
+    };
+    let mut child = Command::new(lb_bin())
+        .args(args)
+        .env("RUST_LOG", log)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn lb");
+    let pipe: std::os::fd::OwnedFd = match stalled {
+        Stalled::Stdout => child.stdout.take().expect("stdout piped").into(),
+        Stalled::Stderr => child.stderr.take().expect("stderr piped").into(),
+    };
+    // SAFETY: fcntl on a pipe this test owns; one page is the minimum.
+    assert_eq!(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) }, 4096, "pipe resized");
+    (child, pipe)
+}
+
+/// Whether the one-page pipe is all but full: a write of a longer report,
+/// or of a log line once a few more arrive, blocks. (Writes up to a page
+/// are atomic, so a page of short lines never fills to the last byte.)
+fn pipe_is_full(pipe: &std::os::fd::OwnedFd) -> bool {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    queued >= 4096 - 512
+}
+
+/// SIGTERM, then lb must exit 0 within WAIT.
+fn stops_on_sigterm(mut child: std::process::Child) -> bool {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
+    let _ = child.kill();
+    let status = child.wait().expect("wait");
+    exited && status.code() == Some(0)
+}
+
 #[test]
 fn sigterm_stops_lb_while_nobody_reads_its_stdout() {
     // A stalled log reader fills the stdout pipe. Stats reports must not
@@ -124,31 +181,37 @@ fn sigterm_stops_lb_while_nobody_reads_its_stdout() {
     // With 40 backends one report (~5 KiB) is more than the pipe holds, so
     // a full pipe means its writer is blocked.
     args.extend((0..40).map(|_| echo.addr.to_string()));
-    let mut child = std::process::Command::new(lb_bin())
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn lb");
-    let stdout = child.stdout.take().expect("stdout piped"); // never read
-    let fd = stdout.as_raw_fd();
-    // SAFETY: fcntl on a pipe this test owns; one page is the minimum.
-    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, 4096) }, 4096, "pipe resized");
-    let full = wait_until(WAIT, || {
-        let mut queued: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int.
-        unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
-        queued >= 4096
-    });
-    assert!(full, "lb never filled its stdout pipe");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
-    let _ = child.kill();
-    let status = child.wait().expect("wait");
-    assert!(exited, "lb ignored SIGTERM while its stdout was full");
-    assert_eq!(status.code(), Some(0));
+    let (child, stdout) = lb_with_a_stalled_reader(&args, "info", Stalled::Stdout);
+    assert!(wait_until(WAIT, || pipe_is_full(&stdout)), "lb never filled its stdout pipe");
+    assert!(stops_on_sigterm(child), "lb ignored SIGTERM while its stdout was full");
+}
+
+#[test]
+fn a_stalled_stderr_does_not_stall_the_relay() {
+    // Debug logging writes lines per connection from the workers; with
+    // nobody reading stderr they must be dropped, not block the relay.
+    let echo = echo_backend();
+    let port = dead_addr().port();
+    let args: Vec<String> =
+        ["-p", &port.to_string(), "--bind", "127.0.0.1", "--no-health-check", "-b", &echo.addr.to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let (child, stderr) = lb_with_a_stalled_reader(&args, "debug", Stalled::Stderr);
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    assert!(wait_until(WAIT, || std::net::TcpStream::connect(addr).is_ok()), "lb did not listen");
+    let mut relayed = 0;
+    while !pipe_is_full(&stderr) && relayed < 1000 {
+        assert_eq!(echo_roundtrip(addr, b"ping"), b"ping");
+        relayed += 1;
+    }
+    assert!(pipe_is_full(&stderr), "{relayed} connections did not fill one page of stderr");
+    // Each connection logs at least a line of some 100 bytes: past this
+    // point the writer of those lines is blocked.
+    for _ in 0..50 {
+        assert_eq!(echo_roundtrip(addr, b"ping"), b"ping");
+    }
+    assert!(stops_on_sigterm(child), "lb did not stop while its stderr was full");
 }
 
 fn cpu_ticks(pid: u32) -> u64 {

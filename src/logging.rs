@@ -1,0 +1,125 @@
+//! Where log lines go: stderr, written by a thread of its own. A stderr
+//! nobody reads (a stuck pipe, a wedged log shipper) then blocks only that
+//! thread; workers hand their lines over without waiting and, while it is
+//! stuck, lines are dropped and counted instead of stalling the relay.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Lines waiting for stderr before new ones are dropped.
+const QUEUE: usize = 1024;
+
+enum Message {
+    Line(Vec<u8>),
+    /// Answered once every line queued before it is written.
+    Flush(SyncSender<()>),
+}
+
+/// The `env_logger` target: queues each formatted record for the writer
+/// thread.
+struct Queue {
+    tx: SyncSender<Message>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Write for Queue {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.tx.try_send(Message::Line(buf.to_vec())) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // The writer thread flushes; waiting here is what must not happen.
+        Ok(())
+    }
+}
+
+/// Lets `main` wait, boundedly, for queued lines before the process exits.
+#[derive(Debug)]
+pub struct Flusher {
+    tx: SyncSender<Message>,
+}
+
+impl Flusher {
+    /// Waits up to `limit` for the lines queued so far to reach stderr.
+    pub fn flush(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        let mut marker = Message::Flush(ack_tx);
+        loop {
+            match self.tx.try_send(marker) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    marker = m;
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(TrySendError::Full(_)) => return,
+            }
+        }
+        let _ = ack_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// Installs the logger (`RUST_LOG`, default `info`) with its writer thread.
+pub fn init() -> io::Result<Flusher> {
+    let (tx, rx) = mpsc::sync_channel(QUEUE);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&dropped);
+    thread::Builder::new().name("lb-log".into()).spawn(move || write_lines(&rx, &counted))?;
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .target(env_logger::Target::Pipe(Box::new(Queue { tx: tx.clone(), dropped })))
+        .init();
+    Ok(Flusher { tx })
+}
+
+fn write_lines(rx: &Receiver<Message>, dropped: &AtomicU64) {
+    let stderr = io::stderr();
+    for message in rx {
+        let mut out = stderr.lock();
+        match message {
+            Message::Line(line) => {
+                let _ = out.write_all(&line);
+                let lost = dropped.swap(0, Ordering::Relaxed);
+                if lost > 0 {
+                    let _ = writeln!(out, "[lb] {lost} log lines were dropped while stderr was not being read");
+                }
+            }
+            Message::Flush(ack) => {
+                let _ = out.flush();
+                let _ = ack.try_send(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_lines_instead_of_waiting() {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let mut q = Queue { tx, dropped: Arc::clone(&dropped) };
+        assert_eq!(q.write(b"one\n").expect("queued"), 4);
+        // Nobody drains the queue: these return at once.
+        assert_eq!(q.write(b"two\n").expect("dropped"), 4);
+        assert_eq!(q.write(b"three\n").expect("dropped"), 6);
+        assert_eq!(dropped.load(Ordering::Relaxed), 2);
+        match rx.try_recv() {
+            Ok(Message::Line(l)) => assert_eq!(l, b"one\n"),
+            _ => panic!("the first line was queued"),
+        }
+    }
+}

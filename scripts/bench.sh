@@ -839,7 +839,14 @@ main() {
     warm_up
 
     for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-        for r in "${ROWS[@]}"; do run_row "$r"; done
+        order=("${ROWS[@]}")
+        if [[ -n $LB_CMP_BIN ]] && ((ROUND % 2 == 0)); then
+            # An A/B of two builds: B A on even rounds, so neither always
+            # runs right after the other's connections close.
+            order=()
+            for ((i = ${#ROWS[@]} - 1; i >= 0; i--)); do order+=("${ROWS[i]}"); done
+        fi
+        for r in "${order[@]}"; do run_row "$r"; done
     done
     ROUND=0 ROW=""
     printf 'load average at end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$META"

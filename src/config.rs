@@ -394,7 +394,9 @@ fn parse_count(flag: &'static str, s: &str, min: usize) -> Result<usize, ConfigE
 }
 
 /// Most workers `--workers` takes: far more than any machine has cores,
-/// and few enough that their listeners and threads always fit.
+/// and few enough that sizing anything by it cannot overflow. (Whether the
+/// threads and their descriptors fit is the system's call, reported as a
+/// start-up error when they do not.)
 pub const MAX_WORKERS: usize = 1024;
 
 /// Longest duration any flag takes: a year, far past any useful timeout

@@ -90,16 +90,24 @@ fn write_lines(rx: &Receiver<Message>, dropped: &AtomicU64) {
         match message {
             Message::Line(line) => {
                 let _ = out.write_all(&line);
-                let lost = dropped.swap(0, Ordering::Relaxed);
-                if lost > 0 {
-                    let _ = writeln!(out, "[lb] {lost} log lines were dropped while stderr was not being read");
-                }
+                note_dropped(&mut out, dropped);
             }
             Message::Flush(ack) => {
+                note_dropped(&mut out, dropped);
                 let _ = out.flush();
                 let _ = ack.try_send(());
             }
         }
+    }
+}
+
+/// Says how many lines were dropped since the last such note. The lines
+/// were dropped after some of those already written, so the note comes a
+/// little late, never early.
+fn note_dropped(out: &mut impl Write, dropped: &AtomicU64) {
+    let lost = dropped.swap(0, Ordering::Relaxed);
+    if lost > 0 {
+        let _ = writeln!(out, "[lb] {lost} log lines were dropped: stderr was not taking them fast enough");
     }
 }
 
@@ -121,5 +129,17 @@ mod tests {
             Ok(Message::Line(l)) => assert_eq!(l, b"one\n"),
             _ => panic!("the first line was queued"),
         }
+    }
+
+    #[test]
+    fn dropped_lines_are_reported_once() {
+        let dropped = AtomicU64::new(3);
+        let mut out = Vec::new();
+        note_dropped(&mut out, &dropped);
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.starts_with("[lb] 3 log lines were dropped"), "{text}");
+        let mut again = Vec::new();
+        note_dropped(&mut again, &dropped);
+        assert!(again.is_empty(), "the count was reset");
     }
 }

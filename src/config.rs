@@ -297,7 +297,7 @@ impl Config {
         let health = parse_health(args, connect_timeout)?;
         let stats_period = match parse_seconds("--stats-period", &args.stats_period)? {
             Duration::ZERO => Duration::ZERO,
-            _ => at_least_min_period("--stats-period", &args.stats_period)?,
+            d => at_least_min_period("--stats-period", &args.stats_period, d)?,
         };
         let admin = args.admin.as_deref().map(parse_admin).transpose()?;
         let backends = args.backends.iter().map(|b| parse_backend(b)).collect::<Result<Vec<_>, _>>()?;
@@ -339,7 +339,11 @@ fn parse_health(args: &Args, connect_timeout: Duration) -> Result<HealthConfig, 
         }
         Ok(n as u32)
     };
-    let period = at_least_min_period("--health-check-period", &args.health_check_period)?;
+    let period = at_least_min_period(
+        "--health-check-period",
+        &args.health_check_period,
+        parse_seconds("--health-check-period", &args.health_check_period)?,
+    )?;
     let timeout = match &args.health_check_timeout {
         Some(t) => positive("--health-check-timeout", t)?,
         None => connect_timeout,
@@ -421,9 +425,8 @@ pub fn parse_seconds(flag: &'static str, s: &str) -> Result<Duration, ConfigErro
     Duration::try_from_secs_f64(secs).map_err(|_| err())
 }
 
-/// A period of at least [`MIN_PERIOD`].
-fn at_least_min_period(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
-    let d = parse_seconds(flag, s)?;
+/// `d`, parsed from `s`, if it is a period of at least [`MIN_PERIOD`].
+fn at_least_min_period(flag: &'static str, s: &str, d: Duration) -> Result<Duration, ConfigError> {
     if d < MIN_PERIOD {
         return Err(ConfigError::SecondsRange { flag, value: s.to_string(), expected: "at least 0.01" });
     }

@@ -733,11 +733,10 @@ impl<'a> Session<'a> {
     /// stream is cut and both sides get a reset, as on an abort: a FIN
     /// would make the shortened stream look complete. With nothing in
     /// flight the close sends FINs, the usual end of an idle connection.
-    pub fn expire(&mut self) -> CloseReason {
+    pub fn expire(&mut self) {
         if self.up.pending() > 0 || self.down.pending() > 0 {
             self.reset_both();
         }
-        CloseReason::Expired
     }
 
     /// Makes the coming close send RST instead of FIN.

@@ -519,8 +519,8 @@ impl<'a> Worker<'a> {
             self.shared.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
             debug!("closing a pair idle for {:?}", idle.unwrap_or_default());
             if let Some(s) = self.sessions.get_mut(key) {
-                let reason = s.expire();
-                self.close(key, reason);
+                s.expire();
+                self.close(key, CloseReason::Expired);
             }
         }
         self.expired = expired;

@@ -449,17 +449,16 @@ impl<'p> Direction<'p> {
                         // Once the FIN is in, splice(2) also returns 0 at
                         // an urgent mark that the event announcing it has
                         // not yet reported, with bytes queued behind it.
-                        // A peek steps over the mark as read(2) does.
+                        // A peek steps over the mark as read(2) does; bytes
+                        // there mean urgent data, which `pump` moves to
+                        // copying as when the event reports it.
                         match src.stream.peek(&mut [0u8; 1]) {
-                            Ok(0) => {
-                                self.flow = Flow::Draining;
-                                return Ok(Filled::Progress);
-                            }
-                            Ok(_) => {
-                                src.urgent = true;
-                                pools.pipes.note_unsupported();
-                                self.policy.unsupported();
-                                self.transfer = Transfer::copy();
+                            Ok(queued) => {
+                                if queued == 0 {
+                                    self.flow = Flow::Draining;
+                                } else {
+                                    src.urgent = true;
+                                }
                                 return Ok(Filled::Progress);
                             }
                             Err(e) => e,

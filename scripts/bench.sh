@@ -15,7 +15,7 @@
 #   rev   bulk Gbit/s server->client                 (iperf3 -J -R)
 #   hold  proxy RSS idle and holding 5,000 idle client connections
 #   cpu   proxy user+system CPU per request / per GB (/proc/PID/stat)
-# and writes bench-results/results.md (medians, ratios, the issue-5 targets),
+# and writes bench-results/results.md (medians, ratios, the targets of issues 5 and 6),
 # bench-results/chart.png and bench-results/raw-<timestamp>.tsv (every sample).
 #
 # Run scripts/bench.sh --help for the options.

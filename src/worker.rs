@@ -355,8 +355,11 @@ impl<'a> Worker<'a> {
         let backends: &'a [Backend] = &self.shared.backends;
         while tried.attempts() <= self.settings.retries as usize {
             let i = balancer::pick(backends, self.cursor, tried.as_slice())?;
-            // Kept below the table size so pick needs no division.
-            self.cursor = if self.cursor + 1 < backends.len() { self.cursor + 1 } else { 0 };
+            // The next tie goes to the backend after the one picked, not
+            // after the cursor: stepping the cursor by one would hand a
+            // down backend's turn to the healthy one after it, doubling
+            // its share. Kept below the table size so pick needs no division.
+            self.cursor = if i + 1 < backends.len() { i + 1 } else { 0 };
             tried.push(i);
             let backend = &backends[i];
             let lease = backend.lease();

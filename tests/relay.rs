@@ -155,6 +155,45 @@ fn sequential_short_connections_split_evenly() {
 }
 
 #[test]
+fn a_down_backend_does_not_double_the_share_of_the_one_after_it() {
+    let a = tagged_backend("A");
+    let b = tagged_backend("B");
+    let dead = dead_addr();
+    // Probes off and a long hold-down: the dead backend, once down, stays
+    // down, and no probe adds to the backends' connection counts.
+    let lb = lb(
+        &[a.addr, dead, b.addr],
+        &["--no-health-check", "--fall", "1", "--health-check-period", "60", "--admin", "127.0.0.1:0"],
+    );
+    let admin = common::admin::admin_addr(&lb);
+    let mut tries = 0;
+    while common::admin::backend_up(admin, dead) && tries < 100 {
+        let mut s = connect(lb.addr);
+        tag_of(&mut s);
+        tries += 1;
+    }
+    assert!(!common::admin::backend_up(admin, dead), "the dead backend never went down");
+    // Each connection is released before the next, so every pick is a tie.
+    let idle = || {
+        wait_until(WAIT, || {
+            a.gauge.active.load(std::sync::atomic::Ordering::SeqCst) == 0
+                && b.gauge.active.load(std::sync::atomic::Ordering::SeqCst) == 0
+        })
+    };
+    assert!(idle(), "connections still open");
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    const N: usize = 60;
+    for i in 0..N {
+        let mut s = connect(lb.addr);
+        *counts.entry(tag_of(&mut s)).or_default() += 1;
+        drop(s);
+        assert!(idle(), "short connection {i} still open");
+    }
+    let share = counts.get("A").copied().unwrap_or(0) as f64 / N as f64;
+    assert!((0.4..=0.6).contains(&share), "A got {share:.2} of connections: {counts:?}");
+}
+
+#[test]
 fn a_dead_backend_among_live_ones_costs_no_client_anything() {
     let a = echo_backend();
     let b = echo_backend();

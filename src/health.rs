@@ -175,6 +175,15 @@ struct Probe {
     phase: Phase,
 }
 
+/// Whether a backend's probe for the current round has started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Taken,
+    /// The round came while the previous probe was still running; the next
+    /// one starts as soon as that one ends.
+    Owed,
+}
+
 /// The prober's view of one backend.
 #[derive(Debug)]
 struct Slot {
@@ -182,6 +191,7 @@ struct Slot {
     /// The HTTP request, built once; `None` for TCP probes.
     request: Option<Vec<u8>>,
     probe: Option<Probe>,
+    turn: Turn,
 }
 
 /// How a probe ended.
@@ -251,6 +261,7 @@ impl<'a> Prober<'a> {
                 threshold: Threshold::new(config.rise, config.fall),
                 request: config.url.as_deref().map(|path| probe_request(path, &b.name)),
                 probe: None,
+                turn: Turn::Taken,
             })
             .collect();
         Prober {
@@ -298,28 +309,37 @@ impl<'a> Prober<'a> {
         self.slots.iter().filter_map(|s| s.probe.as_ref().map(|p| p.deadline)).fold(self.next_round, Instant::min)
     }
 
-    /// Starts a probe of every backend whose previous probe has ended; one
-    /// still running (a timeout longer than the period) is left to finish.
+    /// Starts a probe of every backend whose previous probe has ended. One
+    /// still running is left to finish and the next starts when it ends:
+    /// with a timeout as long as the period, a hanging backend's probe
+    /// expires just after the round began, and skipping it would probe
+    /// that backend only every other round.
     fn start_round(&mut self, now: Instant) {
         for i in 0..self.slots.len() {
             if self.slots[i].probe.is_some() {
-                continue;
+                self.slots[i].turn = Turn::Owed;
+            } else {
+                self.start_probe(i, now);
             }
-            let addr = self.shared.backends[i].addr;
-            match TcpStream::connect(addr) {
-                Ok(mut stream) => {
-                    if let Err(e) =
-                        self.poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE)
-                    {
-                        self.record(i, Ended::Skipped(e));
-                        continue;
-                    }
-                    self.slots[i].probe =
-                        Some(Probe { stream, deadline: now + self.config.timeout, phase: Phase::Connecting });
+        }
+    }
+
+    fn start_probe(&mut self, i: usize, now: Instant) {
+        self.slots[i].turn = Turn::Taken;
+        let addr = self.shared.backends[i].addr;
+        match TcpStream::connect(addr) {
+            Ok(mut stream) => {
+                if let Err(e) =
+                    self.poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE)
+                {
+                    self.record(i, Ended::Skipped(e));
+                    return;
                 }
-                Err(e) if is_resource_exhaustion(&e) => self.record(i, Ended::Skipped(e)),
-                Err(e) => self.record(i, Ended::Failed(describe(&e))),
+                self.slots[i].probe =
+                    Some(Probe { stream, deadline: now + self.config.timeout, phase: Phase::Connecting });
             }
+            Err(e) if is_resource_exhaustion(&e) => self.record(i, Ended::Skipped(e)),
+            Err(e) => self.record(i, Ended::Failed(describe(&e))),
         }
     }
 
@@ -395,7 +415,8 @@ impl<'a> Prober<'a> {
         }
     }
 
-    /// Closes probe `i` and records how it ended.
+    /// Closes probe `i`, records how it ended and starts the one a round
+    /// that came meanwhile is owed.
     fn end(&mut self, i: usize, ended: Ended) {
         if let Some(mut probe) = self.slots[i].probe.take()
             && let Err(e) = self.poll.registry().deregister(&mut probe.stream)
@@ -403,6 +424,9 @@ impl<'a> Prober<'a> {
             debug!("deregistering a health probe: {e}");
         }
         self.record(i, ended);
+        if self.slots[i].turn == Turn::Owed {
+            self.start_probe(i, Instant::now());
+        }
     }
 
     fn record(&mut self, i: usize, ended: Ended) {

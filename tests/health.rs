@@ -309,3 +309,36 @@ fn with_no_backend_up_a_client_is_closed_at_once_and_counted() {
     );
     assert_eq!(after.value("lb_connections_active", &[]), 0.0);
 }
+
+#[test]
+fn a_probe_timeout_equal_to_the_period_still_probes_every_round() {
+    // The kernel completes the handshake into the backlog; nobody answers,
+    // so every HTTP probe of it runs out its whole timeout.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let dead = dead_addr();
+    let lb = lb(
+        &[silent_addr, dead],
+        &[
+            "--health-check-url",
+            "/health",
+            "--health-check-period",
+            "0.2",
+            "--health-check-timeout",
+            "0.2",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    );
+    let admin = admin_addr(&lb);
+    let failed = |backend: SocketAddr| {
+        scrape(admin)
+            .value("lb_backend_health_checks_total", &[("backend", &backend.to_string()), ("result", "failed")])
+    };
+    // The refusing backend fails at once, once per round: it counts the
+    // rounds. The silent one must fail once per round too, not every other.
+    assert!(wait_until(WAIT, || failed(dead) >= 12.0), "{}", lb.stderr_text());
+    let (rounds, timed_out) = (failed(dead), failed(silent_addr));
+    assert!(timed_out >= rounds - 2.0, "{timed_out} timed-out probes in {rounds} rounds");
+    drop(silent);
+}

@@ -241,7 +241,16 @@ fn supervise(
         if handles.iter().all(JoinHandle::is_finished) {
             break;
         }
-        match rx.recv_timeout(SUPERVISOR_TICK) {
+        // Wake for the next report or the drain deadline if either comes
+        // before the tick: a shorter --stats-period or --drain-timeout must
+        // not be stretched to the tick.
+        let now = Instant::now();
+        let wait = [next_stats, drain_deadline.filter(|_| !shared.is_stopping())]
+            .into_iter()
+            .flatten()
+            .map(|due| due.saturating_duration_since(now))
+            .fold(SUPERVISOR_TICK, Duration::min);
+        match rx.recv_timeout(wait) {
             Ok(Event::Signal(Signal::Terminate)) => {
                 if drain_deadline.is_some() {
                     warn!("second stop signal: closing all connections now");

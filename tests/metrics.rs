@@ -216,6 +216,20 @@ fn the_report_is_printed_every_stats_period_without_a_signal() {
 }
 
 #[test]
+fn a_stats_period_shorter_than_the_supervisor_tick_keeps_its_cadence() {
+    // --stats-period accepts 0.01; the reports must come that often, not at
+    // whatever rate the supervisor happens to wake up on its own.
+    let a = be("Server A", &[]);
+    let lb = lb(&[a.addr], &["--stats-period", "0.05"]);
+    assert!(wait_until(WAIT, || !reports(&lb).is_empty()), "{}", lb.stdout_text());
+    let start = std::time::Instant::now();
+    let first = reports(&lb).len();
+    // 20 periods of 50 ms are 1 s; 2.5 s leaves room for a busy machine.
+    let on_time = wait_until(std::time::Duration::from_millis(2500), || reports(&lb).len() >= first + 20);
+    assert!(on_time, "{} reports in {:?} at --stats-period 0.05", reports(&lb).len() - first, start.elapsed());
+}
+
+#[test]
 fn metrics_parse_as_prometheus_text_and_counters_match_the_traffic() {
     let a = be("Server A", &[]);
     let b = be("Server B", &[]);

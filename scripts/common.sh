@@ -18,6 +18,15 @@ LB=${LB:-$LB_BIN_DIR/lb}
 BE=${BE:-$LB_BIN_DIR/be}
 LB_PIDS_FILE=$LB_WORK/pids
 
+# curl sends even http://127.0.0.1 URLs through $http_proxy or $all_proxy,
+# which fails every request and sends the traffic off the machine. Exempt
+# loopback only: cargo may still need the proxy to fetch crates. curl reads
+# no_proxy before NO_PROXY, so both carry the operator's entries.
+no_proxy=${no_proxy:-${NO_PROXY:-}}
+no_proxy=${no_proxy:+$no_proxy,}127.0.0.1,localhost,::1
+NO_PROXY=$no_proxy
+export no_proxy NO_PROXY
+
 # now_us: microseconds since the epoch, without forking.
 now_us() {
     local t=${EPOCHREALTIME//[.,]/}

@@ -1,0 +1,51 @@
+//! The operators' shell helpers (scripts/common.sh, sourced by
+//! test_script.sh, scripts/demo.sh and scripts/load-test.sh) on a machine
+//! whose environment names an HTTP proxy.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// Runs `script` in bash after sourcing scripts/common.sh, with `envs`
+/// added; returns its exit code and stdout. Bounded by curl's own timeouts.
+fn with_common_sh(script: &str, envs: &[(&str, String)]) -> (Option<i32>, String) {
+    let work = std::env::temp_dir().join(format!("lb-scripts-test.{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("scratch dir");
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!(". \"{repo}/scripts/common.sh\" && {script}"))
+        .env("LB_WORK", &work)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run bash");
+    let _ = std::fs::remove_dir_all(&work);
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn curl_in_the_scripts_reaches_loopback_servers_past_a_configured_proxy() {
+    if Command::new("curl").arg("--version").stdout(Stdio::null()).status().is_err() {
+        eprintln!("curl is not installed; skipping");
+        return;
+    }
+    let a = be("Server A", &[]);
+    // A proxy address where nothing listens: a request sent to it fails,
+    // and on a real machine it would have left the host.
+    let proxy = format!("http://{}", dead_addr());
+    let envs: Vec<(&str, String)> = ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+        .into_iter()
+        .map(|k| (k, proxy.clone()))
+        .chain([("no_proxy", "example.com".to_string())])
+        .collect();
+    let (code, body) = with_common_sh(&format!("curl -sS --max-time 5 http://{}/", a.addr), &envs);
+    assert_eq!((code, body.as_str()), (Some(0), "Server A\n"), "curl went through the proxy");
+    // The operator's own exemptions are kept.
+    let (_, no_proxy) = with_common_sh("printf '%s' \"$no_proxy\"", &envs);
+    assert!(no_proxy.split(',').any(|h| h == "example.com"), "no_proxy is now {no_proxy:?}");
+}

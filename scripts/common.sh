@@ -180,18 +180,24 @@ start_be() {
     BE_ADDR=$(sed -n 's/^listening on \([^ ]*\).*/\1/p' "$BE_LOG" | head -n 1)
 }
 
-# start_lb [lb flags...]: starts lb on 127.0.0.1 port 0 (unless the flags
-# name -p/--port) with stdout in LB_OUT and stderr (its log) in LB_LOG, and
-# waits for its "listening on ADDR" line. Sets LB_PID, LB_ADDR, LB_LOG and
-# LB_OUT; returns 1 with ERR set (lb's last log line) if it does not start.
+# start_lb [lb flags...]: starts lb on 127.0.0.1 (unless the flags name
+# --bind) and port 0 (unless they name -p/--port) with stdout in LB_OUT and
+# stderr (its log) in LB_LOG, and waits for its "listening on ADDR" line.
+# Sets LB_PID, LB_ADDR, LB_LOG and LB_OUT; returns 1 with ERR set (lb's last
+# log line) if it does not start.
 start_lb() {
-    local a listen=(-p 0 --bind 127.0.0.1)
+    local a port=(-p 0) bind=(--bind 127.0.0.1)
     for a in "$@"; do
-        case $a in -p | --port | --port=* | --bind | --bind=*) listen=() ;; esac
+        case $a in
+            -p | --port | --port=*) port=() ;;
+            # A fixed port still listens on loopback only: lb's default
+            # address is every interface.
+            --bind | --bind=*) bind=() ;;
+        esac
     done
     LB_LOG=$(mktemp "$LB_WORK/lb.XXXXXX")
     LB_OUT=$LB_LOG.out
-    "$LB" "${listen[@]}" "$@" >"$LB_OUT" 2>"$LB_LOG" &
+    "$LB" "${port[@]}" "${bind[@]}" "$@" >"$LB_OUT" 2>"$LB_LOG" &
     LB_PID=$!
     track "$LB_PID"
     wait_lb_listening "$LB_PID" "$LB_LOG"

@@ -5,13 +5,17 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 
 /// Runs `script` in bash after sourcing scripts/common.sh, with `envs`
 /// added; returns its exit code and stdout. Bounded by curl's own timeouts.
 fn with_common_sh(script: &str, envs: &[(&str, String)]) -> (Option<i32>, String) {
-    let work = std::env::temp_dir().join(format!("lb-scripts-test.{}", std::process::id()));
+    // One directory per call: tests run in parallel in one process.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let work = std::env::temp_dir().join(format!("lb-scripts-test.{}.{n}", std::process::id()));
     std::fs::create_dir_all(&work).expect("scratch dir");
     let repo = env!("CARGO_MANIFEST_DIR");
     let mut cmd = Command::new("bash");
@@ -48,4 +52,20 @@ fn curl_in_the_scripts_reaches_loopback_servers_past_a_configured_proxy() {
     // The operator's own exemptions are kept.
     let (_, no_proxy) = with_common_sh("printf '%s' \"$no_proxy\"", &envs);
     assert!(no_proxy.split(',').any(|h| h == "example.com"), "no_proxy is now {no_proxy:?}");
+}
+
+#[test]
+fn start_lb_with_a_fixed_port_still_listens_on_loopback_only() {
+    let a = be("Server A", &[]);
+    // Free now, and lb binds it with SO_REUSEADDR right after.
+    let port = dead_addr().port();
+    let envs = [("LB", env!("CARGO_BIN_EXE_lb").to_string())];
+    let script = format!(
+        "start_lb -p {port} -b {} --no-health-check --stats-period 0 || {{ echo \"$ERR\"; exit 1; }}; \
+         printf '%s' \"$LB_ADDR\"; stop_tracked",
+        a.addr
+    );
+    let (code, addr) = with_common_sh(&script, &envs);
+    assert_eq!(code, Some(0), "start_lb failed: {addr}");
+    assert_eq!(addr, format!("127.0.0.1:{port}"), "lb listened beyond loopback");
 }

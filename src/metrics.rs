@@ -111,7 +111,7 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         &mut out,
         "lb_accept_errors_total",
         "counter",
-        "accept() failures for lack of file descriptors or memory.",
+        "accept() failures other than a client that left first (out of descriptors or memory, a firewall refusal); each pauses accepting for 100 ms.",
         s.accept_errors,
     );
     single(

@@ -18,7 +18,8 @@ use log::{info, warn};
 use crate::shared::Shared;
 
 /// Number of log2 buckets over microseconds: bucket i holds samples in
-/// [2^i, 2^(i+1)) µs, bucket 0 also holds 0 µs; the last is open-ended.
+/// (2^i, 2^(i+1)] µs, bucket 0 also holds 0 and 1 µs; the last is
+/// open-ended.
 pub const BUCKETS: usize = 32;
 
 /// Lock-free histogram of durations; recording is one relaxed add.
@@ -54,11 +55,11 @@ impl Histogram {
     }
 }
 
+/// The first bucket whose upper bound is at least `us`: Prometheus buckets
+/// count samples `<= le`, so a sample on a bound belongs below it.
 fn bucket_of(us: u64) -> usize {
-    if us == 0 {
-        return 0;
-    }
-    (63 - us.leading_zeros() as usize).min(BUCKETS - 1)
+    // Bucket i holds (2^i, 2^(i+1)]; bucket 0 also holds 0 and 1.
+    (64 - us.saturating_sub(1).leading_zeros() as usize).saturating_sub(1).min(BUCKETS - 1)
 }
 
 /// Upper bound of bucket `i`, in microseconds.
@@ -109,7 +110,8 @@ pub struct Counters {
     pub connect_gave_up: AtomicU64,
     /// Relay buffer requests refused by an exhausted pool.
     pub pool_exhausted: AtomicU64,
-    /// accept() failures for lack of file descriptors or memory.
+    /// accept() failures other than a client that left first; each backs
+    /// the worker off for 100 ms.
     pub accept_errors: AtomicU64,
     /// Pairs closed by the idle timeout.
     pub idle_closed: AtomicU64,
@@ -318,10 +320,22 @@ pub(crate) mod tests {
     fn samples_land_in_log2_buckets() {
         assert_eq!(bucket_of(0), 0);
         assert_eq!(bucket_of(1), 0);
-        assert_eq!(bucket_of(2), 1);
+        assert_eq!(bucket_of(2), 0);
         assert_eq!(bucket_of(3), 1);
-        assert_eq!(bucket_of(1024), 10);
+        assert_eq!(bucket_of(4), 1);
+        assert_eq!(bucket_of(5), 2);
+        assert_eq!(bucket_of(1024), 9);
+        assert_eq!(bucket_of(1025), 10);
         assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
+    }
+
+    #[test]
+    fn a_sample_on_a_bucket_bound_is_counted_at_or_below_that_bound() {
+        for us in [1u64, 2, 3, 4, 1000, 1024, 1025, 65_536, 1 << 31] {
+            let i = bucket_of(us);
+            assert!(us <= bucket_upper_micros(i), "{us} µs in bucket le={}", bucket_upper_micros(i));
+            assert!(i == 0 || us > bucket_upper_micros(i - 1), "{us} µs could sit in bucket {}", i - 1);
+        }
     }
 
     #[test]

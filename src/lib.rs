@@ -32,6 +32,7 @@ pub mod worker;
 
 use std::fmt;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
@@ -92,13 +93,13 @@ impl From<Signal> for Event {
 /// How often the supervisor checks on workers while nothing else happens.
 const SUPERVISOR_TICK: Duration = Duration::from_millis(200);
 
-/// Runs lb until it is drained by a signal. Errors are start-up errors:
-/// once serving, faults are logged and survived.
-pub fn run(config: Config) -> Result<(), RunError> {
+/// Runs lb until it is drained by a signal, serving on `inherited` (the
+/// sockets from [`systemd::listen_fds`], which `main` takes before any
+/// thread starts) or, when there are none, on `--bind`/`--port`. Errors are
+/// start-up errors: once serving, faults are logged and survived.
+pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
     // Logged once serving, so a start-up failure stays a single line.
     let fd_limit = listener::raise_fd_limit();
-    // Must run before any thread starts: it reads and clears the environment.
-    let inherited = systemd::listen_fds().map_err(|source| RunError::Listen(ListenError::Inherited { source }))?;
     let per_worker = if inherited.is_empty() {
         listener::bind(config.listen, config.workers)
             .map_err(RunError::Listen)?

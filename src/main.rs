@@ -8,6 +8,7 @@ use clap::Parser;
 use clap::error::ErrorKind;
 
 use lb::config::{Args, Config};
+use lb::listener::ListenError;
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -21,6 +22,15 @@ fn main() -> ExitCode {
             let text = e.to_string();
             eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
             return ExitCode::from(2);
+        }
+    };
+    // Reads and clears LISTEN_FDS and friends, which is sound only while
+    // this is the one thread: before the log writer starts.
+    let inherited = match lb::systemd::listen_fds() {
+        Ok(fds) => fds,
+        Err(source) => {
+            eprintln!("error: {}", lb::RunError::Listen(ListenError::Inherited { source }));
+            return ExitCode::FAILURE;
         }
     };
     let log = match lb::logging::init() {
@@ -37,7 +47,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = lb::run(config);
+    let result = lb::run(config, inherited);
     // Lines still queued for stderr go out first, within reason: a stderr
     // nobody reads must not keep the process from exiting.
     log.flush(Duration::from_secs(1));

@@ -82,6 +82,9 @@ impl std::error::Error for RunError {}
 #[derive(Debug)]
 enum Event {
     Signal(Signal),
+    /// A worker thread returned: the supervisor checks at once whether all
+    /// have, instead of at its next tick.
+    WorkerExited,
 }
 
 impl From<Signal> for Event {
@@ -126,7 +129,7 @@ pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
     let shared = Arc::new(Shared::new(backends, config.max_connections, wakers));
 
     let (tx, rx) = mpsc::channel::<Event>();
-    signals::forward(tx).map_err(RunError::Signals)?;
+    signals::forward(tx.clone()).map_err(RunError::Signals)?;
 
     let settings = WorkerSettings {
         connect_timeout: config.connect_timeout,
@@ -145,7 +148,8 @@ pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
     }
     health::spawn(Arc::clone(&shared), config.health.clone()).map_err(RunError::Health)?;
     let mut reporter = stats::Reporter::spawn().map_err(RunError::Stats)?;
-    let handles = spawn_workers(&config, &shared, polls, per_worker, &settings)?;
+    let handles = spawn_workers(&config, &shared, polls, per_worker, &settings, &tx)?;
+    drop(tx);
 
     match fd_limit {
         Ok(n) => info!("file descriptor limit: {n}"),
@@ -187,11 +191,13 @@ fn spawn_workers(
     polls: Vec<Poll>,
     listeners: Vec<Vec<std::net::TcpListener>>,
     settings: &WorkerSettings,
+    events: &mpsc::Sender<Event>,
 ) -> Result<Vec<JoinHandle<()>>, RunError> {
     let mut handles = Vec::with_capacity(polls.len());
     for (id, (poll, ls)) in polls.into_iter().zip(listeners).enumerate() {
         let shared = Arc::clone(shared);
         let settings = settings.clone();
+        let events = events.clone();
         let buffer_size = config.buffer_size;
         // Every client may hold two buffers; no worker can hold more clients
         // than the global cap, so this limit never starves a live pair.
@@ -211,6 +217,8 @@ fn spawn_workers(
                     Ok(w) => w.run(),
                     Err(e) => error!("worker {id} could not start: {e}"),
                 }
+                // Ignored if the supervisor is gone: so is the process.
+                let _ = events.send(Event::WorkerExited);
             })
             .map_err(RunError::Spawn)?;
         handles.push(handle);
@@ -229,6 +237,7 @@ fn supervise(
     reporter: &mut stats::Reporter,
 ) {
     let mut drain_deadline: Option<Instant> = None;
+    let mut exited = 0;
     let mut last_status = usize::MAX;
     let mut next_stats = config.stats_period.map(|p| Instant::now() + p);
     loop {
@@ -239,7 +248,9 @@ fn supervise(
                 let _ = n.status(&format!("active connections: {active}"));
             }
         }
-        if handles.iter().all(JoinHandle::is_finished) {
+        // A thread that just sent WorkerExited may not count as finished
+        // yet; join below waits out the instant it has left to run.
+        if exited == handles.len() || handles.iter().all(JoinHandle::is_finished) {
             break;
         }
         // Wake for the next report or the drain deadline if either comes
@@ -270,6 +281,7 @@ fn supervise(
                 }
             }
             Ok(Event::Signal(Signal::ReportStats)) => reporter.report(shared),
+            Ok(Event::WorkerExited) => exited += 1,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 thread::sleep(SUPERVISOR_TICK);

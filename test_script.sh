@@ -559,13 +559,17 @@ test_metrics() {
     bad=$(grep -v '^#' "$m" | grep -v '^[[:space:]]*$' |
         grep -Ev '^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? [-+]?([0-9.]+([eE][-+]?[0-9]+)?|NaN|Inf)( -?[0-9]+)?$' | head -n 1)
     [ -z "$bad" ] || fail "/metrics line is not Prometheus text format: $bad"
-    # Each backend served 3 connections: some lb_ sample labelled with its
-    # address must count at least that many.
-    local addr
+    # Each backend served 3 connections, so its connection counter must say
+    # exactly 3 (counters may reach /metrics up to a second late: poll briefly).
+    local addr want deadline=$((SECONDS + 5))
     for addr in "$A" "$B"; do
-        awk -v a="\"$addr\"" 'index($0, "lb_") == 1 && index($0, a) && $NF + 0 >= 3 { found = 1 }
-            END { exit !found }' "$m" ||
-            fail "no lb_ sample labelled \"$addr\" counts the 3 connections it served"
+        want="lb_backend_connections_total{backend=\"$addr\"} 3"
+        until grep -qxF "$want" "$m"; do
+            [ "$SECONDS" -lt "$deadline" ] ||
+                fail "/metrics lacks '$want': $(grep -F 'lb_backend_connections_total{' "$m" | tr '\n' ' ')"
+            sleep 0.2
+            curl -sS --max-time 3 -o "$m" "http://$admin/metrics" || fail "cannot fetch /metrics"
+        done
     done
 
     curl -sS --max-time 3 -o "$LB_WORK/stats.json" -w '%{http_code}' "http://$admin/stats" >"$LB_WORK/stats.code" ||

@@ -164,13 +164,17 @@ pub fn be(name: &str, extra: &[&str]) -> Proc {
 
 /// Runs lb to completion (for command-line errors), bounded in time.
 pub fn lb_output(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(lb_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn lb");
+    let mut cmd = Command::new(lb_bin());
+    cmd.args(args);
+    output_within_wait(cmd)
+}
+
+/// Runs `cmd` (stdin and stdout closed) and returns its exit code and stderr;
+/// panics, after killing it, if it is still running after `WAIT`, so a
+/// command that unexpectedly starts serving cannot hang the test.
+pub fn output_within_wait(mut cmd: Command) -> (Option<i32>, String) {
+    let what = format!("{cmd:?}");
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
     let mut err = child.stderr.take().expect("stderr piped");
     let reader = thread::spawn(move || {
         let mut s = String::new();
@@ -185,7 +189,7 @@ pub fn lb_output(args: &[&str]) -> (Option<i32>, String) {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("lb {args:?} did not exit");
+            panic!("{what} did not exit within {WAIT:?}");
         }
         thread::sleep(Duration::from_millis(10));
     };

@@ -19,6 +19,17 @@ pub enum IoClass {
 
 pub fn classify(e: &io::Error) -> IoClass {
     use io::ErrorKind::*;
+    // Errors that accept(2) passes on from the new connection itself (the
+    // man page says to retry them as EAGAIN); on an established socket they
+    // also mean that peer is gone. EOPNOTSUPP, also in the man page's list,
+    // is left out: from accept it can mean the listener is unusable, where
+    // retrying at once would spin.
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EPROTO | libc::ENETDOWN | libc::ENOPROTOOPT | libc::EHOSTDOWN | libc::ENONET)
+    ) {
+        return IoClass::Closed;
+    }
     match e.kind() {
         WouldBlock => IoClass::WouldBlock,
         Interrupted => IoClass::Interrupted,
@@ -60,6 +71,17 @@ mod tests {
         assert_eq!(classify(&io::Error::from(io::ErrorKind::WouldBlock)), IoClass::WouldBlock);
         assert_eq!(classify(&io::Error::from(io::ErrorKind::Interrupted)), IoClass::Interrupted);
         assert_eq!(classify(&io::Error::from(io::ErrorKind::PermissionDenied)), IoClass::Error);
+    }
+
+    #[test]
+    fn network_errors_accept_passes_on_from_the_new_connection_are_closed() {
+        for errno in
+            [libc::EPROTO, libc::ENETDOWN, libc::ENOPROTOOPT, libc::EHOSTDOWN, libc::ENONET, libc::EHOSTUNREACH]
+        {
+            assert_eq!(classify(&io::Error::from_raw_os_error(errno)), IoClass::Closed, "errno {errno}");
+        }
+        assert_eq!(classify(&io::Error::from_raw_os_error(libc::EOPNOTSUPP)), IoClass::Error);
+        assert_eq!(classify(&io::Error::from_raw_os_error(libc::EMFILE)), IoClass::Error);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub const WAKER: Token = Token(usize::MAX - 1);
 /// Listener `i` has token `LISTENER_BASE - i`, for `i < MAX_LISTENERS`.
 const LISTENER_BASE: usize = usize::MAX - 16;
 
-/// Connections accepted per listener wakeup before serving other events.
+/// accept() calls per listener wakeup before serving other events.
 const ACCEPTS_PER_WAKEUP: usize = 64;
 /// How long accept() backs off after running out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -281,19 +281,21 @@ impl<'a> Worker<'a> {
             return;
         }
         for i in 0..self.listeners.len() {
-            let mut accepted = 0;
+            // Failed accepts count too: a stream of clients that are gone
+            // before their turn must not hold the loop either.
+            let mut attempts = 0;
             loop {
-                if accepted == ACCEPTS_PER_WAKEUP {
+                if attempts == ACCEPTS_PER_WAKEUP {
                     self.accept_pending = true;
                     break;
                 }
+                attempts += 1;
                 let Some(slot) = self.shared.try_acquire_client() else {
                     self.pause_at_cap(now);
                     return;
                 };
                 match self.listeners[i].accept() {
                     Ok((stream, peer)) => {
-                        accepted += 1;
                         self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                         debug!("accepted {peer}");
                         self.start_session(stream, slot, now);
@@ -302,7 +304,8 @@ impl<'a> Worker<'a> {
                         drop(slot);
                         match classify(&e) {
                             IoClass::WouldBlock => break,
-                            // ECONNABORTED and friends: that client is gone, the next may not be.
+                            // ECONNABORTED, EPROTO and friends: that client is
+                            // gone, the next may not be.
                             IoClass::Interrupted | IoClass::Closed => continue,
                             // Out of descriptors, or any other failure. The
                             // backlog raises no new edge for clients already

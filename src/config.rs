@@ -183,6 +183,7 @@ pub enum ConfigError {
     BackendFormat { value: String },
     BackendPort { value: String },
     BackendWeight { value: String },
+    BackendDuplicate { value: String, first: String, addr: SocketAddr },
     Resolve { value: String, reason: String },
     Number { flag: &'static str, value: String, expected: &'static str },
     Seconds { flag: &'static str, value: String },
@@ -210,6 +211,10 @@ impl fmt::Display for ConfigError {
             ConfigError::BackendWeight { value } => {
                 write!(f, "--backends: '{value}' has an invalid weight (a whole number from 1 to 65535)")
             }
+            ConfigError::BackendDuplicate { value, first, addr } => write!(
+                f,
+                "--backends: '{value}' is the same backend ({addr}) as '{first}'; list it once and use @weight"
+            ),
             ConfigError::Resolve { value, reason } => {
                 write!(f, "--backends: cannot resolve '{value}': {reason}")
             }
@@ -301,6 +306,17 @@ impl Config {
         };
         let admin = args.admin.as_deref().map(parse_admin).transpose()?;
         let backends = args.backends.iter().map(|b| parse_backend(b)).collect::<Result<Vec<_>, _>>()?;
+        // A backend listed twice would get twice its share and, under one
+        // name, duplicate series on /metrics that Prometheus rejects.
+        for (i, b) in backends.iter().enumerate() {
+            if let Some(first) = backends[..i].iter().find(|f| f.name == b.name || f.addr == b.addr) {
+                return Err(ConfigError::BackendDuplicate {
+                    value: args.backends[i].clone(),
+                    first: first.name.clone(),
+                    addr: b.addr,
+                });
+            }
+        }
         Ok(Config {
             listen: SocketAddr::new(ip, port),
             backends,
@@ -609,6 +625,8 @@ mod tests {
             (&["-b", "nohost"], "--backends"),
             (&["-b", "127.0.0.1:80@0"], "--backends"),
             (&["-b", "127.0.0.1:0"], "--backends"),
+            (&["-b", "127.0.0.1:1", "127.0.0.1:1@2"], "--backends"),
+            (&["-b", "[::1]:1", "[0:0:0:0:0:0:0:1]:1"], "--backends"),
             (&["--max-connections", "0"], "--max-connections"),
             (&["--buffer-size", "0"], "--buffer-size"),
             (&["--workers", "0"], "--workers"),

@@ -48,6 +48,10 @@ fn every_bad_value_is_one_line_naming_its_flag() {
         (&["--connection-timeout", "1e19", "--no-health-check"], "--connection-timeout"),
         (&["--health-check-period", "1e-9"], "--health-check-period"),
         (&["--frobnicate"], "--frobnicate"),
+        // Accepted, these would serve (hence a free port): a backend listed
+        // twice doubles its share and duplicates its /metrics series.
+        (&["-p", "0", "--bind", "127.0.0.1", "-b", "127.0.0.1:9", "127.0.0.1:9@2"], "--backends"),
+        (&["-p", "0", "--bind", "127.0.0.1", "-b", "[::1]:9", "[0:0:0:0:0:0:0:1]:9"], "--backends"),
     ];
     for (args, flag) in cases {
         assert_one_line_error(args, flag);

@@ -179,8 +179,9 @@ fn sigterm_stops_lb_while_nobody_reads_its_stdout() {
         .map(|s| s.to_string())
         .collect();
     // With 40 backends one report (~5 KiB) is more than the pipe holds, so
-    // a full pipe means its writer is blocked.
-    args.extend((0..40).map(|_| echo.addr.to_string()));
+    // a full pipe means its writer is blocked. (Distinct addresses, all
+    // loopback: lb refuses a backend listed twice.)
+    args.extend((1..=40).map(|i| format!("127.0.0.{i}:{}", echo.addr.port())));
     let (child, stdout) = lb_with_a_stalled_reader(&args, "info", Stalled::Stdout);
     assert!(wait_until(WAIT, || pipe_is_full(&stdout)), "lb never filled its stdout pipe");
     assert!(stops_on_sigterm(child), "lb ignored SIGTERM while its stdout was full");

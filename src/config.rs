@@ -438,7 +438,13 @@ pub fn parse_seconds(flag: &'static str, s: &str) -> Result<Duration, ConfigErro
     if secs > MAX_SECONDS as f64 {
         return Err(ConfigError::SecondsRange { flag, value: s.to_string(), expected: "at most 31536000 (a year)" });
     }
-    Duration::try_from_secs_f64(secs).map_err(|_| err())
+    let d = Duration::try_from_secs_f64(secs).map_err(|_| err())?;
+    // Zero means "off" or "never" to some flags: a positive value too small
+    // for a nanosecond must not turn into that.
+    if d.is_zero() && secs > 0.0 {
+        return Ok(Duration::from_nanos(1));
+    }
+    Ok(d)
 }
 
 /// `d`, parsed from `s`, if it is a period of at least [`MIN_PERIOD`].
@@ -583,6 +589,8 @@ mod tests {
     fn idle_timeout_zero_means_never() {
         let c = Config::from_args(&args(&["--idle-timeout", "0"])).unwrap();
         assert_eq!(c.idle_timeout, None);
+        let c = Config::from_args(&args(&["--idle-timeout", "1e-10"])).unwrap();
+        assert_eq!(c.idle_timeout, Some(Duration::from_nanos(1)), "only 0 means never");
     }
 
     #[test]
@@ -660,6 +668,7 @@ mod tests {
             (&["--workers", "18446744073709551615"], "--workers"),
             (&["--stats-period", "1e19"], "--stats-period"),
             (&["--stats-period", "0.001"], "--stats-period"),
+            (&["--stats-period", "1e-10"], "--stats-period"),
             (&["--drain-timeout", "1e19"], "--drain-timeout"),
             (&["--idle-timeout", "31536001"], "--idle-timeout"),
             (&["--connection-timeout", "1e19"], "--connection-timeout"),

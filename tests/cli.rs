@@ -47,6 +47,8 @@ fn every_bad_value_is_one_line_naming_its_flag() {
         (&["--drain-timeout", "1e19"], "--drain-timeout"),
         (&["--connection-timeout", "1e19", "--no-health-check"], "--connection-timeout"),
         (&["--health-check-period", "1e-9"], "--health-check-period"),
+        // Below a nanosecond: once read as 0, which means "off" here.
+        (&["-p", "0", "--bind", "127.0.0.1", "-b", "127.0.0.1:9", "--stats-period", "1e-10"], "--stats-period"),
         (&["--frobnicate"], "--frobnicate"),
         // Accepted, these would serve (hence a free port): a backend listed
         // twice doubles its share and duplicates its /metrics series.

@@ -103,6 +103,7 @@ const SUPERVISOR_TICK: Duration = Duration::from_millis(200);
 pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
     // Logged once serving, so a start-up failure stays a single line.
     let fd_limit = listener::raise_fd_limit();
+    let inherited_count = inherited.len();
     let per_worker = if inherited.is_empty() {
         listener::bind(config.listen, config.workers)
             .map_err(RunError::Listen)?
@@ -110,12 +111,8 @@ pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
             .map(|l| vec![l])
             .collect::<Vec<_>>()
     } else {
-        let count = inherited.len();
-        let per_worker = listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?;
-        info!("using {count} listening socket(s) passed by systemd; --port/--bind ignored");
-        per_worker
+        listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?
     };
-    let notifier = systemd::Notifier::from_env();
     let bound = per_worker.first().and_then(|ls| ls.first()).and_then(listener::local_addr).unwrap_or(config.listen);
 
     let mut polls = Vec::with_capacity(config.workers);
@@ -140,17 +137,29 @@ pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
     };
     // Bound before the workers start, so a taken --admin port is a start-up
     // error, and announced before the `listening on` line.
-    if let Some(addr) = config.admin {
-        let admin_listener = admin::bind(addr).map_err(|source| RunError::Admin { addr, source })?;
-        let actual = admin_listener.local_addr().unwrap_or(addr);
-        admin::spawn(admin_listener, Arc::clone(&shared)).map_err(|source| RunError::Admin { addr, source })?;
-        info!("admin endpoint on http://{actual} (/metrics, /stats, /health)");
-    }
+    let admin_addr = match config.admin {
+        Some(addr) => {
+            let admin_listener = admin::bind(addr).map_err(|source| RunError::Admin { addr, source })?;
+            let actual = admin_listener.local_addr().unwrap_or(addr);
+            admin::spawn(admin_listener, Arc::clone(&shared)).map_err(|source| RunError::Admin { addr, source })?;
+            Some(actual)
+        }
+        None => None,
+    };
     health::spawn(Arc::clone(&shared), config.health.clone()).map_err(RunError::Health)?;
     let mut reporter = stats::Reporter::spawn().map_err(RunError::Stats)?;
     let handles = spawn_workers(&config, &shared, polls, per_worker, &settings, &tx)?;
     drop(tx);
 
+    // Notes from here on: a start-up failure above stays a single line.
+    if inherited_count > 0 {
+        info!("using {inherited_count} listening socket(s) passed by systemd; --port/--bind ignored");
+    }
+    // May warn about an unusable NOTIFY_SOCKET.
+    let notifier = systemd::Notifier::from_env();
+    if let Some(actual) = admin_addr {
+        info!("admin endpoint on http://{actual} (/metrics, /stats, /health)");
+    }
     match fd_limit {
         Ok(n) => info!("file descriptor limit: {n}"),
         Err(e) => warn!("cannot raise the file descriptor limit: {e}"),

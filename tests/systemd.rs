@@ -93,3 +93,22 @@ fn more_sockets_than_lb_serves_is_a_one_line_error() {
     assert_eq!(err.len(), 1, "one line: {err:?}");
     assert!(err[0].contains("65 listening sockets") && err[0].contains("at most 64"), "{}", err[0]);
 }
+
+#[test]
+fn a_start_up_failure_after_taking_the_passed_sockets_is_one_line() {
+    // The sockets are fine; the --admin port is taken. Nothing may be
+    // logged before the error (such as the note that the passed sockets
+    // are used), so the journal shows the failure as one line.
+    let held = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let admin = held.local_addr().expect("addr").to_string();
+    let ls = loopback_listeners(1);
+    let (mut child, lines) = activated(&ls, &["--no-health-check", "-b", "127.0.0.1:9", "--admin", &admin]);
+    let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
+    let _ = child.kill();
+    let status = child.wait().expect("wait");
+    assert!(exited, "lb started anyway");
+    assert_eq!(status.code(), Some(1));
+    let err: Vec<String> = lines.iter().collect();
+    assert_eq!(err.len(), 1, "one line: {err:?}");
+    assert!(err[0].starts_with("error: --admin: cannot listen on"), "{}", err[0]);
+}

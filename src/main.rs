@@ -29,21 +29,21 @@ fn main() -> ExitCode {
     let inherited = match lb::systemd::listen_fds() {
         Ok(fds) => fds,
         Err(source) => {
-            eprintln!("error: {}", lb::RunError::Listen(ListenError::Inherited { source }));
+            eprintln!("error: {}", one_line(lb::RunError::Listen(ListenError::Inherited { source })));
             return ExitCode::FAILURE;
         }
     };
     let log = match lb::logging::init() {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("error: cannot start the log writer thread: {e}");
+            eprintln!("error: cannot start the log writer thread: {}", one_line(e));
             return ExitCode::FAILURE;
         }
     };
     let config = match Config::from_args(&args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", one_line(e));
             return ExitCode::from(2);
         }
     };
@@ -54,8 +54,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", one_line(e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error as one line: a value quoted in it may hold a newline or other
+/// control characters (`-p $'8\n0'`), which are shown escaped.
+fn one_line(e: impl std::fmt::Display) -> String {
+    e.to_string().chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect()
 }

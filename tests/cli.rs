@@ -50,6 +50,9 @@ fn every_bad_value_is_one_line_naming_its_flag() {
         // Below a nanosecond: once read as 0, which means "off" here.
         (&["-p", "0", "--bind", "127.0.0.1", "-b", "127.0.0.1:9", "--stats-period", "1e-10"], "--stats-period"),
         (&["--frobnicate"], "--frobnicate"),
+        // A value quoted in the error must not break it into lines.
+        (&["-p", "8\n0"], "--port"),
+        (&["-b", "a\nb:x"], "--backends"),
         // Accepted, these would serve (hence a free port): a backend listed
         // twice doubles its share and duplicates its /metrics series.
         (&["-p", "0", "--bind", "127.0.0.1", "-b", "127.0.0.1:9", "127.0.0.1:9@2"], "--backends"),

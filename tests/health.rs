@@ -282,7 +282,7 @@ fn with_probes_off_a_passively_downed_backend_is_retried_after_one_period() {
 
 #[test]
 fn with_no_backend_up_a_client_is_closed_at_once_and_counted() {
-    let (d1, d2) = (dead_addr(), dead_addr());
+    let [d1, d2] = dead_addrs();
     let lb = lb(&[d1, d2], &["--health-check-period", "0.2", "--fall", "1", "--admin", "127.0.0.1:0"]);
     let admin = admin_addr(&lb);
     assert!(wait_backend(admin, d1, false, WAIT) && wait_backend(admin, d2, false, WAIT));

@@ -216,6 +216,14 @@ pub fn dead_addr() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
+/// `N` distinct dead addresses: all are bound at once before any is
+/// released, so the kernel cannot hand out one port twice (lb refuses a
+/// backend listed twice).
+pub fn dead_addrs<const N: usize>() -> [SocketAddr; N] {
+    let held: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("bind"));
+    held.each_ref().map(|l| l.local_addr().expect("addr"))
+}
+
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, WAIT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(WAIT)).expect("timeout");

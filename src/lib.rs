@@ -60,6 +60,9 @@ pub enum RunError {
     Stats(io::Error),
     Health(io::Error),
     Admin { addr: std::net::SocketAddr, source: io::Error },
+    /// Event loops that failed or panicked while lb ran (each logged when
+    /// it happened); the others kept serving until they stopped too.
+    Workers { failed: usize, of: usize },
 }
 
 impl fmt::Display for RunError {
@@ -72,6 +75,7 @@ impl fmt::Display for RunError {
             RunError::Stats(e) => write!(f, "cannot start the stats reporter thread: {e}"),
             RunError::Health(e) => write!(f, "cannot start health checks: {e}"),
             RunError::Admin { addr, source } => write!(f, "--admin: cannot listen on {addr}: {source}"),
+            RunError::Workers { failed, of } => write!(f, "{failed} of {of} workers failed (see the log above)"),
         }
     }
 }
@@ -190,7 +194,12 @@ pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
     {
         warn!("sd_notify READY=1: {e}");
     }
-    supervise(&config, &shared, &rx, handles, notifier.as_ref(), &mut reporter);
+    let failed = supervise(&config, &shared, &rx, handles, notifier.as_ref(), &mut reporter);
+    // A failed worker is a fault even if the others drained cleanly: exit
+    // non-zero so that a supervisor such as systemd sees it.
+    if failed > 0 {
+        return Err(RunError::Workers { failed, of: config.workers });
+    }
     Ok(())
 }
 
@@ -201,7 +210,7 @@ fn spawn_workers(
     listeners: Vec<Vec<std::net::TcpListener>>,
     settings: &WorkerSettings,
     events: &mpsc::Sender<Event>,
-) -> Result<Vec<JoinHandle<()>>, RunError> {
+) -> Result<Vec<JoinHandle<bool>>, RunError> {
     let mut handles = Vec::with_capacity(polls.len());
     for (id, (poll, ls)) in polls.into_iter().zip(listeners).enumerate() {
         let shared = Arc::clone(shared);
@@ -222,12 +231,18 @@ fn spawn_workers(
                 let buffers = BufferPool::new(buffer_size, pool_limit);
                 let pipes = PipePool::new(buffer_size, max_pipes, idle_pipes, &shared.counters.pipes_open);
                 let pools = Pools { buffers: &buffers, pipes: &pipes };
-                match Worker::new(id, poll, ls, &shared, pools, settings, capacity) {
-                    Ok(w) => w.run(),
-                    Err(e) => error!("worker {id} could not start: {e}"),
-                }
+                // A failed worker has dropped its listeners, so the kernel
+                // hands new clients to the other workers' sockets.
+                let ok = match Worker::new(id, poll, ls, &shared, pools, settings, capacity) {
+                    Ok(w) => w.run().is_ok(),
+                    Err(e) => {
+                        error!("worker {id} could not start: {e}");
+                        false
+                    }
+                };
                 // Ignored if the supervisor is gone: so is the process.
                 let _ = events.send(Event::WorkerExited);
+                ok
             })
             .map_err(RunError::Spawn)?;
         handles.push(handle);
@@ -236,15 +251,16 @@ fn spawn_workers(
 }
 
 /// Waits for signals; on the first SIGTERM/SIGINT drains up to
-/// `--drain-timeout`, then stops whatever is left.
+/// `--drain-timeout`, then stops whatever is left. Returns how many
+/// workers failed or panicked.
 fn supervise(
     config: &Config,
     shared: &Shared,
     rx: &mpsc::Receiver<Event>,
-    handles: Vec<JoinHandle<()>>,
+    handles: Vec<JoinHandle<bool>>,
     notifier: Option<&systemd::Notifier>,
     reporter: &mut stats::Reporter,
-) {
+) -> usize {
     let mut drain_deadline: Option<Instant> = None;
     let mut exited = 0;
     let mut last_status = usize::MAX;
@@ -312,10 +328,17 @@ fn supervise(
             shared.stop_now();
         }
     }
+    let mut failed = 0;
     for h in handles {
-        if h.join().is_err() {
-            error!("a worker thread panicked");
+        match h.join() {
+            Ok(true) => {}
+            Ok(false) => failed += 1,
+            Err(_) => {
+                error!("a worker thread panicked");
+                failed += 1;
+            }
         }
     }
     info!("stopped");
+    failed
 }

@@ -162,9 +162,11 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Runs until drained or stopped.
-    pub fn run(mut self) {
+    /// Runs until drained or stopped; an error means the event loop itself
+    /// failed (its connections were closed and its listeners with them).
+    pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        let mut result = Ok(());
         loop {
             let timeout = self.poll_timeout(Instant::now());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -172,6 +174,7 @@ impl<'a> Worker<'a> {
                     continue;
                 }
                 error!("worker {}: poll failed: {e}", self.id);
+                result = Err(e);
                 break;
             }
             let now = Instant::now();
@@ -192,6 +195,7 @@ impl<'a> Worker<'a> {
             }
         }
         self.finish();
+        result
     }
 
     fn finish(&mut self) {

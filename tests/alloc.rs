@@ -122,7 +122,7 @@ impl InProcess {
                 let pipes = PipePool::new(16 * 1024, 16, 16, &s.counters.pipes_open);
                 let pools = Pools { buffers: &buffers, pipes: &pipes };
                 let worker = Worker::new(0, poll, listeners, &s, pools, settings, 64).expect("worker starts");
-                worker.run();
+                worker.run().expect("the worker's event loop ran");
             })
             .expect("spawn worker");
         InProcess { addr, shared, thread: Some(thread) }

@@ -197,7 +197,7 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::Port { value } => {
-                write!(f, "--port: '{value}' is not a port number (1-65535)")
+                write!(f, "--port: '{value}' is not a port number (0-65535; 0 picks a free port)")
             }
             ConfigError::BindAddress { value } => {
                 write!(f, "--bind: '{value}' is not an IPv4 or IPv6 address")
@@ -583,6 +583,12 @@ mod tests {
     fn fractional_seconds_are_accepted() {
         let c = Config::from_args(&args(&["--connection-timeout", "0.5"])).unwrap();
         assert_eq!(c.connect_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_bad_port_says_that_0_is_allowed_too() {
+        let e = Config::from_args(&args(&["-p", "70000"])).unwrap_err().to_string();
+        assert_eq!(e, "--port: '70000' is not a port number (0-65535; 0 picks a free port)");
     }
 
     #[test]

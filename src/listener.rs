@@ -136,20 +136,41 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    if lim.rlim_cur < lim.rlim_max {
-        let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-        // SAFETY: setrlimit only reads the struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
-            return Err(io::Error::last_os_error());
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok());
+    match fd_limit_plan(lim.rlim_cur, lim.rlim_max, nr_open) {
+        Some((cur, max)) => {
+            let want = libc::rlimit { rlim_cur: cur, rlim_max: max };
+            // SAFETY: setrlimit only reads the struct.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(cur)
         }
-        return Ok(want.rlim_cur);
+        None => Ok(lim.rlim_cur),
     }
-    Ok(lim.rlim_cur)
+}
+
+/// The (soft, hard) descriptor limits to set, if the soft one can go up.
+/// The kernel refuses any hard limit above `fs.nr_open` (EPERM), even one
+/// already in force (unlimited, or set before nr_open was lowered): there
+/// both go to nr_open, the most a process can have.
+fn fd_limit_plan(soft: u64, hard: u64, nr_open: Option<u64>) -> Option<(u64, u64)> {
+    let hard = nr_open.map_or(hard, |n| hard.min(n));
+    (soft < hard).then_some((hard, hard))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_soft_fd_limit_rises_to_the_hard_one_capped_at_nr_open() {
+        assert_eq!(fd_limit_plan(1024, 524_288, Some(1_048_576)), Some((524_288, 524_288)));
+        assert_eq!(fd_limit_plan(1024, libc::RLIM_INFINITY, Some(1_048_576)), Some((1_048_576, 1_048_576)));
+        assert_eq!(fd_limit_plan(1024, 4096, None), Some((4096, 4096)));
+        assert_eq!(fd_limit_plan(4096, 4096, Some(1_048_576)), None);
+        assert_eq!(fd_limit_plan(2_000_000, 2_000_000, Some(1_048_576)), None, "never lowered");
+    }
 
     #[test]
     fn port_zero_gives_every_worker_the_same_port() {

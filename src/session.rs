@@ -255,8 +255,7 @@ impl<'p> Direction<'p> {
                 // splice(2) stops at TCP's urgent mark and keeps returning
                 // EAGAIN there; read(2) steps over the urgent byte. Like a
                 // socket that cannot splice at all: copy from now on.
-                pools.pipes.note_unsupported();
-                self.policy.unsupported();
+                self.copy_for_good(pools);
             }
             self.settle();
             match self.fill(src, pools)? {
@@ -352,13 +351,20 @@ impl<'p> Direction<'p> {
         }
     }
 
+    /// This direction cannot splice: it copies from now on, and the pool
+    /// counts the fallback the first time.
+    fn copy_for_good(&mut self, pools: Pools<'p>) {
+        if self.policy.unsupported() {
+            pools.pipes.note_unsupported();
+        }
+    }
+
     /// The destination cannot take spliced bytes: move what the pipe holds
     /// into a buffer and copy from now on, without failing the pair.
     fn unsplice(&mut self, pools: Pools<'p>) -> io::Result<Flushed> {
-        if self.policy.wants_splice() {
-            pools.pipes.note_unsupported();
-            self.policy.unsupported();
-        }
+        // Counted once even if this runs again (no buffer yet) or if auto
+        // had already gone back to copying while the pipe still held bytes.
+        self.copy_for_good(pools);
         let Some(mut buf) = pools.buffers.get() else { return Ok(Flushed::Starved) };
         let Transfer::Splice { pipe: Some(p) } = &mut self.transfer else {
             return Ok(Flushed::Retry);
@@ -474,8 +480,7 @@ impl<'p> Direction<'p> {
                     Err(e) => {
                         *pipe = None;
                         if pipe::is_unsupported(&e) {
-                            pools.pipes.note_unsupported();
-                            self.policy.unsupported();
+                            self.copy_for_good(pools);
                             self.transfer = Transfer::copy();
                             return Ok(Filled::Progress);
                         }

@@ -87,8 +87,12 @@ impl SplicePolicy {
     }
 
     /// Splice failed as unsupported for these sockets: copy from now on.
-    pub fn unsupported(&mut self) {
+    /// True the first time, so the fallback is counted once per direction
+    /// whatever the policy wanted when it was found out.
+    pub fn unsupported(&mut self) -> bool {
+        let first = self.want != Want::CopyOnly;
         self.want = Want::CopyOnly;
+        first
     }
 }
 
@@ -193,9 +197,27 @@ mod tests {
     }
 
     #[test]
+    fn unsupported_is_reported_once_even_after_auto_went_back_to_copying() {
+        let mut p = auto();
+        for _ in 0..FULL_READS_TO_SPLICE {
+            p.copied(ROOM, ROOM);
+        }
+        for _ in 0..SMALL_READS_TO_COPY {
+            p.spliced(1, ROOM);
+        }
+        assert!(!p.wants_splice(), "small splices took auto back to copying");
+        assert!(p.unsupported(), "the first report counts");
+        assert!(!p.unsupported(), "a second report of the same direction does not");
+        for _ in 0..100 {
+            p.copied(ROOM, ROOM);
+        }
+        assert!(!p.wants_splice());
+    }
+
+    #[test]
     fn unsupported_splice_means_copy_for_good() {
         let mut p = SplicePolicy::new(SpliceMode::Always);
-        p.unsupported();
+        assert!(p.unsupported());
         for _ in 0..100 {
             p.copied(ROOM, ROOM);
         }

@@ -59,10 +59,16 @@ pub enum RunError {
     Spawn(io::Error),
     Stats(io::Error),
     Health(io::Error),
-    Admin { addr: std::net::SocketAddr, source: io::Error },
+    Admin {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
     /// Event loops that failed or panicked while lb ran (each logged when
     /// it happened); the others kept serving until they stopped too.
-    Workers { failed: usize, of: usize },
+    Workers {
+        failed: usize,
+        of: usize,
+    },
 }
 
 impl fmt::Display for RunError {

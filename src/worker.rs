@@ -166,16 +166,14 @@ impl<'a> Worker<'a> {
     /// failed (its connections were closed and its listeners with them).
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        let mut result = Ok(());
-        loop {
+        let result = loop {
             let timeout = self.poll_timeout(Instant::now());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 error!("worker {}: poll failed: {e}", self.id);
-                result = Err(e);
-                break;
+                break Err(e);
             }
             let now = Instant::now();
             for ev in events.iter() {
@@ -188,12 +186,12 @@ impl<'a> Worker<'a> {
             self.run_deferred(now);
             self.check_timers(now);
             if self.shared.is_stopping() {
-                break;
+                break Ok(());
             }
             if self.accepting == Accepting::Closed && self.sessions.is_empty() {
-                break;
+                break Ok(());
             }
-        }
+        };
         self.finish();
         result
     }

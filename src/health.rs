@@ -27,7 +27,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::backend::Backend;
 use crate::config::HealthConfig;
-use crate::net::{IoClass, classify, describe, is_resource_exhaustion};
+use crate::net::{IoClass, classify, describe, is_local_port_shortage, is_resource_exhaustion};
 use crate::shared::Shared;
 
 /// Bytes of an HTTP probe response kept while waiting for the end of its
@@ -198,7 +198,8 @@ struct Slot {
 enum Ended {
     Passed(String),
     Failed(String),
-    /// Our own descriptor or memory shortage: says nothing about the backend.
+    /// Our own descriptor, memory or local port shortage: says nothing
+    /// about the backend.
     Skipped(io::Error),
 }
 
@@ -338,7 +339,7 @@ impl<'a> Prober<'a> {
                 self.slots[i].probe =
                     Some(Probe { stream, deadline: now + self.config.timeout, phase: Phase::Connecting });
             }
-            Err(e) if is_resource_exhaustion(&e) => self.record(i, Ended::Skipped(e)),
+            Err(e) if is_resource_exhaustion(&e) || is_local_port_shortage(&e) => self.record(i, Ended::Skipped(e)),
             Err(e) => self.record(i, Ended::Failed(describe(&e))),
         }
     }

@@ -45,6 +45,15 @@ pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM))
 }
 
+/// True when connect() found no free local port to that destination
+/// (EADDRNOTAVAIL: every ephemeral port to it is in use, typically held in
+/// TIME_WAIT under a high connection rate). It is lb's own shortage and
+/// says nothing about the backend; another backend, being another
+/// destination, may still have ports.
+pub fn is_local_port_shortage(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+}
+
 /// A short, operator-facing reason for a failed connect or probe
 /// ("connection refused", "timed out").
 pub fn describe(e: &io::Error) -> String {
@@ -89,5 +98,12 @@ mod tests {
         assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(libc::EMFILE)));
         assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(libc::ENFILE)));
         assert!(!is_resource_exhaustion(&io::Error::from_raw_os_error(libc::ECONNABORTED)));
+    }
+
+    #[test]
+    fn no_free_local_port_is_a_shortage_of_ours_not_a_refusal() {
+        assert!(is_local_port_shortage(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
+        assert!(!is_local_port_shortage(&io::Error::from_raw_os_error(libc::ECONNREFUSED)));
+        assert!(!is_local_port_shortage(&io::Error::from_raw_os_error(libc::EMFILE)));
     }
 }

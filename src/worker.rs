@@ -17,7 +17,7 @@ use crate::backend::{Backend, Lease};
 use crate::balancer;
 use crate::config::SpliceMode;
 use crate::listener::MAX_LISTENERS;
-use crate::net::{IoClass, classify, is_resource_exhaustion};
+use crate::net::{IoClass, classify, is_local_port_shortage, is_resource_exhaustion};
 use crate::session::{CloseReason, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
 use crate::shared::Shared;
 
@@ -32,6 +32,9 @@ const ACCEPTS_PER_WAKEUP: usize = 64;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Cadence of idle checks and byte-counter publication.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// A warning that can repeat for every client (a shortage on our side) is
+/// logged at most this often per worker.
+const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Per-worker knobs, copied out of the `Config` at start-up.
 #[derive(Debug, Clone)]
@@ -68,6 +71,27 @@ enum Accepting {
     Closed,
 }
 
+/// Lets a warning that could repeat for every client through at most once
+/// per `WARN_INTERVAL`, and says how many were held back meanwhile.
+#[derive(Debug, Default)]
+struct Throttle {
+    quiet_until: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    /// `Some(n)` when this occurrence may be logged, `n` being those held
+    /// back since the last one logged.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self.quiet_until.is_some_and(|t| now < t) {
+            self.held_back += 1;
+            return None;
+        }
+        self.quiet_until = Some(now + WARN_INTERVAL);
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
+
 fn session_token(key: usize, side: Side) -> Token {
     Token(key * 2 + usize::from(side == Side::Backend))
 }
@@ -100,6 +124,8 @@ pub struct Worker<'a> {
     /// Sessions whose backend connect is in flight (checked for timeouts).
     connecting: Vec<usize>,
     next_scan: Instant,
+    /// Connects that failed for want of our own descriptors or ports.
+    shortage_warnings: Throttle,
 }
 
 impl<'a> Worker<'a> {
@@ -133,6 +159,7 @@ impl<'a> Worker<'a> {
             starved: Vec::with_capacity(capacity.min(4096)),
             connecting: Vec::with_capacity(capacity.min(4096)),
             next_scan: Instant::now() + SCAN_INTERVAL,
+            shortage_warnings: Throttle::default(),
         };
         w.register_listeners()?;
         w.accepting = Accepting::Active;
@@ -370,15 +397,30 @@ impl<'a> Worker<'a> {
             let lease = backend.lease();
             match TcpStream::connect(backend.addr) {
                 Ok(stream) => return Some((stream, lease)),
+                // Our own shortages, not the backend's fault: it is not
+                // counted against the backend, which would otherwise take
+                // every backend down while lb itself is short.
                 Err(e) if is_resource_exhaustion(&e) => {
-                    // Our own shortage, not the backend's fault.
-                    warn!("connect to {}: {e}", backend.name);
+                    self.warn_shortage(backend, &e);
+                    // Another backend would need a descriptor too.
                     return None;
                 }
+                // Ports are per destination: another backend may have some.
+                Err(e) if is_local_port_shortage(&e) => self.warn_shortage(
+                    backend,
+                    &"no free local port (every port of net.ipv4.ip_local_port_range to it is in use)",
+                ),
                 Err(e) => self.count_connect_failure(backend, &e),
             }
         }
         None
+    }
+
+    fn warn_shortage(&mut self, backend: &Backend, e: &dyn std::fmt::Display) {
+        if let Some(held_back) = self.shortage_warnings.allow(Instant::now()) {
+            let more = if held_back > 0 { format!(" ({held_back} more like it not logged)") } else { String::new() };
+            warn!("worker {}: connect to {}: {e}{more}", self.id, backend.name);
+        }
     }
 
     fn count_connect_failure(&self, backend: &Backend, e: &io::Error) {
@@ -583,5 +625,21 @@ fn publish_bytes(s: &mut Session<'_>, tally: &mut Tally) {
     }
     if down != 0 {
         b.bytes_out.fetch_add(down, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeating_warning_is_let_through_once_per_interval_with_a_count_of_the_rest() {
+        let t0 = Instant::now();
+        let mut t = Throttle::default();
+        assert_eq!(t.allow(t0), Some(0));
+        assert_eq!(t.allow(t0 + Duration::from_millis(10)), None);
+        assert_eq!(t.allow(t0 + WARN_INTERVAL - Duration::from_millis(1)), None);
+        assert_eq!(t.allow(t0 + WARN_INTERVAL), Some(2));
+        assert_eq!(t.allow(t0 + 3 * WARN_INTERVAL), Some(0), "nothing held back since");
     }
 }

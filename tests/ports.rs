@@ -65,15 +65,23 @@ impl Drop for Isolated {
     }
 }
 
-fn isolated_lb(listener: &TcpListener, hold: bool, flags: &[&str]) -> Isolated {
-    let can_isolate = Command::new("unshare")
-        .args(["--map-root-user", "--net", "--pid", "--fork", "--kill-child", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(can_isolate, "this test needs unshare (util-linux) and user namespaces");
-    let fd = listener.as_raw_fd();
+/// `unshare` making new network and pid namespaces; as root directly,
+/// otherwise inside a user namespace where we are root.
+fn unshare() -> Command {
     let mut cmd = Command::new("unshare");
-    cmd.args(["--map-root-user", "--net", "--pid", "--fork", "--kill-child", "bash", "-c", SCRIPT])
+    if unsafe { libc::geteuid() } != 0 {
+        cmd.arg("--map-root-user");
+    }
+    cmd.args(["--net", "--pid", "--fork", "--kill-child"]);
+    cmd
+}
+
+fn isolated_lb(listener: &TcpListener, hold: bool, flags: &[&str]) -> Isolated {
+    let can_isolate = unshare().arg("true").status().is_ok_and(|s| s.success());
+    assert!(can_isolate, "this test needs unshare (util-linux), and user namespaces when not run as root");
+    let fd = listener.as_raw_fd();
+    let mut cmd = unshare();
+    cmd.args(["bash", "-c", SCRIPT])
         .args([lb_bin(), be_bin(), if hold { "hold" } else { "-" }])
         .args(flags)
         .stdin(Stdio::null())

@@ -2,6 +2,7 @@
 //! prober: the one place that decides what an `io::Error` means.
 
 use std::io;
+use std::os::fd::AsRawFd;
 
 /// What an I/O error means for the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,31 @@ pub fn is_local_port_shortage(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
 }
 
+/// Bytes written to `s` that its peer has not acknowledged yet: they are
+/// still in the send queue, which closing with a reset would discard. Zero
+/// once the connection is closed (by a reset or an error), when nothing
+/// more can be delivered although the kernel's count (SIOCOUTQ) keeps
+/// them, and zero if the socket cannot be asked.
+pub fn unacknowledged(s: &impl AsRawFd) -> usize {
+    /// `TCP_CLOSE` of the kernel's TCP states (include/net/tcp_states.h).
+    const CLOSED: u8 = 7;
+    let fd = s.as_raw_fd();
+    // SAFETY: tcp_info is plain data for which all zeroes is valid, and
+    // getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let asked = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    if asked != 0 || info.tcpi_state == CLOSED {
+        return 0;
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one c_int through the pointer.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut queued) } != 0 {
+        return 0;
+    }
+    usize::try_from(queued).unwrap_or(0)
+}
+
 /// A short, operator-facing reason for a failed connect or probe
 /// ("connection refused", "timed out").
 pub fn describe(e: &io::Error) -> String {
@@ -98,6 +124,43 @@ mod tests {
         assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(libc::EMFILE)));
         assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(libc::ENFILE)));
         assert!(!is_resource_exhaustion(&io::Error::from_raw_os_error(libc::ECONNABORTED)));
+    }
+
+    #[test]
+    fn unacknowledged_bytes_are_counted_until_the_peer_takes_them_and_none_after_a_reset() {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::time::{Duration, Instant};
+        let until = |cond: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !cond() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            cond()
+        };
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut sender = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (mut receiver, _) = l.accept().expect("accept");
+        assert_eq!(unacknowledged(&sender), 0);
+        // More than the receiver's window: the rest waits in the send queue.
+        sender.set_nonblocking(true).expect("nonblocking");
+        let mut written = 0;
+        while let Ok(n) = sender.write(&[7u8; 64 * 1024]) {
+            written += n;
+        }
+        assert!(written > 0 && unacknowledged(&sender) > 0, "nothing queued after {written} bytes");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut read = 0;
+        while read < written {
+            read += receiver.read(&mut buf).expect("read");
+        }
+        assert!(until(&|| unacknowledged(&sender) == 0), "still {} unacknowledged", unacknowledged(&sender));
+        // Queued again, then the peer resets: nothing is left to deliver.
+        while sender.write(&[7u8; 64 * 1024]).is_ok() {}
+        assert!(unacknowledged(&sender) > 0);
+        socket2::SockRef::from(&receiver).set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(receiver);
+        assert!(until(&|| unacknowledged(&sender) == 0), "a reset socket still counts {}", unacknowledged(&sender));
     }
 
     #[test]

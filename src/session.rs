@@ -17,7 +17,7 @@ use socket2::SockRef;
 
 use crate::backend::Lease;
 use crate::config::{MAX_RETRIES, SpliceMode};
-use crate::net::{IoClass, classify};
+use crate::net::{IoClass, classify, unacknowledged};
 use crate::pipe::{self, Pipe, PipePool};
 use crate::pool::{Buffer, BufferPool};
 use crate::shared::ClientSlot;
@@ -51,6 +51,10 @@ pub enum Outcome {
     Starved,
     /// The backend connect failed; the worker retries elsewhere or gives up.
     ConnectFailed(io::Error),
+    /// The pair failed but waits to be closed until the client has taken
+    /// what lb already wrote to it ([`Stage::Lingering`]); the worker
+    /// checks it with [`Session::linger`].
+    Linger,
     /// The pair is finished; drop it.
     Close(CloseReason),
 }
@@ -65,11 +69,23 @@ pub enum CloseReason {
     Expired,
 }
 
-/// Where the backend connection is.
+/// Where the pair is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
-    Connecting { started: Instant, deadline: Instant },
+    Connecting {
+        started: Instant,
+        deadline: Instant,
+    },
     Relaying,
+    /// The pair failed on `side` and ends in a reset, which would discard
+    /// what the client's send queue still holds: bytes the backend sent
+    /// before it failed, that the client would have got without a proxy.
+    /// Nothing is relayed any more; the pair closes once the client has
+    /// acknowledged them. `queued` is how many were left at the last look.
+    Lingering {
+        side: Side,
+        queued: usize,
+    },
 }
 
 /// How far one direction has got towards its end.
@@ -605,6 +621,9 @@ impl<'a> Session<'a> {
             Side::Client => self.client.note(ev),
             Side::Backend => self.backend.note(ev),
         }
+        if let Stage::Lingering { .. } = self.stage {
+            return self.linger(now);
+        }
         if let Stage::Connecting { started, .. } = self.stage {
             if side == Side::Client {
                 // Client bytes wait in the kernel until the backend is up, so
@@ -729,7 +748,34 @@ impl<'a> Session<'a> {
             debug!("relay closed ({side:?} side direction): {e}");
         }
         self.reset_both();
-        Outcome::Close(CloseReason::Aborted(side))
+        // The client's reset or error already discarded its queue (and
+        // `unacknowledged` then says 0). What the backend's queue holds is
+        // not waited for: its client is gone or the backend failed.
+        match unacknowledged(&self.client.stream) {
+            0 => Outcome::Close(CloseReason::Aborted(side)),
+            queued => {
+                self.stage = Stage::Lingering { side, queued };
+                Outcome::Linger
+            }
+        }
+    }
+
+    /// Looks again at a lingering pair: `Close` once the client has
+    /// acknowledged everything lb wrote to it (or its connection closed),
+    /// `Continue` meanwhile. Progress counts as activity, so only a client
+    /// that stops reading meets the idle timeout.
+    pub fn linger(&mut self, now: Instant) -> Outcome {
+        let Stage::Lingering { side, queued } = self.stage else { return Outcome::Continue };
+        match unacknowledged(&self.client.stream) {
+            0 => Outcome::Close(CloseReason::Aborted(side)),
+            left => {
+                if left < queued {
+                    self.last_active = now;
+                }
+                self.stage = Stage::Lingering { side, queued: left };
+                Outcome::Continue
+            }
+        }
     }
 
     /// Readies a pair that lb ends on its own (idle timeout, shutdown) for

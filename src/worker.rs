@@ -32,6 +32,10 @@ const ACCEPTS_PER_WAKEUP: usize = 64;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Cadence of idle checks and byte-counter publication.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a pair waiting for its client to take the last bytes before
+/// a reset ([`Stage::Lingering`]) is looked at: the kernel raises no event
+/// when a send queue empties.
+const LINGER_CHECK: Duration = Duration::from_millis(10);
 /// A warning that can repeat for every client (a shortage on our side) is
 /// logged at most this often per worker.
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
@@ -123,6 +127,9 @@ pub struct Worker<'a> {
     starved: Vec<usize>,
     /// Sessions whose backend connect is in flight (checked for timeouts).
     connecting: Vec<usize>,
+    /// Failed sessions waiting for their client to take the last bytes.
+    lingering: Vec<usize>,
+    next_linger_check: Instant,
     next_scan: Instant,
     /// Connects that failed for want of our own descriptors or ports.
     shortage_warnings: Throttle,
@@ -158,6 +165,8 @@ impl<'a> Worker<'a> {
             expired: Vec::new(),
             starved: Vec::with_capacity(capacity.min(4096)),
             connecting: Vec::with_capacity(capacity.min(4096)),
+            lingering: Vec::new(),
+            next_linger_check: Instant::now(),
             next_scan: Instant::now() + SCAN_INTERVAL,
             shortage_warnings: Throttle::default(),
         };
@@ -248,6 +257,9 @@ impl<'a> Worker<'a> {
             if let Some(Stage::Connecting { deadline, .. }) = self.sessions.get(key).map(Session::stage) {
                 next = next.min(deadline);
             }
+        }
+        if !self.lingering.is_empty() {
+            next = next.min(self.next_linger_check);
         }
         Some(next.saturating_duration_since(now))
     }
@@ -453,6 +465,7 @@ impl<'a> Worker<'a> {
                 self.starved.push(key);
             }
             Outcome::ConnectFailed(e) => self.on_connect_failed(key, &e, now),
+            Outcome::Linger => self.lingering.push(key),
             Outcome::Close(reason) => self.close(key, reason),
         }
     }
@@ -546,9 +559,33 @@ impl<'a> Worker<'a> {
                 }
             }
         }
+        if !self.lingering.is_empty() && now >= self.next_linger_check {
+            self.next_linger_check = now + LINGER_CHECK;
+            self.check_lingering(now);
+        }
         if now >= self.next_scan {
             self.next_scan = now + SCAN_INTERVAL;
             self.scan(now);
+        }
+    }
+
+    /// Closes the failed pairs whose client has taken the last bytes.
+    fn check_lingering(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.lingering.len() {
+            let key = self.lingering[i];
+            let session = self.sessions.get_mut(key).filter(|s| matches!(s.stage(), Stage::Lingering { .. }));
+            match session.map(|s| s.linger(now)) {
+                // Closed meanwhile on an event (the key may be reused).
+                None => {
+                    self.lingering.swap_remove(i);
+                }
+                Some(Outcome::Close(reason)) => {
+                    self.lingering.swap_remove(i);
+                    self.close(key, reason);
+                }
+                Some(_) => i += 1,
+            }
         }
     }
 

@@ -330,6 +330,75 @@ fn a_reply_sent_before_the_backend_resets_an_upload_reaches_the_client() {
     }
 }
 
+/// Bytes in `s`'s send queue that its peer has not acknowledged.
+fn unacknowledged(s: &TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one c_int through the pointer.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+    assert_eq!(r, 0, "TIOCOUTQ: {}", std::io::Error::last_os_error());
+    queued
+}
+
+#[test]
+fn what_a_backend_sent_before_it_reset_reaches_a_slow_client_ahead_of_the_reset() {
+    // The backend sends a reply, waits until lb's kernel has acknowledged
+    // all of it, and resets. Without a proxy the client, however late it
+    // reads, gets every byte and then the reset. lb used to reset the
+    // client as soon as its own buffer was written out, discarding what
+    // still sat unsent in the client's send queue behind a full window.
+    const REPLY: usize = 200_000;
+    let reply = random_bytes(REPLY, 11);
+    let (done_tx, done) = mpsc::channel();
+    let done_tx = Mutex::new(done_tx);
+    let sent = reply.clone();
+    let resetting = backend(move |mut s| {
+        let mut go = [0u8; 2];
+        let _ = s.read_exact(&mut go);
+        let taken = s.write_all(&sent).is_ok()
+            && wait_until(WAIT, || unacknowledged(&s.stream) == 0)
+            && socket2::SockRef::from(&s.stream).set_linger(Some(Duration::ZERO)).is_ok();
+        drop(s); // RST
+        let _ = done_tx.lock().expect("sender").send(taken);
+    });
+    for mode in ["never", "auto", "always"] {
+        let lb = lb(&[resetting.addr], &["--no-health-check", "--splice", mode]);
+        let mut c = connect(lb.addr);
+        c.write_all(b"go").expect("write");
+        assert_eq!(done.recv_timeout(WAIT), Ok(true), "--splice {mode}: lb did not take the whole reply");
+        // A slow reader: lb meets the reset while the client's window is full.
+        thread::sleep(Duration::from_millis(200));
+        let mut got = Vec::new();
+        let end = c.read_to_end(&mut got).map_err(|e| e.kind());
+        assert_eq!(got.len(), REPLY, "--splice {mode}: the client's stream ended with {end:?}");
+        assert!(got == reply, "--splice {mode}: the bytes differ");
+        assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "--splice {mode}: a cut stream must not end cleanly");
+    }
+}
+
+#[test]
+fn a_reset_pair_whose_client_never_reads_the_rest_is_closed_by_the_idle_timeout() {
+    // lb holds such a pair open while the client might still take the last
+    // bytes; a client that never does must not keep it for ever.
+    let resetting = backend(|mut s| {
+        let mut go = [0u8; 2];
+        let _ = s.read_exact(&mut go);
+        let _ = s.write_all(&[b'r'; 200_000]);
+        let _ = wait_until(WAIT, || unacknowledged(&s.stream) == 0);
+        let _ = socket2::SockRef::from(&s.stream).set_linger(Some(Duration::ZERO));
+    });
+    let lb = lb(&[resetting.addr], &["--no-health-check", "--idle-timeout", "1"]);
+    let idle = lb.fd_count();
+    let mut c = connect(lb.addr);
+    c.write_all(b"go").expect("write");
+    let released = wait_until(WAIT, || lb.fd_count() == idle);
+    assert!(released, "lb still holds {} descriptors", lb.fd_count() - idle);
+    // The client's kernel kept what arrived, then the reset.
+    let mut got = Vec::new();
+    let end = c.read_to_end(&mut got).map_err(|e| e.kind());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "after {} bytes", got.len());
+}
+
 #[test]
 fn no_descriptors_or_close_wait_sockets_leak_after_many_connections_and_resets() {
     let echo = echo_backend();

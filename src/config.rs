@@ -41,9 +41,10 @@ pub struct Args {
     )]
     pub backends: Vec<String>,
 
-    /// Global cap on concurrent client connections.
-    #[arg(long = "max-connections", default_value = "1000")]
-    pub max_connections: String,
+    /// Global cap on concurrent client connections [default: 1000, or
+    /// fewer if the descriptor limit cannot hold that many].
+    #[arg(long = "max-connections")]
+    pub max_connections: Option<String>,
 
     /// Backend connect timeout in seconds (fractions allowed).
     #[arg(long = "connection-timeout", default_value = "3")]
@@ -133,6 +134,10 @@ pub struct Config {
     pub listen: SocketAddr,
     pub backends: Vec<BackendSpec>,
     pub max_connections: usize,
+    /// `--max-connections` was left to its default, so lb may lower it (and
+    /// the pipes) to what the descriptor limit can hold, as HAProxy does
+    /// with an unset maxconn. A value the operator gave is kept.
+    pub fit_to_fd_limit: bool,
     pub connect_timeout: Duration,
     pub buffer_size: usize,
     pub workers: usize,
@@ -254,7 +259,10 @@ impl Config {
             .trim_end_matches(']')
             .parse()
             .map_err(|_| ConfigError::BindAddress { value: args.bind.clone() })?;
-        let max_connections = parse_count("--max-connections", &args.max_connections, 1)?;
+        let max_connections = match &args.max_connections {
+            Some(m) => parse_count("--max-connections", m, 1)?,
+            None => DEFAULT_MAX_CONNECTIONS,
+        };
         let buffer_size = parse_count("--buffer-size", &args.buffer_size, 1)?;
         if buffer_size > 1 << 30 {
             return Err(ConfigError::Number {
@@ -321,6 +329,7 @@ impl Config {
             listen: SocketAddr::new(ip, port),
             backends,
             max_connections,
+            fit_to_fd_limit: args.max_connections.is_none(),
             connect_timeout,
             buffer_size,
             workers,
@@ -423,6 +432,9 @@ pub const MAX_WORKERS: usize = 1024;
 /// or period, and far below where adding it to an `Instant` overflows.
 pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
 
+/// `--max-connections` when not given.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+
 /// Shortest period between health-check rounds or stats reports: a
 /// shorter one would keep its thread busy doing nothing else.
 pub const MIN_PERIOD: Duration = Duration::from_millis(10);
@@ -507,6 +519,7 @@ mod tests {
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.backends[1].addr, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(c.max_connections, 1000);
+        assert!(c.fit_to_fd_limit, "the default cap may be lowered to fit the descriptor limit");
         assert_eq!(c.connect_timeout, Duration::from_secs(3));
         assert_eq!(c.buffer_size, 32768);
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
@@ -575,6 +588,7 @@ mod tests {
         assert_eq!(c.splice, SpliceMode::Never);
         assert_eq!(c.max_pipes, 0);
         let c = Config::from_args(&args(&["--splice", "always", "--max-connections", "40"])).unwrap();
+        assert!(!c.fit_to_fd_limit, "a cap the operator gave is kept");
         assert_eq!(c.splice, SpliceMode::Always);
         assert_eq!(c.max_pipes, 10, "defaults to a quarter of --max-connections");
     }

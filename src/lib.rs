@@ -59,6 +59,11 @@ pub enum RunError {
     Spawn(io::Error),
     Stats(io::Error),
     Health(io::Error),
+    /// The descriptor limit leaves no room for a single connection.
+    FdLimit {
+        limit: u64,
+        needed: usize,
+    },
     Admin {
         addr: std::net::SocketAddr,
         source: io::Error,
@@ -80,6 +85,10 @@ impl fmt::Display for RunError {
             RunError::Spawn(e) => write!(f, "cannot start a worker thread: {e}"),
             RunError::Stats(e) => write!(f, "cannot start the stats reporter thread: {e}"),
             RunError::Health(e) => write!(f, "cannot start health checks: {e}"),
+            RunError::FdLimit { limit, needed } => write!(
+                f,
+                "the descriptor limit ({limit}) leaves no room for a connection; raise it (ulimit -n, LimitNOFILE=) to {needed} or more"
+            ),
             RunError::Admin { addr, source } => write!(f, "--admin: cannot listen on {addr}: {source}"),
             RunError::Workers { failed, of } => write!(f, "{failed} of {of} workers failed (see the log above)"),
         }
@@ -110,7 +119,7 @@ const SUPERVISOR_TICK: Duration = Duration::from_millis(200);
 /// sockets from [`systemd::listen_fds`], which `main` takes before any
 /// thread starts) or, when there are none, on `--bind`/`--port`. Errors are
 /// start-up errors: once serving, faults are logged and survived.
-pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
+pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
     // Logged once serving, so a start-up failure stays a single line.
     let fd_limit = listener::raise_fd_limit();
     let inherited_count = inherited.len();
@@ -124,6 +133,10 @@ pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
         listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?
     };
     let bound = per_worker.first().and_then(|ls| ls.first()).and_then(listener::local_addr).unwrap_or(config.listen);
+    let fd_note = match &fd_limit {
+        Ok(limit) => fit_fd_limit(&mut config, *limit, per_worker.iter().map(Vec::len).sum())?,
+        Err(_) => None,
+    };
 
     let mut polls = Vec::with_capacity(config.workers);
     let mut wakers = Vec::with_capacity(config.workers);
@@ -174,6 +187,9 @@ pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
         Ok(n) => info!("file descriptor limit: {n}"),
         Err(e) => warn!("cannot raise the file descriptor limit: {e}"),
     }
+    if let Some(note) = fd_note {
+        warn!("{note}");
+    }
     match config.splice {
         config::SpliceMode::Never => info!("splice: never (every byte is copied)"),
         mode => info!(
@@ -207,6 +223,39 @@ pub fn run(config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> {
         return Err(RunError::Workers { failed, of: config.workers });
     }
     Ok(())
+}
+
+/// Makes sure every connection lb accepts can also open its backend socket.
+/// Returns the warning to log when the descriptor limit cannot hold
+/// `--max-connections` and the pipes: with the default cap both are lowered
+/// to what fits, so extra clients wait at the cap instead of being accepted
+/// and then closed for want of a descriptor; a cap the operator gave is
+/// kept, and lb then relies on backing off when accept runs out.
+fn fit_fd_limit(config: &mut Config, limit: u64, listeners: usize) -> Result<Option<String>, RunError> {
+    let reserved = listener::reserved_fds(config.workers, listeners, config.backends.len(), config.admin.is_some());
+    let Some((connections, pipes)) = listener::fit_fd_limit(limit, reserved, config.max_connections, config.max_pipes)
+    else {
+        return Ok(None);
+    };
+    let needed = listener::fds_needed(reserved, config.max_connections, config.max_pipes);
+    if !config.fit_to_fd_limit {
+        return Ok(Some(format!(
+            "the descriptor limit ({limit}) is too low for --max-connections {} and {} pipes, which need {needed}: \
+             clients past it wait while lb is out of descriptors, or are closed; raise the limit (ulimit -n, LimitNOFILE=)",
+            config.max_connections, config.max_pipes
+        )));
+    }
+    if connections == 0 {
+        return Err(RunError::FdLimit { limit, needed: listener::fds_needed(reserved, 1, 0) });
+    }
+    let note = format!(
+        "the descriptor limit ({limit}) is too low for {} connections and {} pipes, which need {needed}: \
+         serving at most {connections} connections with {pipes} pipes; raise the limit (ulimit -n, LimitNOFILE=) for more",
+        config.max_connections, config.max_pipes
+    );
+    config.max_connections = connections;
+    config.max_pipes = pipes;
+    Ok(Some(note))
 }
 
 fn spawn_workers(

@@ -159,9 +159,74 @@ fn fd_limit_plan(soft: u64, hard: u64, nr_open: Option<u64>) -> Option<(u64, u64
     (soft < hard).then_some((hard, hard))
 }
 
+/// Descriptors kept back for the margin: the systemd notify socket, /proc
+/// reads, a log destination reopened, and whatever else a thread briefly
+/// needs.
+const FD_MARGIN: usize = 16;
+
+/// Descriptors lb holds besides its connections and pipes: stdio, each
+/// worker's epoll and waker, the listeners, signal handling, the health
+/// prober (its epoll and one probe per backend), the admin endpoint (its
+/// listener, epoll and client cap) and a margin.
+pub fn reserved_fds(workers: usize, listeners: usize, backends: usize, admin: bool) -> usize {
+    let admin = if admin { 2 + crate::admin::MAX_CLIENTS } else { 0 };
+    3 + 2 * workers + listeners + 2 + (1 + backends) + admin + FD_MARGIN
+}
+
+/// What the descriptor limit allows. Connections and pipes take two
+/// descriptors each. `None` when `connections` and `pipes` all fit in
+/// `limit` beside `reserved`; otherwise the most that fit, in the same
+/// proportion (HAProxy sizes an unset maxconn the same way).
+pub fn fit_fd_limit(limit: u64, reserved: usize, connections: usize, pipes: usize) -> Option<(usize, usize)> {
+    let pairs = usize::try_from(limit).unwrap_or(usize::MAX).saturating_sub(reserved) / 2;
+    let wanted = connections.saturating_add(pipes);
+    if wanted <= pairs {
+        return None;
+    }
+    // u128: pairs * connections cannot overflow.
+    let fitted = (pairs as u128 * connections as u128 / wanted as u128) as usize;
+    Some((fitted, (pairs - fitted).min(pipes)))
+}
+
+/// Descriptors that `connections` and `pipes` need beside `reserved`.
+pub fn fds_needed(reserved: usize, connections: usize, pipes: usize) -> usize {
+    reserved.saturating_add(connections.saturating_add(pipes).saturating_mul(2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_and_pipes_that_fit_the_descriptor_limit_are_left_alone() {
+        let reserved = reserved_fds(2, 2, 2, false);
+        assert_eq!(fit_fd_limit(1_048_576, reserved, 1000, 250), None);
+        let exact = fds_needed(reserved, 1000, 250) as u64;
+        assert_eq!(fit_fd_limit(exact, reserved, 1000, 250), None);
+    }
+
+    #[test]
+    fn a_limit_too_low_keeps_the_proportion_of_pipes_to_connections() {
+        // 1024 (a common soft limit) less 100 reserved leaves 462 pairs.
+        assert_eq!(fit_fd_limit(1024, 100, 1000, 250), Some((369, 93)));
+        assert_eq!(fit_fd_limit(1024, 100, 1000, 0), Some((462, 0)));
+        let (c, p) = fit_fd_limit(1024, 100, 1000, 250).expect("too low");
+        assert!(fds_needed(100, c, p) <= 1024);
+    }
+
+    #[test]
+    fn a_limit_below_the_reserve_leaves_no_connection() {
+        assert_eq!(fit_fd_limit(20, 30, 1000, 250), Some((0, 0)));
+        assert_eq!(fit_fd_limit(0, 30, 1, 0), Some((0, 0)));
+    }
+
+    #[test]
+    fn the_reserve_counts_the_admin_endpoint_and_one_probe_per_backend() {
+        let without = reserved_fds(2, 2, 3, false);
+        assert_eq!(reserved_fds(2, 2, 3, true), without + 2 + crate::admin::MAX_CLIENTS);
+        assert_eq!(reserved_fds(2, 2, 4, false), without + 1);
+        assert_eq!(reserved_fds(3, 3, 3, false), without + 3, "a worker's epoll, waker and listener");
+    }
 
     #[test]
     fn the_soft_fd_limit_rises_to_the_hard_one_capped_at_nr_open() {

@@ -237,10 +237,15 @@ fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
         "127.0.0.1".into(),
         "--workers".into(),
         "1".into(),
+        // Given, so kept although the limit cannot hold it: lb then meets
+        // EMFILE at accept.
+        "--max-connections".into(),
+        "1000".into(),
         "-b".into(),
     ];
     args.push(echo.addr.to_string());
     let lb = spawn_listening("bash", &args, &[]);
+    assert!(lb.wait_stderr(|e| e.contains("is too low for --max-connections 1000"), WAIT), "{}", lb.stderr_text());
     // Far more clients than descriptors: some are served, the rest wait or
     // are closed, and lb backs off instead of spinning on EMFILE.
     let held: Vec<_> = (0..60).filter_map(|_| std::net::TcpStream::connect(lb.addr).ok()).collect();
@@ -261,4 +266,64 @@ fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
     let data = random_bytes(10_000, 11);
     assert_eq!(echo_roundtrip(lb.addr, &data), data);
     assert!(lb.fd_count() > 0, "lb is alive");
+}
+
+/// lb under `ulimit -n limit` (soft and hard), with 2 workers in front of
+/// `backend` and the default --max-connections.
+fn lb_with_fd_limit(limit: u32, backend: std::net::SocketAddr) -> Proc {
+    let args: Vec<String> = vec![
+        "-c".into(),
+        format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
+        lb_bin().into(),
+        "-p".into(),
+        "0".into(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--workers".into(),
+        "2".into(),
+        "--no-health-check".into(),
+        "-b".into(),
+        backend.to_string(),
+    ];
+    spawn_listening("bash", &args, &[])
+}
+
+#[test]
+fn a_descriptor_limit_too_low_for_the_default_cap_lowers_it_so_no_waiting_client_is_dropped() {
+    // Before, lb accepted a client with the last descriptor and then closed
+    // it, unserved, for want of one for its backend socket (which of two
+    // adjacent limits did so depended on the descriptors' parity).
+    for limit in [60, 61] {
+        let echo = echo_backend();
+        let lb = lb_with_fd_limit(limit, echo.addr);
+        let line = format!("the descriptor limit ({limit}) is too low for 1000 connections");
+        assert!(lb.wait_stderr(|e| e.contains(&line), WAIT), "limit {limit}: {}", lb.stderr_text());
+        let cap: usize = lb
+            .stderr_text()
+            .split("serving at most ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect("the lowered cap is logged");
+        let clients: Vec<_> = (0..3 * cap)
+            .map(|i| {
+                let addr = lb.addr;
+                thread::spawn(move || {
+                    let mut s = connect(addr);
+                    s.write_all(b"hello").map_err(|e| format!("client {i}: {e}"))?;
+                    let mut b = [0u8; 5];
+                    s.read_exact(&mut b).map_err(|e| format!("client {i} was not served: {e}"))?;
+                    thread::sleep(Duration::from_millis(100));
+                    s.shutdown(Shutdown::Write).map_err(|e| format!("client {i}: {e}"))?;
+                    s.read_to_end(&mut Vec::new()).map_err(|e| format!("client {i}: {e}"))?;
+                    Ok::<_, String>(())
+                })
+            })
+            .collect();
+        let failed: Vec<String> = clients.into_iter().filter_map(|c| c.join().expect("client thread").err()).collect();
+        assert!(failed.is_empty(), "limit {limit}: {failed:?}\n{}", lb.stderr_text());
+        assert_eq!(echo.gauge.accepted.load(Ordering::SeqCst), 3 * cap, "limit {limit}");
+        assert!(echo.gauge.peak.load(Ordering::SeqCst) <= cap, "limit {limit}: more than {cap} at once");
+        assert!(!lb.stderr_text().contains("Too many open files"), "limit {limit}: {}", lb.stderr_text());
+    }
 }

@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use lb::net::unacknowledged;
 
 #[test]
 fn relays_random_bytes_exactly_in_both_directions_over_32_connections() {
@@ -328,16 +329,6 @@ fn a_reply_sent_before_the_backend_resets_an_upload_reaches_the_client() {
         uploader.join().expect("uploader");
         assert_eq!(got, b"413 too large", "--splice {mode}: the client's stream ended with {end:?}");
     }
-}
-
-/// Bytes in `s`'s send queue that its peer has not acknowledged.
-fn unacknowledged(s: &TcpStream) -> i32 {
-    use std::os::fd::AsRawFd;
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one c_int through the pointer.
-    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
-    assert_eq!(r, 0, "TIOCOUTQ: {}", std::io::Error::last_os_error());
-    queued
 }
 
 #[test]

@@ -1,20 +1,23 @@
 //! Turns process signals into [`Signal`] events on a channel the
 //! supervisor waits on, so the supervisor can also keep its own timers.
 //! SIGTERM/SIGINT start a graceful drain (a second one stops at once) and
-//! SIGUSR1 asks for the stats report.
+//! SIGUSR1 asks for the stats report. So does SIGHUP: lb has no
+//! configuration file to reload, and like HAProxy (which dumps its servers'
+//! states on SIGHUP) it reports and carries on, rather than dropping every
+//! connection because the terminal it started from was closed.
 
 use std::io;
 use std::sync::mpsc::Sender;
 use std::thread;
 
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
     /// SIGTERM or SIGINT.
     Terminate,
-    /// SIGUSR1.
+    /// SIGUSR1 or SIGHUP.
     ReportStats,
 }
 
@@ -22,11 +25,11 @@ pub enum Signal {
 /// thread of its own. Handlers are installed before this returns, so a
 /// signal sent right after start-up is never lost to the default action.
 pub fn forward<T: From<Signal> + Send + 'static>(tx: Sender<T>) -> io::Result<()> {
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
     thread::Builder::new().name("lb-signals".into()).spawn(move || {
         for sig in signals.forever() {
             let event = match sig {
-                SIGUSR1 => Signal::ReportStats,
+                SIGUSR1 | SIGHUP => Signal::ReportStats,
                 _ => Signal::Terminate,
             };
             if tx.send(T::from(event)).is_err() {

@@ -152,6 +152,25 @@ fn report_now(lb: &Proc) -> (u64, Vec<Row>) {
     parse_report(&reports(lb)[before])
 }
 
+#[test]
+fn sighup_prints_the_report_and_lb_carries_on_serving() {
+    // Before, SIGHUP's default action killed lb and every connection with
+    // it, e.g. when the terminal it was started from closed.
+    let a = be("Server A", &[]);
+    let lb = lb(&[a.addr], &["--stats-period", "0", "--no-health-check"]);
+    let mut held = connect(lb.addr);
+    held.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n").expect("send");
+    let mut head = [0u8; 12];
+    held.read_exact(&mut head).expect("served before SIGHUP");
+    let before = reports(&lb).len();
+    lb.signal(libc::SIGHUP);
+    assert!(wait_until(WAIT, || reports(&lb).len() > before), "no report after SIGHUP: {}", lb.stderr_text());
+    let (active, _) = parse_report(&reports(&lb)[before]);
+    assert_eq!(active, 1, "the held connection is still open");
+    // And new clients are still served (request_through checks the answer).
+    request_through(lb.addr, "/");
+}
+
 /// One HTTP request through lb on a fresh connection, read to EOF; returns
 /// the bytes sent and received.
 fn request_through(lb: SocketAddr, path: &str) -> (usize, usize) {

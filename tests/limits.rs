@@ -226,25 +226,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
     let echo = echo_backend();
-    // bash sets soft and hard limits, then becomes lb (same pid).
-    let mut args: Vec<String> = vec![
-        "-c".into(),
-        "ulimit -n 48 && exec \"$0\" \"$@\"".into(),
-        lb_bin().into(),
-        "-p".into(),
-        "0".into(),
-        "--bind".into(),
-        "127.0.0.1".into(),
-        "--workers".into(),
-        "1".into(),
-        // Given, so kept although the limit cannot hold it: lb then meets
-        // EMFILE at accept.
-        "--max-connections".into(),
-        "1000".into(),
-        "-b".into(),
-    ];
-    args.push(echo.addr.to_string());
-    let lb = spawn_listening("bash", &args, &[]);
+    // Given, so kept although the limit cannot hold it: lb then meets
+    // EMFILE at accept.
+    let lb = lb_with_fd_limit(48, echo.addr, &["--workers", "1", "--max-connections", "1000"]);
     assert!(lb.wait_stderr(|e| e.contains("is too low for --max-connections 1000"), WAIT), "{}", lb.stderr_text());
     // Far more clients than descriptors: some are served, the rest wait or
     // are closed, and lb backs off instead of spinning on EMFILE.
@@ -268,10 +252,11 @@ fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
     assert!(lb.fd_count() > 0, "lb is alive");
 }
 
-/// lb under `ulimit -n limit` (soft and hard), with 2 workers in front of
-/// `backend` and the default --max-connections.
-fn lb_with_fd_limit(limit: u32, backend: std::net::SocketAddr) -> Proc {
-    let args: Vec<String> = vec![
+/// lb on 127.0.0.1 under `ulimit -n limit` (soft and hard) in front of
+/// `backend`, with `extra` flags: bash sets the limits, then becomes lb
+/// (same pid).
+fn lb_with_fd_limit(limit: u32, backend: std::net::SocketAddr, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![
         "-c".into(),
         format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
         lb_bin().into(),
@@ -279,12 +264,9 @@ fn lb_with_fd_limit(limit: u32, backend: std::net::SocketAddr) -> Proc {
         "0".into(),
         "--bind".into(),
         "127.0.0.1".into(),
-        "--workers".into(),
-        "2".into(),
-        "--no-health-check".into(),
-        "-b".into(),
-        backend.to_string(),
     ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(["-b".into(), backend.to_string()]);
     spawn_listening("bash", &args, &[])
 }
 
@@ -295,7 +277,7 @@ fn a_descriptor_limit_too_low_for_the_default_cap_lowers_it_so_no_waiting_client
     // adjacent limits did so depended on the descriptors' parity).
     for limit in [60, 61] {
         let echo = echo_backend();
-        let lb = lb_with_fd_limit(limit, echo.addr);
+        let lb = lb_with_fd_limit(limit, echo.addr, &["--workers", "2", "--no-health-check"]);
         let line = format!("the descriptor limit ({limit}) is too low for 1000 connections");
         assert!(lb.wait_stderr(|e| e.contains(&line), WAIT), "limit {limit}: {}", lb.stderr_text());
         let cap: usize = lb

@@ -14,7 +14,6 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -79,7 +78,6 @@ fn unshare() -> Command {
 fn isolated_lb(listener: &TcpListener, hold: bool, flags: &[&str]) -> Isolated {
     let can_isolate = unshare().arg("true").status().is_ok_and(|s| s.success());
     assert!(can_isolate, "this test needs unshare (util-linux), and user namespaces when not run as root");
-    let fd = listener.as_raw_fd();
     let mut cmd = unshare();
     cmd.args(["bash", "-c", SCRIPT])
         .args([lb_bin(), be_bin(), if hold { "hold" } else { "-" }])
@@ -87,17 +85,7 @@ fn isolated_lb(listener: &TcpListener, hold: bool, flags: &[&str]) -> Isolated {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: only dup2 or fcntl (async-signal-safe) runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 onto itself would keep close-on-exec set.
-            let passed = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
-            if passed < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    pass_fds_from_3(&mut cmd, vec![listener.as_raw_fd()]);
     let mut child = cmd.spawn().expect("spawn unshare");
     let mut err = child.stderr.take().expect("stderr piped");
     let stderr = Arc::new(Mutex::new(String::new()));

@@ -205,15 +205,27 @@ fn a_dead_backend_among_live_ones_costs_no_client_anything() {
     }
 }
 
+/// A backend that reads the client's two-byte "go", sends `reply`, waits
+/// until lb's kernel has acknowledged all of it, and resets. It reports on
+/// the channel, per connection, whether it got that far.
+fn reply_then_reset(reply: Vec<u8>) -> (Backend, mpsc::Receiver<bool>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let b = backend(move |mut s| {
+        let mut go = [0u8; 2];
+        let taken = s.read_exact(&mut go).is_ok()
+            && s.write_all(&reply).is_ok()
+            && wait_until(WAIT, || unacknowledged(&s.stream) == 0)
+            && socket2::SockRef::from(&s.stream).set_linger(Some(Duration::ZERO)).is_ok();
+        drop(s); // RST
+        let _ = tx.lock().expect("sender").send(taken);
+    });
+    (b, rx)
+}
+
 #[test]
 fn a_backend_reset_mid_stream_ends_the_client_promptly_and_lb_keeps_serving() {
-    let resetting = backend(|mut s| {
-        let mut buf = [0u8; 16];
-        let _ = s.read(&mut buf);
-        let _ = s.write_all(&[b'x'; 1000]);
-        socket2::SockRef::from(&s.stream).set_linger(Some(Duration::ZERO)).expect("linger");
-        drop(s); // RST
-    });
+    let (resetting, _) = reply_then_reset(vec![b'x'; 1000]);
     let lb_proc = lb(&[resetting.addr], &[]);
     let mut c = connect(lb_proc.addr);
     c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -340,18 +352,7 @@ fn what_a_backend_sent_before_it_reset_reaches_a_slow_client_ahead_of_the_reset(
     // still sat unsent in the client's send queue behind a full window.
     const REPLY: usize = 200_000;
     let reply = random_bytes(REPLY, 11);
-    let (done_tx, done) = mpsc::channel();
-    let done_tx = Mutex::new(done_tx);
-    let sent = reply.clone();
-    let resetting = backend(move |mut s| {
-        let mut go = [0u8; 2];
-        let _ = s.read_exact(&mut go);
-        let taken = s.write_all(&sent).is_ok()
-            && wait_until(WAIT, || unacknowledged(&s.stream) == 0)
-            && socket2::SockRef::from(&s.stream).set_linger(Some(Duration::ZERO)).is_ok();
-        drop(s); // RST
-        let _ = done_tx.lock().expect("sender").send(taken);
-    });
+    let (resetting, done) = reply_then_reset(reply.clone());
     for mode in ["never", "auto", "always"] {
         let lb = lb(&[resetting.addr], &["--no-health-check", "--splice", mode]);
         let mut c = connect(lb.addr);
@@ -371,13 +372,7 @@ fn what_a_backend_sent_before_it_reset_reaches_a_slow_client_ahead_of_the_reset(
 fn a_reset_pair_whose_client_never_reads_the_rest_is_closed_by_the_idle_timeout() {
     // lb holds such a pair open while the client might still take the last
     // bytes; a client that never does must not keep it for ever.
-    let resetting = backend(|mut s| {
-        let mut go = [0u8; 2];
-        let _ = s.read_exact(&mut go);
-        let _ = s.write_all(&[b'r'; 200_000]);
-        let _ = wait_until(WAIT, || unacknowledged(&s.stream) == 0);
-        let _ = socket2::SockRef::from(&s.stream).set_linger(Some(Duration::ZERO));
-    });
+    let (resetting, _) = reply_then_reset(vec![b'r'; 200_000]);
     let lb = lb(&[resetting.addr], &["--no-health-check", "--idle-timeout", "1"]);
     let idle = lb.fd_count();
     let mut c = connect(lb.addr);

@@ -7,7 +7,6 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -28,20 +27,7 @@ fn activated(listeners: &[TcpListener], extra: &[&str]) -> (Child, mpsc::Receive
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: only fcntl and dup2 (async-signal-safe) run between fork and
-    // exec; the descriptors outlive the spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Out of the way first, so that dup2 onto 3.. clobbers no source.
-            let moved: Vec<i32> = raw.iter().map(|&fd| libc::fcntl(fd, libc::F_DUPFD, 200)).collect();
-            for (i, &fd) in moved.iter().enumerate() {
-                if fd < 0 || libc::dup2(fd, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    pass_fds_from_3(&mut cmd, raw);
     let mut child = cmd.spawn().expect("spawn lb");
     let stderr = child.stderr.take().expect("stderr piped");
     let (tx, rx) = mpsc::channel();

@@ -196,6 +196,31 @@ pub fn output_within_wait(mut cmd: Command) -> (Option<i32>, String) {
     (status.code(), reader.join().expect("stderr reader"))
 }
 
+/// Makes `fds` the child's descriptors 3, 4, ... without close-on-exec, as
+/// systemd passes sockets. The caller keeps its own copies open until the
+/// child has started.
+pub fn pass_fds_from_3(cmd: &mut Command, fds: Vec<i32>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only dup2 runs (async-signal-safe; no
+    // allocation), and the descriptors outlive the spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Out of the way first, so that dup2 onto 3.. clobbers no source.
+            for (i, &fd) in fds.iter().enumerate() {
+                if libc::dup2(fd, 200 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for i in 0..fds.len() as i32 {
+                if libc::dup2(200 + i, 3 + i) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Polls `cond` until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

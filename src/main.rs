@@ -11,6 +11,7 @@ use lb::config::{Args, Config};
 use lb::listener::ListenError;
 
 fn main() -> ExitCode {
+    lb::signals::prepare();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {

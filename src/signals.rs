@@ -21,6 +21,27 @@ pub enum Signal {
     ReportStats,
 }
 
+/// Readies the process for the handlers [`forward`] installs later, and
+/// must run first in `main`, while it is the only thread (threads inherit
+/// the signal mask). Until the handlers exist, SIGHUP and SIGUSR1, which
+/// only ask for a report, are ignored instead of killing lb by their
+/// default action: a pending one sent early (during start-up or name
+/// resolution) is discarded. And every signal lb acts on is unblocked, so a
+/// parent that left SIGTERM blocked cannot make lb impossible to stop.
+pub fn prepare() {
+    // SAFETY: plain libc calls on a sigset_t we own; single-threaded here.
+    unsafe {
+        libc::signal(SIGHUP, libc::SIG_IGN);
+        libc::signal(SIGUSR1, libc::SIG_IGN);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        for sig in [SIGHUP, SIGUSR1, SIGTERM, SIGINT] {
+            libc::sigaddset(&raw mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut());
+    }
+}
+
 /// Installs the handlers and forwards each signal to `tx` from a small
 /// thread of its own. Handlers are installed before this returns, so a
 /// signal sent right after start-up is never lost to the default action.

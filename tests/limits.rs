@@ -170,6 +170,39 @@ fn stops_on_sigterm(mut child: std::process::Child) -> bool {
 }
 
 #[test]
+fn signals_a_parent_left_blocked_or_pending_neither_kill_lb_nor_keep_sigterm_out() {
+    // A parent that blocked SIGTERM, SIGHUP and SIGUSR1 and sent the last
+    // two: lb must discard those (their default action is to kill), and
+    // still stop on SIGTERM. Before, lb inherited the mask and could not
+    // be stopped at all.
+    let echo = echo_backend();
+    let mut cmd = std::process::Command::new(lb_bin());
+    cmd.args(["-p", "0", "--bind", "127.0.0.1", "--workers", "1", "--no-health-check", "-b", &echo.addr.to_string()]);
+    // SAFETY: only sigprocmask and raise (async-signal-safe) run between
+    // fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&raw mut set);
+            for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
+                libc::sigaddset(&raw mut set, sig);
+            }
+            libc::sigprocmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+            // Pending across exec, as they stay blocked.
+            libc::raise(libc::SIGHUP);
+            libc::raise(libc::SIGUSR1);
+            Ok(())
+        });
+    }
+    let mut lb = spawn_listening_cmd(cmd);
+    let data = random_bytes(1000, 5);
+    assert_eq!(echo_roundtrip(lb.addr, &data), data, "lb serves");
+    lb.signal(libc::SIGTERM);
+    let status = lb.wait_exit(WAIT);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "SIGTERM did not stop lb: {status:?}");
+}
+
+#[test]
 fn sigterm_stops_lb_while_nobody_reads_its_stdout() {
     // A stalled log reader fills the stdout pipe. Stats reports must not
     // block the thread that handles stop signals.

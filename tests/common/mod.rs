@@ -100,10 +100,17 @@ fn collect<R: Read + Send + 'static>(r: R, into: Arc<Mutex<Vec<String>>>, tx: Op
 /// and waits for that line.
 pub fn spawn_listening(bin: &str, args: &[String], envs: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(bin);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args);
     for (k, v) in envs {
         cmd.env(k, v);
     }
+    spawn_listening_cmd(cmd)
+}
+
+/// [`spawn_listening`] for a command the caller has prepared.
+pub fn spawn_listening_cmd(mut cmd: Command) -> Proc {
+    let bin = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
     let stderr = Arc::new(Mutex::new(Vec::new()));
     let stdout = Arc::new(Mutex::new(Vec::new()));

@@ -80,6 +80,22 @@ pub fn unacknowledged(s: &impl AsRawFd) -> usize {
     usize::try_from(queued).unwrap_or(0)
 }
 
+/// Drops what `s` has received so far without copying it (MSG_TRUNC on a
+/// TCP socket), so a peer whose bytes lb no longer wants is not left
+/// blocked on a full window. Stops at `WouldBlock`, the EOF, an error, or
+/// after a bounded amount, the rest waiting for the next call.
+pub fn discard_received(s: &impl AsRawFd) {
+    for _ in 0..16 {
+        // SAFETY: with MSG_TRUNC a TCP socket discards the bytes instead of
+        // copying them, so the null buffer is never written.
+        let n =
+            unsafe { libc::recv(s.as_raw_fd(), std::ptr::null_mut(), 1 << 20, libc::MSG_TRUNC | libc::MSG_DONTWAIT) };
+        if n <= 0 {
+            return;
+        }
+    }
+}
+
 /// A short, operator-facing reason for a failed connect or probe
 /// ("connection refused", "timed out").
 pub fn describe(e: &io::Error) -> String {
@@ -161,6 +177,25 @@ mod tests {
         socket2::SockRef::from(&receiver).set_linger(Some(Duration::ZERO)).expect("linger");
         drop(receiver);
         assert!(until(&|| unacknowledged(&sender) == 0), "a reset socket still counts {}", unacknowledged(&sender));
+    }
+
+    #[test]
+    fn what_a_peer_sent_is_discarded_up_to_the_eof_without_a_buffer() {
+        use std::io::Write;
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut sender = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (receiver, _) = l.accept().expect("accept");
+        sender.write_all(&[7u8; 100_000]).expect("write");
+        sender.shutdown(Shutdown::Write).expect("shutdown");
+        // A blocking peek waits for bytes or the EOF, and says 0 only at
+        // the EOF with nothing left before it.
+        let mut rounds = 0;
+        while receiver.peek(&mut [0u8; 1]).expect("peek") > 0 {
+            rounds += 1;
+            assert!(rounds < 1000, "the bytes are not being discarded");
+            discard_received(&receiver);
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use socket2::SockRef;
 
 use crate::backend::Lease;
 use crate::config::{MAX_RETRIES, SpliceMode};
-use crate::net::{IoClass, classify, unacknowledged};
+use crate::net::{IoClass, classify, discard_received, unacknowledged};
 use crate::pipe::{self, Pipe, PipePool};
 use crate::pool::{Buffer, BufferPool};
 use crate::shared::ClientSlot;
@@ -763,9 +763,12 @@ impl<'a> Session<'a> {
     /// Looks again at a lingering pair: `Close` once the client has
     /// acknowledged everything lb wrote to it (or its connection closed),
     /// `Continue` meanwhile. Progress counts as activity, so only a client
-    /// that stops reading meets the idle timeout.
+    /// that stops reading meets the idle timeout. What the client sends
+    /// meanwhile is dropped: a client that writes its whole request before
+    /// it reads would otherwise block on lb's full window and never read.
     pub fn linger(&mut self, now: Instant) -> Outcome {
         let Stage::Lingering { side, queued } = self.stage else { return Outcome::Continue };
+        discard_received(&self.client.stream);
         match unacknowledged(&self.client.stream) {
             0 => Outcome::Close(CloseReason::Aborted(side)),
             left => {

@@ -369,6 +369,35 @@ fn what_a_backend_sent_before_it_reset_reaches_a_slow_client_ahead_of_the_reset(
 }
 
 #[test]
+fn a_reset_pair_does_not_stall_a_client_that_uploads_before_it_reads() {
+    // Most clients send their whole request before they read the reply.
+    // While lb holds a reset pair for the client to take the last bytes,
+    // it must not stop reading the client: the upload would block for
+    // good, the client would never read, and only the idle timeout (an
+    // hour by default) would end it. Without a proxy the upload fails on
+    // the reset at once.
+    let reply = random_bytes(200_000, 12);
+    let (resetting, done) = reply_then_reset(reply.clone());
+    let lb = lb(&[resetting.addr], &["--no-health-check"]);
+    let mut c = connect(lb.addr);
+    c.set_write_timeout(Some(WAIT)).expect("write timeout");
+    c.set_read_timeout(Some(WAIT)).expect("read timeout");
+    c.write_all(b"go").expect("write");
+    assert_eq!(done.recv_timeout(WAIT), Ok(true), "lb did not take the whole reply");
+    // Far more than the socket buffers between the client and lb hold.
+    let chunk = [b'u'; 64 * 1024];
+    let upload = (0..256).try_for_each(|_| c.write_all(&chunk)).map_err(|e| e.kind());
+    assert!(
+        matches!(upload, Ok(()) | Err(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)),
+        "the upload stalled: {upload:?}"
+    );
+    let mut got = Vec::new();
+    let end = c.read_to_end(&mut got).map_err(|e| e.kind());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "after {} bytes", got.len());
+    assert!(reply.starts_with(&got), "the bytes differ");
+}
+
+#[test]
 fn a_reset_pair_whose_client_never_reads_the_rest_is_closed_by_the_idle_timeout() {
     // lb holds such a pair open while the client might still take the last
     // bytes; a client that never does must not keep it for ever.

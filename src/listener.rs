@@ -183,8 +183,10 @@ pub fn fit_fd_limit(limit: u64, reserved: usize, connections: usize, pipes: usiz
     if wanted <= pairs {
         return None;
     }
-    // u128: pairs * connections cannot overflow.
-    let fitted = (pairs as u128 * connections as u128 / wanted as u128) as usize;
+    // u128: pairs * connections cannot overflow. At least one connection
+    // while one fits: pipes far outnumbering connections would round the
+    // proportion down to none, and lb would refuse to start.
+    let fitted = ((pairs as u128 * connections as u128 / wanted as u128) as usize).max(pairs.min(1));
     Some((fitted, (pairs - fitted).min(pipes)))
 }
 
@@ -212,6 +214,14 @@ mod tests {
         assert_eq!(fit_fd_limit(1024, 100, 1000, 0), Some((462, 0)));
         let (c, p) = fit_fd_limit(1024, 100, 1000, 250).expect("too low");
         assert!(fds_needed(100, c, p) <= 1024);
+    }
+
+    #[test]
+    fn pipes_far_outnumbering_connections_still_leave_a_connection_that_fits() {
+        let (c, p) = fit_fd_limit(1024, 100, 1000, 1_000_000).expect("too low");
+        assert!(c >= 1, "no connection left of 462 pairs ({c}, {p})");
+        assert!(fds_needed(100, c, p) <= 1024);
+        assert_eq!(fit_fd_limit(102, 100, 1000, 250), Some((1, 0)), "room for exactly one connection");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::balancer;
+use crate::logging::Throttle;
 use crate::metrics::{PROMETHEUS_CONTENT_TYPE, render_json, render_prometheus};
 use crate::net::{IoClass, classify};
 use crate::shared::Shared;
@@ -161,6 +162,7 @@ pub fn spawn(listener: std::net::TcpListener, shared: Arc<Shared>) -> io::Result
         listener: TcpListener::from_std(listener),
         listening: false,
         backoff_until: None,
+        accept_warnings: Throttle::default(),
         conns: Slab::with_capacity(MAX_CLIENTS),
         scratch: vec![0; 4096].into_boxed_slice(),
     };
@@ -193,6 +195,8 @@ struct Server {
     listener: TcpListener,
     listening: bool,
     backoff_until: Option<Instant>,
+    /// accept() failures: at most one line per interval, not one per back-off.
+    accept_warnings: Throttle,
     conns: Slab<Conn>,
     scratch: Box<[u8]>,
 }
@@ -278,9 +282,12 @@ impl Server {
                     // already queued raise no new edge, and retrying at
                     // once could spin. Step back, then drain the backlog.
                     IoClass::Error => {
-                        warn!("admin endpoint: accept: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                        let now = Instant::now();
+                        if let Some(held_back) = self.accept_warnings.allow(now) {
+                            warn!("admin endpoint: accept: {e}; retrying in {ACCEPT_BACKOFF:?}{held_back}");
+                        }
                         self.unlisten();
-                        self.backoff_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                        self.backoff_until = Some(now + ACCEPT_BACKOFF);
                         return;
                     }
                 },

@@ -27,6 +27,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::backend::Backend;
 use crate::config::HealthConfig;
+use crate::logging::Throttle;
 use crate::net::{IoClass, classify, describe, is_local_port_shortage, is_resource_exhaustion};
 use crate::shared::Shared;
 
@@ -192,6 +193,9 @@ struct Slot {
     request: Option<Vec<u8>>,
     probe: Option<Probe>,
     turn: Turn,
+    /// Probes skipped for a shortage of ours: at a short period, one line
+    /// each would be many a second for as long as the shortage lasts.
+    skip_warnings: Throttle,
 }
 
 /// How a probe ended.
@@ -263,6 +267,7 @@ impl<'a> Prober<'a> {
                 request: config.url.as_deref().map(|path| probe_request(path, &b.name)),
                 probe: None,
                 turn: Turn::Taken,
+                skip_warnings: Throttle::default(),
             })
             .collect();
         Prober {
@@ -436,7 +441,9 @@ impl<'a> Prober<'a> {
             Ended::Passed(r) => (true, r),
             Ended::Failed(r) => (false, r),
             Ended::Skipped(e) => {
-                warn!("health check of {} skipped: {e}", backend.name);
+                if let Some(held_back) = self.slots[i].skip_warnings.allow(Instant::now()) {
+                    warn!("health check of {} skipped: {e}{held_back}", backend.name);
+                }
                 return;
             }
         };

@@ -2,6 +2,8 @@
 //! nobody reads (a stuck pipe, a wedged log shipper) then blocks only that
 //! thread; workers hand their lines over without waiting and, while it is
 //! stuck, lines are dropped and counted instead of stalling the relay.
+//! Also the `Throttle` that keeps a warning which could repeat for every
+//! client or every probe from flooding that log.
 
 use std::io::{self, Write};
 use std::sync::Arc;
@@ -40,6 +42,46 @@ impl Write for Queue {
     fn flush(&mut self) -> io::Result<()> {
         // The writer thread flushes; waiting here is what must not happen.
         Ok(())
+    }
+}
+
+/// A warning that can repeat for every client or probe (a shortage on our
+/// side, an accept that keeps failing) is logged at most this often by one
+/// `Throttle`.
+pub const WARN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Lets a repeating warning through at most once per `WARN_INTERVAL`, and
+/// says how many were held back meanwhile.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    quiet_until: Option<Instant>,
+    held_back: u64,
+}
+
+/// What a `Throttle` held back before the occurrence it lets through;
+/// displays as a suffix for that warning ("" when nothing was).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldBack(pub u64);
+
+impl std::fmt::Display for HeldBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            n => write!(f, " ({n} more like it not logged)"),
+        }
+    }
+}
+
+impl Throttle {
+    /// `Some` when this occurrence may be logged, with the count of those
+    /// held back since the last one logged.
+    pub fn allow(&mut self, now: Instant) -> Option<HeldBack> {
+        if self.quiet_until.is_some_and(|t| now < t) {
+            self.held_back += 1;
+            return None;
+        }
+        self.quiet_until = Some(now + WARN_INTERVAL);
+        Some(HeldBack(std::mem::take(&mut self.held_back)))
     }
 }
 
@@ -114,6 +156,23 @@ fn note_dropped(out: &mut impl Write, dropped: &AtomicU64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeating_warning_is_let_through_once_per_interval_with_a_count_of_the_rest() {
+        let t0 = Instant::now();
+        let mut t = Throttle::default();
+        assert_eq!(t.allow(t0), Some(HeldBack(0)));
+        assert_eq!(t.allow(t0 + Duration::from_millis(10)), None);
+        assert_eq!(t.allow(t0 + WARN_INTERVAL - Duration::from_millis(1)), None);
+        assert_eq!(t.allow(t0 + WARN_INTERVAL), Some(HeldBack(2)));
+        assert_eq!(t.allow(t0 + 3 * WARN_INTERVAL), Some(HeldBack(0)), "nothing held back since");
+    }
+
+    #[test]
+    fn held_back_warnings_are_named_only_when_there_were_some() {
+        assert_eq!(HeldBack(0).to_string(), "");
+        assert_eq!(HeldBack(3).to_string(), " (3 more like it not logged)");
+    }
 
     #[test]
     fn a_full_queue_drops_and_counts_lines_instead_of_waiting() {

@@ -17,6 +17,7 @@ use crate::backend::{Backend, Lease};
 use crate::balancer;
 use crate::config::SpliceMode;
 use crate::listener::MAX_LISTENERS;
+use crate::logging::Throttle;
 use crate::net::{IoClass, classify, is_local_port_shortage, is_resource_exhaustion};
 use crate::session::{CloseReason, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
 use crate::shared::Shared;
@@ -36,10 +37,6 @@ const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// a reset ([`Stage::Lingering`]) is looked at: the kernel raises no event
 /// when a send queue empties.
 const LINGER_CHECK: Duration = Duration::from_millis(10);
-/// A warning that can repeat for every client (a shortage on our side) is
-/// logged at most this often per worker.
-const WARN_INTERVAL: Duration = Duration::from_secs(1);
-
 /// Per-worker knobs, copied out of the `Config` at start-up.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -73,27 +70,6 @@ enum Accepting {
     BackingOff(Instant),
     /// Draining or stopping: listeners are closed for good.
     Closed,
-}
-
-/// Lets a warning that could repeat for every client through at most once
-/// per `WARN_INTERVAL`, and says how many were held back meanwhile.
-#[derive(Debug, Default)]
-struct Throttle {
-    quiet_until: Option<Instant>,
-    held_back: u64,
-}
-
-impl Throttle {
-    /// `Some(n)` when this occurrence may be logged, `n` being those held
-    /// back since the last one logged.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self.quiet_until.is_some_and(|t| now < t) {
-            self.held_back += 1;
-            return None;
-        }
-        self.quiet_until = Some(now + WARN_INTERVAL);
-        Some(std::mem::take(&mut self.held_back))
-    }
 }
 
 fn session_token(key: usize, side: Side) -> Token {
@@ -133,6 +109,9 @@ pub struct Worker<'a> {
     next_scan: Instant,
     /// Connects that failed for want of our own descriptors or ports.
     shortage_warnings: Throttle,
+    /// accept() failures (out of descriptors, most likely): one every
+    /// back-off while the shortage lasts is too many.
+    accept_warnings: Throttle,
 }
 
 impl<'a> Worker<'a> {
@@ -169,6 +148,7 @@ impl<'a> Worker<'a> {
             next_linger_check: Instant::now(),
             next_scan: Instant::now() + SCAN_INTERVAL,
             shortage_warnings: Throttle::default(),
+            accept_warnings: Throttle::default(),
         };
         w.register_listeners()?;
         w.accepting = Accepting::Active;
@@ -354,7 +334,9 @@ impl<'a> Worker<'a> {
                             // same error: step back, then drain it.
                             IoClass::Error => {
                                 self.shared.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
-                                warn!("worker {}: accept: {e}; retrying in {ACCEPT_BACKOFF:?}", self.id);
+                                if let Some(held_back) = self.accept_warnings.allow(now) {
+                                    warn!("worker {}: accept: {e}; retrying in {ACCEPT_BACKOFF:?}{held_back}", self.id);
+                                }
                                 self.deregister_listeners();
                                 self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
                                 return;
@@ -430,8 +412,7 @@ impl<'a> Worker<'a> {
 
     fn warn_shortage(&mut self, backend: &Backend, e: &dyn std::fmt::Display) {
         if let Some(held_back) = self.shortage_warnings.allow(Instant::now()) {
-            let more = if held_back > 0 { format!(" ({held_back} more like it not logged)") } else { String::new() };
-            warn!("worker {}: connect to {}: {e}{more}", self.id, backend.name);
+            warn!("worker {}: connect to {}: {e}{held_back}", self.id, backend.name);
         }
     }
 
@@ -662,21 +643,5 @@ fn publish_bytes(s: &mut Session<'_>, tally: &mut Tally) {
     }
     if down != 0 {
         b.bytes_out.fetch_add(down, Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_repeating_warning_is_let_through_once_per_interval_with_a_count_of_the_rest() {
-        let t0 = Instant::now();
-        let mut t = Throttle::default();
-        assert_eq!(t.allow(t0), Some(0));
-        assert_eq!(t.allow(t0 + Duration::from_millis(10)), None);
-        assert_eq!(t.allow(t0 + WARN_INTERVAL - Duration::from_millis(1)), None);
-        assert_eq!(t.allow(t0 + WARN_INTERVAL), Some(2));
-        assert_eq!(t.allow(t0 + 3 * WARN_INTERVAL), Some(0), "nothing held back since");
     }
 }

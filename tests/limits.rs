@@ -277,6 +277,13 @@ fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
     let spent = cpu_ticks(lb.pid()) - before;
     // A spinning loop burns ~100 ticks a second; backing off burns ~none.
     assert!(spent < 50, "lb used {spent} ticks in one second while out of descriptors");
+    // Each back-off's failed accept is not a line of its own: one a second,
+    // with a count of those held back.
+    assert!(
+        wait_until(WAIT, || lb.stderr_text().lines().any(|l| l.contains("accept: ") && l.contains("not logged"))),
+        "no throttled accept warning: {}",
+        lb.stderr_text()
+    );
     drop(held);
     assert!(wait_until(WAIT, || echo.gauge.active.load(Ordering::SeqCst) == 0));
     // Recovered: a new client is served.

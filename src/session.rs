@@ -28,6 +28,10 @@ use crate::worker::WorkerSettings;
 /// the worker re-runs a session that stopped here.
 const MAX_CHUNKS_PER_PUMP: usize = 16;
 
+/// The longest a failed pair waits, without progress, for its client to
+/// take the bytes lb wrote to it before the reset ([`Stage::Lingering`]).
+pub const LINGER_LIMIT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     Client,
@@ -57,6 +61,15 @@ pub enum Outcome {
     Linger,
     /// The pair is finished; drop it.
     Close(CloseReason),
+}
+
+/// Why lb ends a pair on its own ([`Session::expire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Nothing moved for the idle timeout.
+    Idle,
+    /// lb is stopping: the drain timeout ran out or a second signal came.
+    Shutdown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +111,10 @@ enum Flow {
     Draining,
     /// EOF relayed: the destination got `shutdown(Write)`.
     Done,
+    /// The destination failed while the other direction still holds bytes
+    /// it can deliver: nothing moves this way any more, and what the
+    /// source sends is read and dropped so that it never blocks.
+    Abandoned,
 }
 
 /// What the peer has reported about the end of its stream. Neither report
@@ -169,6 +186,30 @@ enum Ending {
     Reset,
 }
 
+/// Which end of a direction failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Source,
+    Destination,
+}
+
+/// A direction's failure, with the end it came from.
+#[derive(Debug)]
+struct Broken {
+    at: End,
+    error: io::Error,
+}
+
+impl Broken {
+    fn source(error: io::Error) -> Broken {
+        Broken { at: End::Source, error }
+    }
+
+    fn destination(error: io::Error) -> Broken {
+        Broken { at: End::Destination, error }
+    }
+}
+
 /// How one direction moves its bytes right now. Each mechanism holds its
 /// pooled resource only while bytes are pending in it.
 #[derive(Debug)]
@@ -196,6 +237,10 @@ struct Direction<'p> {
     unreported: u64,
     /// The part of `unreported` that was spliced.
     unreported_spliced: u64,
+    /// An error the source reported after bytes that are still to be
+    /// written: it ends the direction once they are (an OS error code,
+    /// so holding it costs no allocation).
+    deferred: Option<i32>,
 }
 
 /// Why a pump stopped.
@@ -230,7 +275,7 @@ impl<'p> Direction<'p> {
     fn new(mode: SpliceMode) -> Direction<'p> {
         let policy = SplicePolicy::new(mode);
         let transfer = if policy.wants_splice() { Transfer::Splice { pipe: None } } else { Transfer::copy() };
-        Direction { transfer, flow: Flow::Open, policy, unreported: 0, unreported_spliced: 0 }
+        Direction { transfer, flow: Flow::Open, policy, unreported: 0, unreported_spliced: 0, deferred: None }
     }
 
     /// Bytes read from the source and not yet written, in either mechanism.
@@ -245,13 +290,13 @@ impl<'p> Direction<'p> {
     /// Reads only into an empty buffer or pipe, so a full one stops reading
     /// from the source (backpressure) and neither ever grows.
     /// `ending` says what follows this direction's EOF.
-    fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pools: Pools<'p>, ending: Ending) -> io::Result<Pumped> {
+    fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pools: Pools<'p>, ending: Ending) -> Result<Pumped, Broken> {
         for _ in 0..MAX_CHUNKS_PER_PUMP {
             if self.pending() > 0 {
                 if !dst.writable {
                     return Ok(Pumped::Idle);
                 }
-                match self.flush(dst, pools, ending)? {
+                match self.flush(dst, pools, ending).map_err(Broken::destination)? {
                     Flushed::All => {}
                     Flushed::Blocked => {
                         dst.writable = false;
@@ -274,7 +319,7 @@ impl<'p> Direction<'p> {
                 self.copy_for_good(pools);
             }
             self.settle();
-            match self.fill(src, pools)? {
+            match self.fill(src, pools).map_err(Broken::source)? {
                 Filled::Progress => {}
                 Filled::Drained => {
                     src.readable = false;
@@ -289,7 +334,7 @@ impl<'p> Direction<'p> {
                     Ok(()) => {}
                     // The destination already went away; nothing left to tell it.
                     Err(e) if classify(&e) == IoClass::Closed => {}
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(Broken::destination(e)),
                 }
             }
             self.flow = Flow::Done;
@@ -398,6 +443,9 @@ impl<'p> Direction<'p> {
     /// Reads from `src` into an empty buffer or pipe; the EOF moves the
     /// direction to `Draining`.
     fn fill(&mut self, src: &mut Peer, pools: Pools<'p>) -> io::Result<Filled> {
+        if let Some(code) = self.deferred.take() {
+            return Err(io::Error::from_raw_os_error(code));
+        }
         let result = match &mut self.transfer {
             Transfer::Copy { buf, end, .. } => {
                 if buf.is_none() {
@@ -434,9 +482,14 @@ impl<'p> Direction<'p> {
                                 Hangup::Fin => match src.stream.read(&mut b[n..]) {
                                     Ok(0) => self.flow = Flow::Draining,
                                     Ok(more) => *end += more,
-                                    Err(e) => match classify(&e) {
-                                        IoClass::WouldBlock | IoClass::Interrupted => {}
-                                        _ => return Err(e),
+                                    Err(e) => match (classify(&e), e.raw_os_error()) {
+                                        (IoClass::WouldBlock | IoClass::Interrupted, _) => {}
+                                        // A reset behind the bytes: they go
+                                        // out first, then the next fill
+                                        // fails with it. (The socket
+                                        // reports an error only once.)
+                                        (_, Some(code)) => self.deferred = Some(code),
+                                        (_, None) => return Err(e),
                                     },
                                 },
                                 // Read on until the error surfaces.
@@ -510,6 +563,13 @@ impl<'p> Direction<'p> {
             IoClass::Interrupted => Ok(Filled::Progress),
             _ => Err(result),
         }
+    }
+
+    /// Gives up on this direction: what it holds is dropped (and its
+    /// buffer or pipe returned), and nothing moves this way any more.
+    fn abandon(&mut self) {
+        self.transfer = Transfer::copy();
+        self.flow = Flow::Abandoned;
     }
 
     fn holds_buffer(&self) -> bool {
@@ -627,8 +687,21 @@ impl<'a> Session<'a> {
         if let Stage::Connecting { started, .. } = self.stage {
             if side == Side::Client {
                 // Client bytes wait in the kernel until the backend is up, so
-                // a retry on another backend loses nothing.
-                return Outcome::Continue;
+                // a retry on another backend loses nothing. A client that
+                // reset meanwhile has given up: its request must not be
+                // relayed to a backend after all, nor its slot and lease
+                // held through the connect (and its retries).
+                if self.client.hangup != Hangup::Error {
+                    return Outcome::Continue;
+                }
+                return match self.client.stream.take_error() {
+                    Ok(Some(e)) | Err(e) => self.abort(Side::Client, &e),
+                    // Stale: meant for the socket that had this token before.
+                    Ok(None) => {
+                        self.client.hangup = Hangup::Fin;
+                        Outcome::Continue
+                    }
+                };
             }
             match self.finish_connect() {
                 Ok(false) => return Outcome::Continue,
@@ -671,29 +744,49 @@ impl<'a> Session<'a> {
 
     fn relay(&mut self, pools: Pools<'a>) -> Outcome {
         let ending = |other: &Direction| if other.flow == Flow::Done { Ending::Close } else { Ending::Shutdown };
-        let up = self.up.pump(&mut self.client, &mut self.backend, pools, ending(&self.down));
-        // Even when the up direction failed, what the backend sent before
-        // it went away still goes to the client ahead of the reset: a
-        // server that refuses an upload answers, then resets the rest.
-        let down_ending = if up.is_err() {
-            // The write that failed may have come before the event that
-            // reports the backend's bytes.
-            self.backend.readable = true;
-            Ending::Reset
+        let up = if self.up.flow == Flow::Abandoned {
+            discard_received(&self.client.stream);
+            Ok(Pumped::Idle)
         } else {
-            ending(&self.up)
+            self.up.pump(&mut self.client, &mut self.backend, pools, ending(&self.down))
         };
-        let down = self.down.pump(&mut self.backend, &mut self.client, pools, down_ending);
         let up = match up {
             Ok(p) => p,
-            Err(e) => return self.abort(Side::Client, &e),
+            Err(Broken { at: End::Source, error }) => return self.abort(Side::Client, &error),
+            // Not a reset or close: the backend may never end its stream.
+            Err(Broken { at: End::Destination, error }) if classify(&error) != IoClass::Closed => {
+                return self.abort(Side::Backend, &error);
+            }
+            Err(Broken { at: End::Destination, error }) => {
+                // The backend failed while taking the upload. What it sent
+                // before still goes to the client ahead of the reset, as it
+                // would without a proxy (a server that refuses an upload
+                // answers, then resets the rest), however long the client
+                // takes to read it: the down direction runs on until the
+                // backend's stream ends.
+                log_failure(Side::Backend, &error);
+                self.up.abandon();
+                discard_received(&self.client.stream);
+                // The write that failed may have come before the event
+                // that reports the backend's bytes.
+                self.backend.readable = true;
+                Pumped::Idle
+            }
         };
-        let down = match down {
+        let down_ending = if self.up.flow == Flow::Abandoned { Ending::Reset } else { ending(&self.up) };
+        let down = match self.down.pump(&mut self.backend, &mut self.client, pools, down_ending) {
             Ok(p) => p,
-            Err(e) => return self.abort(Side::Backend, &e),
+            Err(Broken { at: End::Source, error }) => return self.abort(Side::Backend, &error),
+            Err(Broken { at: End::Destination, error }) => return self.abort(Side::Client, &error),
         };
-        if self.up.flow == Flow::Done && self.down.flow == Flow::Done {
-            return Outcome::Close(CloseReason::Done);
+        if self.down.flow == Flow::Done {
+            match self.up.flow {
+                Flow::Done => return Outcome::Close(CloseReason::Done),
+                // After a failure, the end of the backend's stream (a read
+                // of 0 from a reset socket) is the end of what it sent.
+                Flow::Abandoned => return self.cut(Side::Backend),
+                Flow::Open | Flow::Draining => {}
+            }
         }
         match (up, down) {
             (Pumped::Again, _) | (_, Pumped::Again) => Outcome::Again,
@@ -738,15 +831,16 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A reset or error on the direction read from `side` (or written to
-    /// the other one). The stream was cut, so the survivor is reset too:
-    /// a clean FIN would make a truncated stream look complete.
+    /// A reset or error on `side`. The stream was cut, so the survivor is
+    /// reset too: a clean FIN would make a truncated stream look complete.
     fn abort(&mut self, side: Side, e: &io::Error) -> Outcome {
-        if classify(e) == IoClass::Error {
-            log::warn!("relay error ({side:?} side direction): {e}");
-        } else {
-            debug!("relay closed ({side:?} side direction): {e}");
-        }
+        log_failure(side, e);
+        self.cut(side)
+    }
+
+    /// Resets both sides of a pair that failed on `side`, closing it now or,
+    /// while the client has yet to take bytes lb wrote to it, once it has.
+    fn cut(&mut self, side: Side) -> Outcome {
         self.reset_both();
         // The client's reset or error already discarded its queue (and
         // `unacknowledged` then says 0). What the backend's queue holds is
@@ -781,14 +875,27 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Readies a pair that lb ends on its own (idle timeout, shutdown) for
-    /// its close. Bytes still held for either side would be lost, so the
-    /// stream is cut and both sides get a reset, as on an abort: a FIN
-    /// would make the shortened stream look complete. With nothing in
-    /// flight the close sends FINs, the usual end of an idle connection.
-    pub fn expire(&mut self) {
-        if self.up.pending() > 0 || self.down.pending() > 0 {
+    /// Readies a pair that lb ends on its own for its close. An idle pair
+    /// with nothing in flight gets FINs, the usual end of an idle
+    /// connection. Bytes still held for either side would be lost, so then
+    /// the stream is cut and both sides get a reset, as on an abort: a FIN
+    /// would make the shortened stream look complete. So does a shutdown
+    /// that ends a pair at an arbitrary moment: whether or not lb holds
+    /// bytes just then, neither stream has ended.
+    pub fn expire(&mut self, cut: Cut) {
+        if cut == Cut::Shutdown || self.up.pending() > 0 || self.down.pending() > 0 {
             self.reset_both();
+        }
+    }
+
+    /// How long the pair may go without progress before lb closes it:
+    /// `idle` (the idle timeout) while it relays. A failed pair waiting for
+    /// its client to take the last bytes is held no longer than
+    /// [`LINGER_LIMIT`], even with no idle timeout.
+    pub fn idle_limit(&self, idle: Option<Duration>) -> Option<Duration> {
+        match self.stage {
+            Stage::Lingering { .. } => Some(idle.map_or(LINGER_LIMIT, |t| t.min(LINGER_LIMIT))),
+            Stage::Connecting { .. } | Stage::Relaying => idle,
         }
     }
 
@@ -818,6 +925,16 @@ impl<'a> Session<'a> {
     /// Buffers this session holds right now (0 when idle).
     pub fn buffers_held(&self) -> usize {
         usize::from(self.up.holds_buffer()) + usize::from(self.down.holds_buffer())
+    }
+}
+
+/// Logs a failure on `side`: resets and refusals are routine, anything
+/// else is worth a warning.
+fn log_failure(side: Side, e: &io::Error) {
+    if classify(e) == IoClass::Error {
+        log::warn!("relay error ({side:?} side): {e}");
+    } else {
+        debug!("relay closed ({side:?} side): {e}");
     }
 }
 
@@ -852,10 +969,76 @@ mod tests {
         }
     }
 
+    fn shared() -> Shared {
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        Shared::new(backend::table(&[BackendSpec { name: "b".into(), addr, weight: 1 }]), 4, Vec::new())
+    }
+
+    /// Waits (up to 5 s) until `s` has an error queued; poll(2), unlike a
+    /// read, leaves it for lb to find.
+    fn wait_for_error(s: &TcpStream) {
+        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: 0, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the reset never arrived");
+    }
+
+    /// Closes `s` with a reset.
+    fn reset(s: std::net::TcpStream) {
+        SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(s);
+    }
+
+    #[test]
+    fn bytes_read_just_ahead_of_a_reset_still_reach_the_other_side() {
+        let shared = shared();
+        let buffers = BufferPool::new(1024, 4);
+        let open = AtomicU64::new(0);
+        let pipes = PipePool::new(1024, 0, 0, &open);
+        let pools = Pools { buffers: &buffers, pipes: &pipes };
+        let ((client, mut client_far), (backend, mut backend_far)) = (connected(), connected());
+        let slot = shared.try_acquire_client().expect("a slot");
+        let now = Instant::now();
+        let mut s = Session::new(client, backend, shared.backends[0].lease(), slot, Tried::default(), now, &settings());
+        s.stage = Stage::Relaying;
+        backend_far.write_all(b"reply").expect("write");
+        reset(backend_far);
+        wait_for_error(&s.backend.stream);
+        // As a FIN noted earlier leaves it: the short read is followed by
+        // a second one, which meets the reset.
+        s.backend.hangup = Hangup::Fin;
+        s.backend.readable = true;
+        s.client.writable = true;
+        assert!(matches!(s.resume(pools, now), Outcome::Close(CloseReason::Aborted(Side::Backend)) | Outcome::Linger));
+        drop(s);
+        client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut got = Vec::new();
+        let end = client_far.read_to_end(&mut got).map_err(|e| e.kind());
+        assert_eq!(got, b"reply", "the stream ended with {end:?}");
+        assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
+    }
+
+    #[test]
+    fn a_failed_pair_waits_for_its_client_no_longer_than_the_linger_limit() {
+        let shared = shared();
+        let ((client, _client_far), (backend, _backend_far)) = (connected(), connected());
+        let slot = shared.try_acquire_client().expect("a slot");
+        let now = Instant::now();
+        let mut s = Session::new(client, backend, shared.backends[0].lease(), slot, Tried::default(), now, &settings());
+        let hour = Some(Duration::from_secs(3600));
+        let second = Some(Duration::from_secs(1));
+        s.stage = Stage::Relaying;
+        assert_eq!(s.idle_limit(None), None, "a relaying pair with no idle timeout is held for ever");
+        assert_eq!(s.idle_limit(hour), hour);
+        s.stage = Stage::Lingering { side: Side::Backend, queued: 1 };
+        assert_eq!(s.idle_limit(None), Some(LINGER_LIMIT));
+        assert_eq!(s.idle_limit(hour), Some(LINGER_LIMIT));
+        assert_eq!(s.idle_limit(second), second, "a shorter idle timeout applies as it is");
+    }
+
     #[test]
     fn an_error_report_the_socket_does_not_confirm_is_not_acted_on() {
-        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-        let shared = Shared::new(backend::table(&[BackendSpec { name: "b".into(), addr, weight: 1 }]), 4, Vec::new());
+        let shared = shared();
         let buffers = BufferPool::new(1024, 4);
         let open = AtomicU64::new(0);
         let pipes = PipePool::new(1024, 0, 0, &open);
@@ -863,8 +1046,7 @@ mod tests {
         let ((client, client_far), (backend, _backend_far)) = (connected(), connected());
         let slot = shared.try_acquire_client().expect("a slot");
         let now = Instant::now();
-        let lease = shared.backends[0].lease();
-        let mut s = Session::new(client, backend, lease, slot, Tried::default(), now, &settings());
+        let mut s = Session::new(client, backend, shared.backends[0].lease(), slot, Tried::default(), now, &settings());
         s.stage = Stage::Relaying;
 
         // As a stale event for a closed pair's socket would leave it.
@@ -872,13 +1054,8 @@ mod tests {
         assert!(matches!(s.resume(pools, now), Outcome::Continue), "a healthy pair was ended");
 
         // A real reset is acted on although nothing reads the client.
-        SockRef::from(&client_far).set_linger(Some(Duration::ZERO)).expect("linger");
-        drop(client_far);
-        // poll(2), unlike a read, leaves the error for lb to find.
-        let mut pfd = libc::pollfd { fd: s.client.stream.as_raw_fd(), events: 0, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
-        assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the reset never arrived");
+        reset(client_far);
+        wait_for_error(&s.client.stream);
         s.client.hangup = Hangup::Error;
         s.client.readable = false;
         assert!(matches!(s.resume(pools, now), Outcome::Close(CloseReason::Aborted(Side::Client))));

@@ -3,6 +3,7 @@
 //! global cap, picks and connects backends (with retries), drives the relay,
 //! and enforces connect and idle timeouts. Nothing here locks.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use crate::config::SpliceMode;
 use crate::listener::MAX_LISTENERS;
 use crate::logging::Throttle;
 use crate::net::{IoClass, classify, is_local_port_shortage, is_resource_exhaustion};
-use crate::session::{CloseReason, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
+use crate::session::{CloseReason, Cut, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
 use crate::shared::Shared;
 
 /// Reserved tokens sit at the top of the token space, away from sessions.
@@ -101,8 +102,12 @@ pub struct Worker<'a> {
     expired: Vec<usize>,
     /// Sessions waiting for a buffer.
     starved: Vec<usize>,
-    /// Sessions whose backend connect is in flight (checked for timeouts).
-    connecting: Vec<usize>,
+    /// Backend connects in flight, as (session key, deadline), in deadline
+    /// order: every connect gets the same timeout, so each new entry goes
+    /// last, and only the front needs looking at. An entry whose session
+    /// has moved on (connected, closed, retried with a new deadline, or its
+    /// key reused) is stale and dropped when it reaches the front.
+    connecting: VecDeque<(usize, Instant)>,
     /// Failed sessions waiting for their client to take the last bytes.
     lingering: Vec<usize>,
     next_linger_check: Instant,
@@ -143,7 +148,7 @@ impl<'a> Worker<'a> {
             again_spare: Vec::with_capacity(capacity.min(4096)),
             expired: Vec::new(),
             starved: Vec::with_capacity(capacity.min(4096)),
-            connecting: Vec::with_capacity(capacity.min(4096)),
+            connecting: VecDeque::with_capacity(capacity.min(4096)),
             lingering: Vec::new(),
             next_linger_check: Instant::now(),
             next_scan: Instant::now() + SCAN_INTERVAL,
@@ -219,7 +224,7 @@ impl<'a> Worker<'a> {
         }
         self.publish_all_bytes();
         for (_, s) in self.sessions.iter_mut() {
-            s.expire();
+            s.expire(Cut::Shutdown);
         }
         self.sessions.clear();
         self.publish_relay_stats();
@@ -233,10 +238,9 @@ impl<'a> Worker<'a> {
         if let Accepting::BackingOff(until) = self.accepting {
             next = next.min(until);
         }
-        for &key in &self.connecting {
-            if let Some(Stage::Connecting { deadline, .. }) = self.sessions.get(key).map(Session::stage) {
-                next = next.min(deadline);
-            }
+        // check_timers leaves a live entry at the front.
+        if let Some(&(_, deadline)) = self.connecting.front() {
+            next = next.min(deadline);
         }
         if !self.lingering.is_empty() {
             next = next.min(self.next_linger_check);
@@ -372,7 +376,14 @@ impl<'a> Worker<'a> {
             self.sessions.try_remove(key);
             return;
         }
-        self.connecting.push(key);
+        self.watch_connect(key);
+    }
+
+    /// Puts the session's connect under its timeout.
+    fn watch_connect(&mut self, key: usize) {
+        if let Some(Stage::Connecting { deadline, .. }) = self.sessions.get(key).map(Session::stage) {
+            self.connecting.push_back((key, deadline));
+        }
     }
 
     /// Starts a connect to the best backend not yet tried, moving on after
@@ -446,6 +457,9 @@ impl<'a> Worker<'a> {
                 self.starved.push(key);
             }
             Outcome::ConnectFailed(e) => self.on_connect_failed(key, &e, now),
+            // A key closed on an event stays listed until the next check;
+            // reused by another failed pair meanwhile, it is listed once.
+            Outcome::Linger if self.lingering.contains(&key) => {}
             Outcome::Linger => self.lingering.push(key),
             Outcome::Close(reason) => self.close(key, reason),
         }
@@ -467,7 +481,7 @@ impl<'a> Worker<'a> {
                     self.sessions.try_remove(key);
                     return;
                 }
-                self.connecting.push(key);
+                self.watch_connect(key);
             }
             None => {
                 self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
@@ -522,22 +536,18 @@ impl<'a> Worker<'a> {
                 self.resume_accepting(now);
             }
         }
-        let mut i = 0;
-        while i < self.connecting.len() {
-            let key = self.connecting[i];
-            match self.sessions.get(key).map(Session::stage) {
-                Some(Stage::Connecting { deadline, .. }) => {
-                    if now >= deadline {
-                        self.connecting.swap_remove(i);
-                        let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-                        self.on_connect_failed(key, &e, now);
-                    } else {
-                        i += 1;
-                    }
-                }
-                _ => {
-                    self.connecting.swap_remove(i);
-                }
+        while let Some(&(key, deadline)) = self.connecting.front() {
+            let live = matches!(
+                self.sessions.get(key).map(Session::stage),
+                Some(Stage::Connecting { deadline: d, .. }) if d == deadline
+            );
+            if live && now < deadline {
+                break;
+            }
+            self.connecting.pop_front();
+            if live {
+                let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                self.on_connect_failed(key, &e, now);
             }
         }
         if !self.lingering.is_empty() && now >= self.next_linger_check {
@@ -577,7 +587,7 @@ impl<'a> Worker<'a> {
         let mut expired = std::mem::take(&mut self.expired);
         for (key, s) in self.sessions.iter_mut() {
             publish_bytes(s, &mut self.tally);
-            if let Some(limit) = idle
+            if let Some(limit) = s.idle_limit(idle)
                 && now.saturating_duration_since(s.last_active) >= limit
             {
                 expired.push(key);
@@ -585,9 +595,9 @@ impl<'a> Worker<'a> {
         }
         for key in expired.drain(..) {
             self.shared.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
-            debug!("closing a pair idle for {:?}", idle.unwrap_or_default());
             if let Some(s) = self.sessions.get_mut(key) {
-                s.expire();
+                debug!("closing a pair idle for {:?}", now.saturating_duration_since(s.last_active));
+                s.expire(Cut::Idle);
                 self.close(key, CloseReason::Expired);
             }
         }

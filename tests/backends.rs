@@ -4,29 +4,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use common::*;
-use socket2::{Domain, Socket, Type};
-
-/// A listener that never accepts and whose queue is already full: SYNs to
-/// it are dropped, so a connect hangs until the connector gives up.
-fn blackhole() -> (Socket, Vec<TcpStream>, SocketAddr) {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-    s.listen(0).unwrap();
-    let addr = s.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    // Fill the accept queue; later SYNs are dropped.
-    for _ in 0..4 {
-        if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            fillers.push(c);
-        }
-    }
-    (s, fillers, addr)
-}
 
 #[test]
 fn a_connect_that_hangs_times_out_and_the_client_is_served_elsewhere() {

@@ -112,6 +112,54 @@ fn the_drain_timeout_resets_a_download_it_cuts_short() {
     );
 }
 
+/// A backend that sends `hello`, then reads the client's stream to its
+/// end and reports how that ended: the byte count on a clean EOF, the
+/// error kind otherwise.
+fn greet_then_read_to_the_end() -> (Backend, std::sync::mpsc::Receiver<Result<usize, std::io::ErrorKind>>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let b = backend(move |mut s| {
+        let end = s.write_all(b"hello").and_then(|()| read_to_the_end(&mut s.stream));
+        let _ = tx.lock().expect("sender").send(end.map_err(|e| e.kind()));
+    });
+    (b, rx)
+}
+
+/// Brings a pair to where both streams are open and lb holds no bytes of
+/// either, lets `stop` make lb end it, and checks that both sides got a
+/// reset: the streams were cut, and a FIN would make them look complete.
+fn a_pair_cut_by_shutdown_is_reset_on_both_sides(drain_timeout: &str, stop: impl Fn(&Proc)) {
+    let (greeter, ends) = greet_then_read_to_the_end();
+    for mode in ["never", "always"] {
+        let mut lb = lb(&[greeter.addr], &["--drain-timeout", drain_timeout, "--no-health-check", "--splice", mode]);
+        let mut c = connect(lb.addr);
+        c.write_all(b"up").expect("write");
+        assert_eq!(read_n(&mut c, 5), b"hello");
+        stop(&lb);
+        let status = lb.wait_exit(WAIT).expect("lb cuts the pair and exits");
+        assert_eq!(status.code(), Some(0), "--splice {mode}");
+        let client_end = read_to_the_end(&mut c).map_err(|e| e.kind());
+        assert_eq!(client_end, Err(std::io::ErrorKind::ConnectionReset), "--splice {mode}: the client's stream");
+        let backend_end = ends.recv_timeout(WAIT).expect("the backend's stream ended");
+        assert_eq!(backend_end, Err(std::io::ErrorKind::ConnectionReset), "--splice {mode}: the backend's stream");
+    }
+}
+
+#[test]
+fn the_drain_timeout_resets_both_sides_of_a_pair_it_cuts_even_with_nothing_in_flight() {
+    a_pair_cut_by_shutdown_is_reset_on_both_sides("0.3", |lb| lb.signal(libc::SIGTERM));
+}
+
+#[test]
+fn a_second_signal_resets_both_sides_of_a_pair_it_cuts_even_with_nothing_in_flight() {
+    a_pair_cut_by_shutdown_is_reset_on_both_sides("20", |lb| {
+        lb.signal(libc::SIGTERM);
+        // Signals that arrive together count once: wait for the first.
+        assert!(lb.wait_stderr(|l| l.contains("stop signal: no longer accepting"), WAIT), "lb ignored SIGTERM");
+        lb.signal(libc::SIGTERM);
+    });
+}
+
 /// Which of lb's output streams the test leaves unread.
 #[derive(Clone, Copy)]
 enum Stalled {

@@ -416,6 +416,112 @@ fn a_reset_pair_whose_client_never_reads_the_rest_is_closed_by_the_idle_timeout(
     assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "after {} bytes", got.len());
 }
 
+/// Byte `i` of a reply: a cycle of prime length, so a dropped run of any
+/// usual size (pages, buffers) shifts what follows and shows.
+fn reply_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+#[test]
+fn everything_lb_took_from_a_backend_that_resets_an_upload_reaches_the_client() {
+    // The client uploads and reads only later. The backend reads a little,
+    // then replies until nothing more fits on the way (its writes stall for
+    // 300 ms), and resets. Every reply byte lb's kernel acknowledged before
+    // the reset could have been delivered, however slowly the client reads:
+    // lb used to pass on one more burst after its write to the backend
+    // failed and drop the rest (its buffer and what its socket still held).
+    const LIMIT: usize = 64 << 20;
+    let (tx, acked_rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let resetting = backend(move |mut s| {
+        let mut head = [0u8; 1024];
+        let _ = s.read_exact(&mut head);
+        s.set_write_timeout(Some(Duration::from_millis(300))).expect("write timeout");
+        let chunk: Vec<u8> = (0..64 * 1024).map(reply_byte).collect();
+        let mut written = 0;
+        // 64 KiB is a multiple of 251 plus 23; keep the cycle going.
+        while written < LIMIT {
+            let from = written % 251;
+            match s.write(&chunk[from..]) {
+                Ok(n) => written += n,
+                Err(_) => break,
+            }
+        }
+        let acked = written - unacknowledged(&s.stream);
+        let _ = socket2::SockRef::from(&s.stream).set_linger(Some(Duration::ZERO));
+        drop(s); // RST
+        let _ = tx.lock().expect("sender").send(acked);
+    });
+    for mode in ["never", "auto", "always"] {
+        let lb = lb(&[resetting.addr], &["--no-health-check", "--splice", mode]);
+        let mut c = connect(lb.addr);
+        c.set_read_timeout(Some(WAIT)).expect("read timeout");
+        let mut w = c.try_clone().expect("clone");
+        w.set_write_timeout(Some(WAIT)).expect("write timeout");
+        let uploader = thread::spawn(move || {
+            let chunk = [b'u'; 64 * 1024];
+            (0..512).try_for_each(|_| w.write_all(&chunk)).map_err(|e| e.kind())
+        });
+        let acked = acked_rx.recv_timeout(WAIT * 2).expect("the backend replied and reset");
+        let mut got = Vec::new();
+        let end = c.read_to_end(&mut got).map_err(|e| e.kind());
+        let upload = uploader.join().expect("uploader");
+        assert!(
+            got.len() >= acked,
+            "--splice {mode}: the client got {} of the {acked} bytes lb took, then {end:?}",
+            got.len()
+        );
+        let first_wrong = got.iter().enumerate().position(|(i, &b)| b != reply_byte(i));
+        assert_eq!(first_wrong, None, "--splice {mode}: the reply differs");
+        // The socket reports a reset once: to the reader, or to the
+        // uploader if its write came first, and the reader then sees 0.
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+        let reset = end == Err(ConnectionReset) || (end == Ok(got.len()) && upload == Err(ConnectionReset));
+        assert!(reset, "--splice {mode}: a cut stream must not end cleanly: read {end:?}, upload {upload:?}");
+        // Discarded, not stalled, once the backend has failed.
+        assert!(
+            matches!(upload, Ok(()) | Err(ConnectionReset | BrokenPipe)),
+            "--splice {mode}: the upload ended with {upload:?}"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_resets_while_the_backend_connect_is_in_flight_is_let_go_and_its_request_goes_nowhere() {
+    // The first backend never completes a connect; the second would take
+    // the request on a retry after the timeout. A client that reset before
+    // then has given up: lb must free its pair at once and not deliver the
+    // request elsewhere later, whether or not it half-closed first.
+    let (_hole, _fillers, hole) = blackhole();
+    let recorder = echo_backend();
+    for half_close in [false, true] {
+        // One worker, and a fresh lb each time, so the table order decides:
+        // the hole is tried first.
+        let lb = lb(
+            &[hole, recorder.addr],
+            &["--workers", "1", "--retries", "1", "--connection-timeout", "1", "--no-health-check"],
+        );
+        let idle = lb.fd_count();
+        let c = connect(lb.addr);
+        // Accepted, and the connect to the hole started.
+        assert!(wait_until(WAIT, || lb.fd_count() >= idle + 2), "lb never took the client");
+        (&c).write_all(b"request").expect("write");
+        if half_close {
+            c.shutdown(Shutdown::Write).expect("shutdown");
+        }
+        socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(c);
+        assert!(
+            wait_until(WAIT, || lb.fd_count() == idle),
+            "half-close {half_close}: lb still holds {} descriptors",
+            lb.fd_count() - idle
+        );
+        // The pair is gone, so no retry can follow.
+        let relayed = recorder.gauge.accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(relayed, 0, "half-close {half_close}: the request reached the second backend");
+    }
+}
+
 #[test]
 fn no_descriptors_or_close_wait_sockets_leak_after_many_connections_and_resets() {
     let echo = echo_backend();

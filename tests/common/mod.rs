@@ -152,8 +152,10 @@ pub fn lb(backends: &[SocketAddr], extra: &[&str]) -> Proc {
 }
 
 pub fn lb_env(backends: &[SocketAddr], extra: &[&str], envs: &[(&str, &str)]) -> Proc {
-    let mut args: Vec<String> =
-        ["-p", "0", "--bind", "127.0.0.1", "--workers", "2"].iter().map(|s| s.to_string()).collect();
+    let mut args: Vec<String> = ["-p", "0", "--bind", "127.0.0.1"].iter().map(|s| s.to_string()).collect();
+    if !extra.contains(&"--workers") {
+        args.extend(["--workers".to_string(), "2".to_string()]);
+    }
     if !backends.is_empty() {
         args.push("-b".into());
         args.extend(backends.iter().map(|b| b.to_string()));
@@ -254,6 +256,23 @@ pub fn dead_addr() -> SocketAddr {
 pub fn dead_addrs<const N: usize>() -> [SocketAddr; N] {
     let held: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("bind"));
     held.each_ref().map(|l| l.local_addr().expect("addr"))
+}
+
+/// A listener that never accepts and whose queue is already full: SYNs to
+/// it are dropped, so a connect hangs until the connector gives up.
+pub fn blackhole() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("blackhole");
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("blackhole").into()).expect("blackhole");
+    s.listen(0).expect("blackhole");
+    let addr = s.local_addr().expect("blackhole").as_socket().expect("blackhole");
+    let mut fillers = Vec::new();
+    // Fill the accept queue; later SYNs are dropped.
+    for _ in 0..4 {
+        if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            fillers.push(c);
+        }
+    }
+    (s, fillers, addr)
 }
 
 pub fn connect(addr: SocketAddr) -> TcpStream {

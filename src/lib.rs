@@ -132,7 +132,12 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     } else {
         listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?
     };
-    let bound = per_worker.first().and_then(|ls| ls.first()).and_then(listener::local_addr).unwrap_or(config.listen);
+    // Every address served (systemd may pass several), the first one first:
+    // scripts read the address that follows "listening on".
+    let bound = match per_worker.first().map(|ls| ls.iter().filter_map(listener::local_addr).collect::<Vec<_>>()) {
+        Some(addrs) if !addrs.is_empty() => addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(" and "),
+        _ => config.listen.to_string(),
+    };
     let fd_note = match &fd_limit {
         Ok(limit) => fit_fd_limit(&mut config, *limit, per_worker.iter().map(Vec::len).sum())?,
         Err(_) => None,

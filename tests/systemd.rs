@@ -49,7 +49,7 @@ fn every_socket_systemd_passes_is_served() {
     // More than the 8 an earlier lb kept, silently dropping the rest.
     let ls = loopback_listeners(9);
     let (mut child, lines) = activated(&ls, &["--workers", "2", "--no-health-check", "-b", &echo.addr.to_string()]);
-    let started = std::iter::from_fn(|| lines.recv_timeout(WAIT).ok()).any(|l| l.contains("listening on"));
+    let started = std::iter::from_fn(|| lines.recv_timeout(WAIT).ok()).find(|l| l.contains("listening on"));
     let served: Vec<bool> = ls
         .iter()
         .map(|l| {
@@ -61,7 +61,10 @@ fn every_socket_systemd_passes_is_served() {
         .collect();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(started, "lb did not start");
+    let started = started.expect("lb did not start");
+    // The start-up line names every address served, not just the first.
+    let named: Vec<bool> = ls.iter().map(|l| started.contains(&l.local_addr().expect("addr").to_string())).collect();
+    assert!(named.iter().all(|&n| n), "named per passed socket: {named:?} in {started:?}");
     assert!(served.iter().all(|&s| s), "served per passed socket: {served:?}");
 }
 

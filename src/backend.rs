@@ -147,25 +147,37 @@ impl Backend {
 
     pub fn lease(&self) -> Lease<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);
-        Lease { backend: self }
+        Lease { backend: self, held: true }
     }
 }
 
-/// One client's claim on a backend: counted in `active` while it lives.
+/// One client's claim on a backend: counted in `active` while it lives,
+/// or until released. A released lease still names its backend, for the
+/// byte counters.
 #[derive(Debug)]
 pub struct Lease<'a> {
     backend: &'a Backend,
+    held: bool,
 }
 
 impl<'a> Lease<'a> {
     pub fn backend(&self) -> &'a Backend {
         self.backend
     }
+
+    /// Stops counting the connection on the backend (once, however often
+    /// called): it is gone, although its client is not yet.
+    pub fn release(&mut self) {
+        if self.held {
+            self.held = false;
+            self.backend.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+        self.release();
     }
 }
 
@@ -179,6 +191,21 @@ mod tests {
 
     fn backend() -> Backend {
         table(&[spec(1)]).pop().unwrap()
+    }
+
+    #[test]
+    fn a_lease_counts_until_released_or_dropped_and_only_once() {
+        let b = backend();
+        let mut first = b.lease();
+        let second = b.lease();
+        assert_eq!(b.active.load(Ordering::Relaxed), 2);
+        first.release();
+        first.release();
+        assert_eq!(b.active.load(Ordering::Relaxed), 1, "a release counts once");
+        drop(first);
+        assert_eq!(b.active.load(Ordering::Relaxed), 1, "a released lease is not uncounted again");
+        drop(second);
+        assert_eq!(b.active.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -842,12 +842,20 @@ impl<'a> Session<'a> {
     /// while the client has yet to take bytes lb wrote to it, once it has.
     fn cut(&mut self, side: Side) -> Outcome {
         self.reset_both();
+        // Nothing is relayed any more: what is held is dropped and the
+        // buffers or pipes go back now, not when the client is done.
+        self.up.abandon();
+        self.down.abandon();
         // The client's reset or error already discarded its queue (and
         // `unacknowledged` then says 0). What the backend's queue holds is
         // not waited for: its client is gone or the backend failed.
         match unacknowledged(&self.client.stream) {
             0 => Outcome::Close(CloseReason::Aborted(side)),
             queued => {
+                // The backend connection is over (failed, or about to be
+                // reset with the pair): leastconn must not count it while
+                // the client reads its last bytes.
+                self.lease.release();
                 self.stage = Stage::Lingering { side, queued };
                 Outcome::Linger
             }

@@ -400,6 +400,28 @@ fn a_reset_pair_does_not_stall_a_client_that_uploads_before_it_reads() {
 }
 
 #[test]
+fn a_pair_waiting_for_its_client_to_take_the_last_bytes_no_longer_counts_on_its_backend() {
+    // The backend connection is over; only the client still reads. Counted
+    // on, the dead connection would skew leastconn for as long as the
+    // client takes.
+    use common::admin::{admin_addr, scrape};
+    let reply = random_bytes(200_000, 13);
+    let (resetting, done) = reply_then_reset(reply.clone());
+    let lb = lb(&[resetting.addr], &["--no-health-check", "--admin", "127.0.0.1:0"]);
+    let admin = admin_addr(&lb);
+    let mut c = connect(lb.addr);
+    c.write_all(b"go").expect("write");
+    assert_eq!(done.recv_timeout(WAIT), Ok(true), "lb did not take the whole reply");
+    let active = || scrape(admin).backend("lb_backend_active_connections", resetting.addr);
+    assert!(wait_until(WAIT, || active() == 0.0), "the backend still counts {} connections", active());
+    assert_eq!(scrape(admin).sum("lb_connections_active"), 1.0, "the client is still held");
+    let mut got = Vec::new();
+    let end = c.read_to_end(&mut got).map_err(|e| e.kind());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "after {} bytes", got.len());
+    assert!(got == reply, "the client got {} bytes, not the whole reply", got.len());
+}
+
+#[test]
 fn a_reset_pair_whose_client_never_reads_the_rest_is_closed_by_the_idle_timeout() {
     // lb holds such a pair open while the client might still take the last
     // bytes; a client that never does must not keep it for ever.

@@ -6,9 +6,9 @@
 //! It answers one request per connection and closes (`Connection: close`).
 //! Untrusted clients are bounded: at most [`MAX_CLIENTS`] connections at
 //! once (more wait in the listen backlog), a request head of at most
-//! [`MAX_HEAD`] bytes (larger or malformed: 400), and [`DEADLINE`] per
-//! connection from accept to close. It has no authentication: bind it to
-//! 127.0.0.1 or a private address.
+//! [`MAX_HEAD`] bytes (larger, malformed or cut short by a FIN: 400), and
+//! [`DEADLINE`] per connection from accept to close. It has no
+//! authentication: bind it to 127.0.0.1 or a private address.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -343,7 +343,16 @@ fn step(conn: &mut Conn, scratch: &mut [u8], shared: &Shared) -> io::Result<bool
             State::Reading => {
                 let room = (MAX_HEAD - conn.head.len()).min(scratch.len());
                 let n = match conn.stream.read(&mut scratch[..room]) {
-                    Ok(0) => return Ok(true),
+                    Ok(0) if conn.head.is_empty() => return Ok(true),
+                    // The client half-closed with its head unfinished: it
+                    // can still read the answer, and a silent close would
+                    // look like lb failing.
+                    Ok(0) => {
+                        conn.out = answer(Parsed::Bad, shared);
+                        conn.head = Vec::new();
+                        conn.state = State::Writing { written: 0 };
+                        continue;
+                    }
                     Ok(n) => n,
                     Err(e) => match classify(&e) {
                         IoClass::WouldBlock => return Ok(false),

@@ -344,6 +344,15 @@ fn bad_admin_requests_get_400_404_or_405_and_lb_keeps_serving() {
     assert_eq!(raw_request(admin, b"garbage\r\n\r\n").status, 400);
     assert_eq!(raw_request(admin, b"GET /metrics HTTP/1.1\r\nHost x\r\n\r\n").status, 400);
     assert_eq!(raw_request(admin, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03").status, 400);
+    // A head cut short by the client's FIN is answered, not dropped.
+    let mut s = TcpStream::connect(admin).expect("connect");
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\n").expect("write");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("closed after the answer");
+    assert!(!raw.is_empty(), "a half-closed partial head got no answer");
+    assert_eq!(common::admin::parse_response(&raw).status, 400);
     let post = raw_request(admin, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
     assert_eq!((post.status, post.header("Allow")), (405, Some("GET, HEAD")));
     let head = raw_request(admin, b"HEAD /metrics HTTP/1.1\r\n\r\n");

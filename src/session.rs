@@ -717,8 +717,7 @@ impl<'a> Session<'a> {
                 Err(e) => return Outcome::ConnectFailed(e),
             }
         }
-        self.last_active = now;
-        self.relay(pools)
+        self.relay_at(pools, now)
     }
 
     /// Runs the relay without a new event (after `Again` or `Starved`).
@@ -726,8 +725,24 @@ impl<'a> Session<'a> {
         if self.stage != Stage::Relaying {
             return Outcome::Continue;
         }
-        self.last_active = now;
-        self.relay(pools)
+        self.relay_at(pools, now)
+    }
+
+    /// Relays, counting the pair as active. Once the backend has failed,
+    /// only bytes delivered to the client count: what the client sends is
+    /// discarded, and a client that uploads for ever without reading must
+    /// still meet the idle limit, as without a proxy its writes would fail.
+    fn relay_at(&mut self, pools: Pools<'a>, now: Instant) -> Outcome {
+        if self.up.flow != Flow::Abandoned {
+            self.last_active = now;
+            return self.relay(pools);
+        }
+        let delivered = self.down.unreported;
+        let outcome = self.relay(pools);
+        if self.down.unreported != delivered {
+            self.last_active = now;
+        }
+        outcome
     }
 
     fn finish_connect(&mut self) -> io::Result<bool> {
@@ -897,14 +912,16 @@ impl<'a> Session<'a> {
     }
 
     /// How long the pair may go without progress before lb closes it:
-    /// `idle` (the idle timeout) while it relays. A failed pair waiting for
-    /// its client to take the last bytes is held no longer than
-    /// [`LINGER_LIMIT`], even with no idle timeout.
+    /// `idle` (the idle timeout) while it relays. A failed pair that only
+    /// delivers the backend's last bytes to its client is held no longer
+    /// than [`LINGER_LIMIT`], even with no idle timeout.
     pub fn idle_limit(&self, idle: Option<Duration>) -> Option<Duration> {
-        match self.stage {
-            Stage::Lingering { .. } => Some(idle.map_or(LINGER_LIMIT, |t| t.min(LINGER_LIMIT))),
-            Stage::Connecting { .. } | Stage::Relaying => idle,
-        }
+        let failed = match self.stage {
+            Stage::Lingering { .. } => true,
+            Stage::Relaying => self.up.flow == Flow::Abandoned,
+            Stage::Connecting { .. } => false,
+        };
+        if failed { Some(idle.map_or(LINGER_LIMIT, |t| t.min(LINGER_LIMIT))) } else { idle }
     }
 
     /// Makes the coming close send RST instead of FIN.
@@ -1042,6 +1059,11 @@ mod tests {
         assert_eq!(s.idle_limit(None), Some(LINGER_LIMIT));
         assert_eq!(s.idle_limit(hour), Some(LINGER_LIMIT));
         assert_eq!(s.idle_limit(second), second, "a shorter idle timeout applies as it is");
+        // Still relaying the backend's last bytes after it failed.
+        s.stage = Stage::Relaying;
+        s.up.abandon();
+        assert_eq!(s.idle_limit(None), Some(LINGER_LIMIT));
+        assert_eq!(s.idle_limit(hour), Some(LINGER_LIMIT));
     }
 
     #[test]

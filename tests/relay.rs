@@ -444,18 +444,15 @@ fn reply_byte(i: usize) -> u8 {
     (i % 251) as u8
 }
 
-#[test]
-fn everything_lb_took_from_a_backend_that_resets_an_upload_reaches_the_client() {
-    // The client uploads and reads only later. The backend reads a little,
-    // then replies until nothing more fits on the way (its writes stall for
-    // 300 ms), and resets. Every reply byte lb's kernel acknowledged before
-    // the reset could have been delivered, however slowly the client reads:
-    // lb used to pass on one more burst after its write to the backend
-    // failed and drop the rest (its buffer and what its socket still held).
+/// A backend that reads 1 KiB of the client's upload, then replies (bytes
+/// [`reply_byte`]) until nothing more fits on the way (its writes stall
+/// for 300 ms) and resets. It reports how many reply bytes lb's kernel had
+/// acknowledged by then: each of them could have been delivered.
+fn reply_until_stalled_then_reset() -> (Backend, mpsc::Receiver<usize>) {
     const LIMIT: usize = 64 << 20;
     let (tx, acked_rx) = mpsc::channel();
     let tx = Mutex::new(tx);
-    let resetting = backend(move |mut s| {
+    let b = backend(move |mut s| {
         let mut head = [0u8; 1024];
         let _ = s.read_exact(&mut head);
         s.set_write_timeout(Some(Duration::from_millis(300))).expect("write timeout");
@@ -474,6 +471,18 @@ fn everything_lb_took_from_a_backend_that_resets_an_upload_reaches_the_client() 
         drop(s); // RST
         let _ = tx.lock().expect("sender").send(acked);
     });
+    (b, acked_rx)
+}
+
+#[test]
+fn everything_lb_took_from_a_backend_that_resets_an_upload_reaches_the_client() {
+    // The client uploads and reads only later. The backend reads a little,
+    // then replies until nothing more fits on the way (its writes stall for
+    // 300 ms), and resets. Every reply byte lb's kernel acknowledged before
+    // the reset could have been delivered, however slowly the client reads:
+    // lb used to pass on one more burst after its write to the backend
+    // failed and drop the rest (its buffer and what its socket still held).
+    let (resetting, acked_rx) = reply_until_stalled_then_reset();
     for mode in ["never", "auto", "always"] {
         let lb = lb(&[resetting.addr], &["--no-health-check", "--splice", mode]);
         let mut c = connect(lb.addr);
@@ -506,6 +515,35 @@ fn everything_lb_took_from_a_backend_that_resets_an_upload_reaches_the_client() 
             "--splice {mode}: the upload ended with {upload:?}"
         );
     }
+}
+
+#[test]
+fn a_client_that_uploads_for_ever_after_its_backend_failed_and_never_reads_meets_the_idle_timeout() {
+    // lb discards what such a client sends while the backend's last bytes
+    // wait for it; that must not count as activity, or the pair would be
+    // held as long as the client writes. Without a proxy its writes fail.
+    let (resetting, acked) = reply_until_stalled_then_reset();
+    let lb = lb(&[resetting.addr], &["--no-health-check", "--idle-timeout", "1"]);
+    let mut c = connect(lb.addr);
+    // A steady trickle, for at most 20 s: every write is activity if
+    // discarding counts.
+    let started = Instant::now();
+    let chunk = [b'u'; 16 * 1024];
+    let upload = loop {
+        if let Err(e) = c.write_all(&chunk) {
+            break Err(e.kind());
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            break Ok(());
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    acked.recv_timeout(WAIT).expect("the backend replied and reset");
+    assert!(
+        matches!(upload, Err(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)),
+        "the upload ended with {upload:?} after {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

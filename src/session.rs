@@ -780,6 +780,9 @@ impl<'a> Session<'a> {
                 // takes to read it: the down direction runs on until the
                 // backend's stream ends.
                 log_failure(Side::Backend, &error);
+                // Its connection is over: leastconn must not count it while
+                // the client reads what is left.
+                self.lease.release();
                 self.up.abandon();
                 discard_received(&self.client.stream);
                 // The write that failed may have come before the event

@@ -484,7 +484,8 @@ fn everything_lb_took_from_a_backend_that_resets_an_upload_reaches_the_client() 
     // failed and drop the rest (its buffer and what its socket still held).
     let (resetting, acked_rx) = reply_until_stalled_then_reset();
     for mode in ["never", "auto", "always"] {
-        let lb = lb(&[resetting.addr], &["--no-health-check", "--splice", mode]);
+        let lb = lb(&[resetting.addr], &["--no-health-check", "--splice", mode, "--admin", "127.0.0.1:0"]);
+        let admin = common::admin::admin_addr(&lb);
         let mut c = connect(lb.addr);
         c.set_read_timeout(Some(WAIT)).expect("read timeout");
         let mut w = c.try_clone().expect("clone");
@@ -494,6 +495,10 @@ fn everything_lb_took_from_a_backend_that_resets_an_upload_reaches_the_client() 
             (0..512).try_for_each(|_| w.write_all(&chunk)).map_err(|e| e.kind())
         });
         let acked = acked_rx.recv_timeout(WAIT * 2).expect("the backend replied and reset");
+        // Its connection is over while the client has yet to read: it no
+        // longer counts for leastconn.
+        let active = || common::admin::scrape(admin).backend("lb_backend_active_connections", resetting.addr);
+        assert!(wait_until(WAIT, || active() == 0.0), "--splice {mode}: the backend still counts {}", active());
         let mut got = Vec::new();
         let end = c.read_to_end(&mut got).map_err(|e| e.kind());
         let upload = uploader.join().expect("uploader");

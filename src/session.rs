@@ -111,9 +111,10 @@ enum Flow {
     Draining,
     /// EOF relayed: the destination got `shutdown(Write)`.
     Done,
-    /// The destination failed while the other direction still holds bytes
-    /// it can deliver: nothing moves this way any more, and what the
-    /// source sends is read and dropped so that it never blocks.
+    /// Nothing moves this way any more. Either the destination failed
+    /// while the other direction still has bytes to deliver (what the
+    /// source sends is then read and dropped, so it never blocks), or the
+    /// whole pair is being reset.
     Abandoned,
 }
 

@@ -90,14 +90,14 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         &mut out,
         "lb_connections_no_backend_total",
         "counter",
-        "Clients closed at once because no backend was up.",
+        "Clients reset at once because no backend was up.",
         s.no_backend,
     );
     single(
         &mut out,
         "lb_connections_gave_up_total",
         "counter",
-        "Clients closed because every backend connect attempt failed.",
+        "Clients reset because every backend connect attempt failed.",
         s.connect_gave_up,
     );
     single(

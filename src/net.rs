@@ -80,6 +80,14 @@ pub fn unacknowledged(s: &impl AsRawFd) -> usize {
     usize::try_from(queued).unwrap_or(0)
 }
 
+/// Makes the coming close of `s` send RST instead of FIN: its stream did
+/// not end but was cut, or never began (no backend took the client), and a
+/// FIN would make it look complete.
+pub fn reset_on_close(s: &impl std::os::fd::AsFd) {
+    // Fails only on a socket already gone, whose close sends nothing.
+    let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// Drops what `s` has received so far without copying it (MSG_TRUNC on a
 /// TCP socket), so a peer whose bytes lb no longer wants is not left
 /// blocked on a full window. Stops at `WouldBlock`, the EOF, an error, or

@@ -17,7 +17,7 @@ use socket2::SockRef;
 
 use crate::backend::Lease;
 use crate::config::{MAX_RETRIES, SpliceMode};
-use crate::net::{IoClass, classify, discard_received, unacknowledged};
+use crate::net::{IoClass, classify, discard_received, reset_on_close, unacknowledged};
 use crate::pipe::{self, Pipe, PipePool};
 use crate::pool::{Buffer, BufferPool};
 use crate::shared::ClientSlot;
@@ -930,9 +930,8 @@ impl<'a> Session<'a> {
 
     /// Makes the coming close send RST instead of FIN.
     pub fn reset_both(&mut self) {
-        for s in [&self.client.stream, &self.backend.stream] {
-            let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
-        }
+        reset_on_close(&self.client.stream);
+        reset_on_close(&self.backend.stream);
     }
 
     /// Bytes relayed since the last call, as (client→backend, backend→client).

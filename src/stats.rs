@@ -104,7 +104,7 @@ pub struct Counters {
     pub accepted: AtomicU64,
     /// Times a worker paused accepting because the cap was reached.
     pub cap_reached: AtomicU64,
-    /// Clients closed at once because no backend was up.
+    /// Clients reset at once because no backend was up.
     pub no_backend: AtomicU64,
     /// Clients closed because every connect attempt failed.
     pub connect_gave_up: AtomicU64,

@@ -19,7 +19,7 @@ use crate::balancer;
 use crate::config::SpliceMode;
 use crate::listener::MAX_LISTENERS;
 use crate::logging::Throttle;
-use crate::net::{IoClass, classify, is_local_port_shortage, is_resource_exhaustion};
+use crate::net::{IoClass, classify, is_local_port_shortage, is_resource_exhaustion, reset_on_close};
 use crate::session::{CloseReason, Cut, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
 use crate::shared::Shared;
 
@@ -355,12 +355,15 @@ impl<'a> Worker<'a> {
     fn start_session(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, now: Instant) {
         if !balancer::any_healthy(&self.shared.backends) {
             self.shared.counters.no_backend.fetch_add(1, Ordering::Relaxed);
-            debug!("no backend is up; closing the client");
+            debug!("no backend is up; resetting the client");
+            // As a refused connect would: a FIN would read as an empty reply.
+            reset_on_close(&client);
             return;
         }
         let mut tried = Tried::default();
         let Some((backend, lease)) = self.connect_next(&mut tried) else {
             self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
+            reset_on_close(&client);
             return;
         };
         let entry = self.sessions.vacant_entry();
@@ -373,6 +376,7 @@ impl<'a> Worker<'a> {
             );
         if let Err(e) = registered {
             warn!("worker {}: cannot register a new connection: {e}", self.id);
+            session.reset_both();
             self.sessions.try_remove(key);
             return;
         }
@@ -478,6 +482,7 @@ impl<'a> Worker<'a> {
                 let token = session_token(key, Side::Backend);
                 if let Err(e) = self.poll.registry().register(session.backend_stream(), token, SOCKET_INTEREST) {
                     warn!("worker {}: cannot register a backend connection: {e}", self.id);
+                    session.reset_both();
                     self.sessions.try_remove(key);
                     return;
                 }
@@ -485,7 +490,10 @@ impl<'a> Worker<'a> {
             }
             None => {
                 self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
-                debug!("no backend accepted the connection; closing the client");
+                debug!("no backend accepted the connection; resetting the client");
+                if let Some(s) = self.sessions.get_mut(key) {
+                    s.reset_both();
+                }
                 self.close(key, CloseReason::Aborted(Side::Backend));
             }
         }

@@ -37,6 +37,25 @@ fn with_no_retries_a_hanging_backend_closes_the_client_after_the_timeout() {
 }
 
 #[test]
+fn a_client_no_backend_would_take_is_reset_not_given_a_clean_end() {
+    // Every connect is refused: without a proxy the client's own connect
+    // would be. A FIN would read as an empty but complete reply.
+    let [d1, d2] = dead_addrs();
+    let lb = lb(&[d1, d2], &["--no-health-check", "--retries", "1", "--fall", "100"]);
+    for sends_first in [false, true] {
+        // The reset may come before connect returns.
+        let end = std::net::TcpStream::connect(lb.addr).and_then(|mut c| {
+            c.set_read_timeout(Some(WAIT))?;
+            if sends_first {
+                c.write_all(b"request")?;
+            }
+            c.read(&mut [0u8; 16])
+        });
+        assert_eq!(end.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset), "sends first: {sends_first}");
+    }
+}
+
+#[test]
 fn weights_scale_each_backends_share_of_held_connections() {
     let a = tagged_backend("A");
     let b = tagged_backend("B");

@@ -106,7 +106,7 @@ pub struct Counters {
     pub cap_reached: AtomicU64,
     /// Clients reset at once because no backend was up.
     pub no_backend: AtomicU64,
-    /// Clients closed because every connect attempt failed.
+    /// Clients reset because every connect attempt failed.
     pub connect_gave_up: AtomicU64,
     /// Relay buffer requests refused by an exhausted pool.
     pub pool_exhausted: AtomicU64,

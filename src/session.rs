@@ -910,7 +910,9 @@ impl<'a> Session<'a> {
     /// that ends a pair at an arbitrary moment: whether or not lb holds
     /// bytes just then, neither stream has ended.
     pub fn expire(&mut self, cut: Cut) {
-        if cut == Cut::Shutdown || self.up.pending() > 0 || self.down.pending() > 0 {
+        // A pair whose backend failed ends in a reset in any case.
+        let failed = self.up.flow == Flow::Abandoned;
+        if cut == Cut::Shutdown || failed || self.up.pending() > 0 || self.down.pending() > 0 {
             self.reset_both();
         }
     }
@@ -1043,6 +1045,22 @@ mod tests {
         let mut got = Vec::new();
         let end = client_far.read_to_end(&mut got).map_err(|e| e.kind());
         assert_eq!(got, b"reply", "the stream ended with {end:?}");
+        assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
+    }
+
+    #[test]
+    fn a_pair_whose_backend_failed_is_reset_when_it_expires_even_with_nothing_held() {
+        let shared = shared();
+        let ((client, mut client_far), (backend, _backend_far)) = (connected(), connected());
+        let slot = shared.try_acquire_client().expect("a slot");
+        let now = Instant::now();
+        let mut s = Session::new(client, backend, shared.backends[0].lease(), slot, Tried::default(), now, &settings());
+        s.stage = Stage::Relaying;
+        s.up.abandon();
+        s.expire(Cut::Idle);
+        drop(s);
+        client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let end = client_far.read(&mut [0u8; 16]).map_err(|e| e.kind());
         assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
     }
 

@@ -241,7 +241,7 @@ struct Direction<'p> {
     /// An error the source reported after bytes that are still to be
     /// written: it ends the direction once they are (an OS error code,
     /// so holding it costs no allocation).
-    deferred: Option<i32>,
+    deferred: Option<std::num::NonZeroI32>,
 }
 
 /// Why a pump stopped.
@@ -445,7 +445,7 @@ impl<'p> Direction<'p> {
     /// direction to `Draining`.
     fn fill(&mut self, src: &mut Peer, pools: Pools<'p>) -> io::Result<Filled> {
         if let Some(code) = self.deferred.take() {
-            return Err(io::Error::from_raw_os_error(code));
+            return Err(io::Error::from_raw_os_error(code.get()));
         }
         let result = match &mut self.transfer {
             Transfer::Copy { buf, end, .. } => {
@@ -489,8 +489,10 @@ impl<'p> Direction<'p> {
                                         // out first, then the next fill
                                         // fails with it. (The socket
                                         // reports an error only once.)
-                                        (_, Some(code)) => self.deferred = Some(code),
-                                        (_, None) => return Err(e),
+                                        (_, code) => match code.and_then(std::num::NonZeroI32::new) {
+                                            Some(code) => self.deferred = Some(code),
+                                            None => return Err(e),
+                                        },
                                     },
                                 },
                                 // Read on until the error surfaces.

@@ -6,6 +6,10 @@
 use std::cell::{Cell, RefCell};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+/// How long a pool whose allocation failed waits before it tries again.
+pub const ALLOC_RETRY: Duration = Duration::from_secs(1);
 
 /// Single-threaded: each worker owns one, so no lock or atomic is needed.
 ///
@@ -20,8 +24,10 @@ pub struct BufferPool {
     /// as a `Box<[u8]>`.
     free: RefCell<Vec<NonNull<u8>>>,
     size: usize,
-    /// Lowered to what exists if the allocator refuses a buffer.
-    limit: Cell<usize>,
+    limit: usize,
+    /// Set when the allocator refused a buffer: no new one is tried before
+    /// then, so waiting sessions are not retried in a loop meanwhile.
+    retry_at: Cell<Option<Instant>>,
     allocated: Cell<usize>,
     exhausted: Cell<u64>,
 }
@@ -35,7 +41,8 @@ impl BufferPool {
             // Reserve the free list up front so returning a buffer never grows it.
             free: RefCell::new(Vec::with_capacity(limit.min(1 << 16))),
             size,
-            limit: Cell::new(limit),
+            limit,
+            retry_at: Cell::new(None),
             allocated: Cell::new(0),
             exhausted: Cell::new(0),
         }
@@ -56,7 +63,8 @@ impl BufferPool {
     #[cold]
     #[inline(never)]
     fn allocate(&self) -> Option<Buffer<'_>> {
-        if self.allocated.get() >= self.limit.get() {
+        let now = Instant::now();
+        if !self.may_allocate(now) {
             self.exhausted.set(self.exhausted.get() + 1);
             return None;
         }
@@ -64,20 +72,33 @@ impl BufferPool {
         // SAFETY: the layout has a non-zero size (checked in `new`).
         let data = layout.and_then(|l| NonNull::new(unsafe { std::alloc::alloc_zeroed(l) }));
         let Some(data) = data else {
-            // Out of memory (a huge --buffer-size, say): an exhausted pool,
-            // not an abort. It stays at the buffers it has, so that sessions
-            // waiting for one are woken only when one comes back.
-            log::warn!(
-                "cannot allocate a relay buffer of {} bytes; this worker keeps the {} it has",
-                self.size,
-                self.allocated.get()
-            );
-            self.limit.set(self.allocated.get());
+            // Out of memory (a huge --buffer-size, a memory limit): an
+            // exhausted pool for a while, not an abort.
+            if self.retry_at.get().is_none() {
+                log::warn!(
+                    "cannot allocate a relay buffer of {} bytes; this worker has {} and tries again every {:?}",
+                    self.size,
+                    self.allocated.get(),
+                    ALLOC_RETRY
+                );
+            }
+            self.retry_at.set(Some(now + ALLOC_RETRY));
             self.exhausted.set(self.exhausted.get() + 1);
             return None;
         };
+        self.retry_at.set(None);
         self.allocated.set(self.allocated.get() + 1);
         Some(Buffer { data, pool: self })
+    }
+
+    /// Whether a new buffer may be allocated at `now`.
+    fn may_allocate(&self, now: Instant) -> bool {
+        self.allocated.get() < self.limit && self.retry_at.get().is_none_or(|t| now >= t)
+    }
+
+    /// When an allocation that failed may be tried again, if one did.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at.get()
     }
 
     pub fn buffer_size(&self) -> usize {
@@ -90,7 +111,14 @@ impl BufferPool {
     }
 
     pub fn has_free(&self) -> bool {
-        !self.free.borrow().is_empty() || self.allocated.get() < self.limit.get()
+        // The clock is read only after a failed allocation.
+        !self.free.borrow().is_empty()
+            || (self.allocated.get() < self.limit && self.retry_at.get().is_none_or(|t| Instant::now() >= t))
+    }
+
+    #[cfg(test)]
+    fn has_free_at(&self, now: Instant) -> bool {
+        !self.free.borrow().is_empty() || self.may_allocate(now)
     }
 
     /// Times `get` found the pool exhausted.
@@ -175,14 +203,18 @@ mod tests {
     }
 
     #[test]
-    fn a_buffer_the_allocator_refuses_is_exhaustion_not_an_abort() {
+    fn a_buffer_the_allocator_refuses_is_exhaustion_for_a_while_not_an_abort() {
         // No machine maps 2^62 bytes.
         let pool = BufferPool::new(1 << 62, 4);
         assert!(pool.get().is_none());
         assert_eq!(pool.exhausted(), 1);
-        assert!(!pool.has_free(), "a pool that cannot grow must not promise a buffer");
+        let retry = pool.retry_at().expect("a retry is due");
+        assert!(!pool.has_free(), "waiting sessions must not be retried in a loop");
         assert!(pool.get().is_none());
         assert_eq!(pool.exhausted(), 2);
+        // Memory may come back: the pool tries again, rather than starving
+        // its sessions for good.
+        assert!(pool.has_free_at(retry), "no buffer is ever tried again");
     }
 
     #[test]

@@ -245,6 +245,12 @@ impl<'a> Worker<'a> {
         if !self.lingering.is_empty() {
             next = next.min(self.next_linger_check);
         }
+        // Sessions wait for a buffer the allocator refused: try again then.
+        if !self.starved.is_empty()
+            && let Some(retry) = self.pools.buffers.retry_at()
+        {
+            next = next.min(retry);
+        }
         Some(next.saturating_duration_since(now))
     }
 

@@ -627,6 +627,9 @@ pub struct Session<'a> {
     up: Direction<'a>,
     down: Direction<'a>,
     pub last_active: Instant,
+    /// Once the backend failed: what lb's send queue to the client held at
+    /// the last look ([`Session::note_client_progress`]).
+    client_queued: u32,
     pub tried: Tried,
     _slot: ClientSlot<'a>,
 }
@@ -649,6 +652,7 @@ impl<'a> Session<'a> {
             up: Direction::new(settings.splice),
             down: Direction::new(settings.splice),
             last_active: now,
+            client_queued: 0,
             tried,
             _slot: slot,
         }
@@ -729,6 +733,21 @@ impl<'a> Session<'a> {
             return Outcome::Continue;
         }
         self.relay_at(pools, now)
+    }
+
+    /// For a pair relaying a failed backend's last bytes: the client taking
+    /// bytes out of lb's send queue is progress too, although lb may write
+    /// nothing new for a long while (the socket reports room only once much
+    /// of a full queue has gone), so a slow reader is not cut as idle.
+    pub fn note_client_progress(&mut self, now: Instant) {
+        if self.stage != Stage::Relaying || self.up.flow != Flow::Abandoned {
+            return;
+        }
+        let queued = u32::try_from(unacknowledged(&self.client.stream)).unwrap_or(u32::MAX);
+        if queued < self.client_queued {
+            self.last_active = now;
+        }
+        self.client_queued = queued;
     }
 
     /// Relays, counting the pair as active. Once the backend has failed,

@@ -552,6 +552,44 @@ fn a_client_that_uploads_for_ever_after_its_backend_failed_and_never_reads_meets
 }
 
 #[test]
+fn a_client_slowly_reading_what_a_failed_backend_sent_is_not_cut_as_idle() {
+    // lb writes nothing new while its send queue to a slow reader stays
+    // nearly full, possibly for longer than the idle timeout; the client
+    // taking bytes out of that queue is still progress.
+    let (resetting, acked) = reply_until_stalled_then_reset();
+    let lb = lb(&[resetting.addr], &["--no-health-check", "--idle-timeout", "2"]);
+    // A small window from the start: lb's queue drains at the reader's
+    // pace, not from a large buffer the client's kernel filled earlier.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    sock.connect(&lb.addr.into()).expect("connect");
+    let c: TcpStream = sock.into();
+    c.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut w = c.try_clone().expect("clone");
+    let uploader = thread::spawn(move || {
+        let chunk = [b'u'; 64 * 1024];
+        let _ = (0..512).try_for_each(|_| w.write_all(&chunk));
+    });
+    let acked = acked.recv_timeout(WAIT * 2).expect("the backend replied and reset");
+    // 2 KiB every 50 ms for 5 s: two and a half idle timeouts.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    let slow_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < slow_until {
+        match (&c).read(&mut buf) {
+            Ok(0) => panic!("a clean end after {} bytes", got.len()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("cut after {} bytes of {acked}, while reading: {e}", got.len()),
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(got.iter().enumerate().position(|(i, &b)| b != reply_byte(i)), None, "the reply differs");
+    // The rest is not waited for: through a 4 KiB window it takes minutes.
+    drop(c);
+    uploader.join().expect("uploader");
+}
+
+#[test]
 fn a_client_that_resets_while_the_backend_connect_is_in_flight_is_let_go_and_its_request_goes_nowhere() {
     // The first backend never completes a connect; the second would take
     // the request on a retry after the timeout. A client that reset before

@@ -1034,6 +1034,17 @@ mod tests {
         assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the reset never arrived");
     }
 
+    /// A relaying session between two fresh loopback connections, with the
+    /// peers' ends of the client's and the backend's connection.
+    fn relaying(shared: &Shared) -> (Session<'_>, std::net::TcpStream, std::net::TcpStream) {
+        let ((client, client_far), (backend, backend_far)) = (connected(), connected());
+        let slot = shared.try_acquire_client().expect("a slot");
+        let lease = shared.backends[0].lease();
+        let mut s = Session::new(client, backend, lease, slot, Tried::default(), Instant::now(), &settings());
+        s.stage = Stage::Relaying;
+        (s, client_far, backend_far)
+    }
+
     /// Closes `s` with a reset.
     fn reset(s: std::net::TcpStream) {
         SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("linger");
@@ -1047,11 +1058,8 @@ mod tests {
         let open = AtomicU64::new(0);
         let pipes = PipePool::new(1024, 0, 0, &open);
         let pools = Pools { buffers: &buffers, pipes: &pipes };
-        let ((client, mut client_far), (backend, mut backend_far)) = (connected(), connected());
-        let slot = shared.try_acquire_client().expect("a slot");
+        let (mut s, mut client_far, mut backend_far) = relaying(&shared);
         let now = Instant::now();
-        let mut s = Session::new(client, backend, shared.backends[0].lease(), slot, Tried::default(), now, &settings());
-        s.stage = Stage::Relaying;
         backend_far.write_all(b"reply").expect("write");
         reset(backend_far);
         wait_for_error(&s.backend.stream);
@@ -1072,11 +1080,7 @@ mod tests {
     #[test]
     fn a_pair_whose_backend_failed_is_reset_when_it_expires_even_with_nothing_held() {
         let shared = shared();
-        let ((client, mut client_far), (backend, _backend_far)) = (connected(), connected());
-        let slot = shared.try_acquire_client().expect("a slot");
-        let now = Instant::now();
-        let mut s = Session::new(client, backend, shared.backends[0].lease(), slot, Tried::default(), now, &settings());
-        s.stage = Stage::Relaying;
+        let (mut s, mut client_far, _backend_far) = relaying(&shared);
         s.up.abandon();
         s.expire(Cut::Idle);
         drop(s);
@@ -1088,13 +1092,9 @@ mod tests {
     #[test]
     fn a_failed_pair_waits_for_its_client_no_longer_than_the_linger_limit() {
         let shared = shared();
-        let ((client, _client_far), (backend, _backend_far)) = (connected(), connected());
-        let slot = shared.try_acquire_client().expect("a slot");
-        let now = Instant::now();
-        let mut s = Session::new(client, backend, shared.backends[0].lease(), slot, Tried::default(), now, &settings());
+        let (mut s, _client_far, _backend_far) = relaying(&shared);
         let hour = Some(Duration::from_secs(3600));
         let second = Some(Duration::from_secs(1));
-        s.stage = Stage::Relaying;
         assert_eq!(s.idle_limit(None), None, "a relaying pair with no idle timeout is held for ever");
         assert_eq!(s.idle_limit(hour), hour);
         s.stage = Stage::Lingering { side: Side::Backend, queued: 1 };
@@ -1115,11 +1115,8 @@ mod tests {
         let open = AtomicU64::new(0);
         let pipes = PipePool::new(1024, 0, 0, &open);
         let pools = Pools { buffers: &buffers, pipes: &pipes };
-        let ((client, client_far), (backend, _backend_far)) = (connected(), connected());
-        let slot = shared.try_acquire_client().expect("a slot");
+        let (mut s, client_far, _backend_far) = relaying(&shared);
         let now = Instant::now();
-        let mut s = Session::new(client, backend, shared.backends[0].lease(), slot, Tried::default(), now, &settings());
-        s.stage = Stage::Relaying;
 
         // As a stale event for a closed pair's socket would leave it.
         s.client.hangup = Hangup::Error;

@@ -134,10 +134,9 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     };
     // Every address served (systemd may pass several), the first one first:
     // scripts read the address that follows "listening on".
-    let bound = match per_worker.first().map(|ls| ls.iter().filter_map(listener::local_addr).collect::<Vec<_>>()) {
-        Some(addrs) if !addrs.is_empty() => addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(" and "),
-        _ => config.listen.to_string(),
-    };
+    let addrs: Vec<String> =
+        per_worker.first().into_iter().flatten().filter_map(listener::local_addr).map(|a| a.to_string()).collect();
+    let bound = if addrs.is_empty() { config.listen.to_string() } else { addrs.join(" and ") };
     let fd_note = match &fd_limit {
         Ok(limit) => fit_fd_limit(&mut config, *limit, per_worker.iter().map(Vec::len).sum())?,
         Err(_) => None,

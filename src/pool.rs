@@ -64,7 +64,7 @@ impl BufferPool {
     #[inline(never)]
     fn allocate(&self) -> Option<Buffer<'_>> {
         let now = Instant::now();
-        if !self.may_allocate(now) {
+        if !self.may_allocate(|| now) {
             self.exhausted.set(self.exhausted.get() + 1);
             return None;
         }
@@ -91,9 +91,10 @@ impl BufferPool {
         Some(Buffer { data, pool: self })
     }
 
-    /// Whether a new buffer may be allocated at `now`.
-    fn may_allocate(&self, now: Instant) -> bool {
-        self.allocated.get() < self.limit && self.retry_at.get().is_none_or(|t| now >= t)
+    /// Whether a new buffer may be allocated now. The clock is read only
+    /// after a failed allocation, as `has_free` runs on every loop.
+    fn may_allocate(&self, now: impl FnOnce() -> Instant) -> bool {
+        self.allocated.get() < self.limit && self.retry_at.get().is_none_or(|t| now() >= t)
     }
 
     /// When an allocation that failed may be tried again, if one did.
@@ -111,13 +112,10 @@ impl BufferPool {
     }
 
     pub fn has_free(&self) -> bool {
-        // The clock is read only after a failed allocation.
-        !self.free.borrow().is_empty()
-            || (self.allocated.get() < self.limit && self.retry_at.get().is_none_or(|t| Instant::now() >= t))
+        self.has_free_at(Instant::now)
     }
 
-    #[cfg(test)]
-    fn has_free_at(&self, now: Instant) -> bool {
+    fn has_free_at(&self, now: impl FnOnce() -> Instant) -> bool {
         !self.free.borrow().is_empty() || self.may_allocate(now)
     }
 
@@ -214,7 +212,7 @@ mod tests {
         assert_eq!(pool.exhausted(), 2);
         // Memory may come back: the pool tries again, rather than starving
         // its sessions for good.
-        assert!(pool.has_free_at(retry), "no buffer is ever tried again");
+        assert!(pool.has_free_at(|| retry), "no buffer is ever tried again");
     }
 
     #[test]

@@ -483,13 +483,13 @@ impl<'p> Direction<'p> {
                                 Hangup::Fin => match src.stream.read(&mut b[n..]) {
                                     Ok(0) => self.flow = Flow::Draining,
                                     Ok(more) => *end += more,
-                                    Err(e) => match (classify(&e), e.raw_os_error()) {
-                                        (IoClass::WouldBlock | IoClass::Interrupted, _) => {}
+                                    Err(e) => match classify(&e) {
+                                        IoClass::WouldBlock | IoClass::Interrupted => {}
                                         // A reset behind the bytes: they go
                                         // out first, then the next fill
                                         // fails with it. (The socket
                                         // reports an error only once.)
-                                        (_, code) => match code.and_then(std::num::NonZeroI32::new) {
+                                        _ => match e.raw_os_error().and_then(std::num::NonZeroI32::new) {
                                             Some(code) => self.deferred = Some(code),
                                             None => return Err(e),
                                         },
@@ -740,7 +740,8 @@ impl<'a> Session<'a> {
     /// nothing new for a long while (the socket reports room only once much
     /// of a full queue has gone), so a slow reader is not cut as idle.
     pub fn note_client_progress(&mut self, now: Instant) {
-        if self.stage != Stage::Relaying || self.up.flow != Flow::Abandoned {
+        // Lingering pairs are followed every few milliseconds (`linger`).
+        if self.stage != Stage::Relaying || !self.failed() {
             return;
         }
         let queued = u32::try_from(unacknowledged(&self.client.stream)).unwrap_or(u32::MAX);
@@ -755,7 +756,7 @@ impl<'a> Session<'a> {
     /// discarded, and a client that uploads for ever without reading must
     /// still meet the idle limit, as without a proxy its writes would fail.
     fn relay_at(&mut self, pools: Pools<'a>, now: Instant) -> Outcome {
-        if self.up.flow != Flow::Abandoned {
+        if !self.failed() {
             self.last_active = now;
             return self.relay(pools);
         }
@@ -931,9 +932,8 @@ impl<'a> Session<'a> {
     /// that ends a pair at an arbitrary moment: whether or not lb holds
     /// bytes just then, neither stream has ended.
     pub fn expire(&mut self, cut: Cut) {
-        // A pair whose backend failed ends in a reset in any case.
-        let failed = self.up.flow == Flow::Abandoned;
-        if cut == Cut::Shutdown || failed || self.up.pending() > 0 || self.down.pending() > 0 {
+        // A failed pair ends in a reset in any case.
+        if cut == Cut::Shutdown || self.failed() || self.up.pending() > 0 || self.down.pending() > 0 {
             self.reset_both();
         }
     }
@@ -943,12 +943,13 @@ impl<'a> Session<'a> {
     /// delivers the backend's last bytes to its client is held no longer
     /// than [`LINGER_LIMIT`], even with no idle timeout.
     pub fn idle_limit(&self, idle: Option<Duration>) -> Option<Duration> {
-        let failed = match self.stage {
-            Stage::Lingering { .. } => true,
-            Stage::Relaying => self.up.flow == Flow::Abandoned,
-            Stage::Connecting { .. } => false,
-        };
-        if failed { Some(idle.map_or(LINGER_LIMIT, |t| t.min(LINGER_LIMIT))) } else { idle }
+        if self.failed() { Some(idle.map_or(LINGER_LIMIT, |t| t.min(LINGER_LIMIT))) } else { idle }
+    }
+
+    /// The pair failed: lb relays only what the backend sent before it went
+    /// away, or lingers before the reset.
+    fn failed(&self) -> bool {
+        matches!(self.stage, Stage::Lingering { .. }) || self.up.flow == Flow::Abandoned
     }
 
     /// Makes the coming close send RST instead of FIN.
@@ -1047,7 +1048,7 @@ mod tests {
 
     /// Closes `s` with a reset.
     fn reset(s: std::net::TcpStream) {
-        SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("linger");
+        reset_on_close(&s);
         drop(s);
     }
 

@@ -658,6 +658,15 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// The client and its place under the cap, for a pair whose backend
+    /// connect cannot be retried yet. Only while connecting, when nothing
+    /// has been read from the client.
+    pub fn into_client(self) -> (TcpStream, ClientSlot<'a>) {
+        debug_assert!(matches!(self.stage, Stage::Connecting { .. }), "the client's bytes are still in the kernel");
+        let Session { client, _slot, .. } = self;
+        (client.stream, _slot)
+    }
+
     pub fn client_stream(&mut self) -> &mut TcpStream {
         &mut self.client.stream
     }

@@ -73,6 +73,27 @@ enum Accepting {
     Closed,
 }
 
+/// Why no backend connect was started for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoConnect {
+    /// lb itself is out of descriptors or memory: not the backends' fault,
+    /// and over once connections close.
+    Shortage,
+    /// No backend is up, or every one tried failed.
+    GaveUp,
+}
+
+/// A client with no descriptor left for its backend socket: accepted with
+/// the last one, or its connect failed and the retry found none. It waits,
+/// unread, like the clients still in the backlog, and its connect is
+/// retried after a back-off, rather than being reset.
+#[derive(Debug)]
+struct Parked<'a> {
+    client: TcpStream,
+    slot: crate::shared::ClientSlot<'a>,
+    retry_at: Instant,
+}
+
 fn session_token(key: usize, side: Side) -> Token {
     Token(key * 2 + usize::from(side == Side::Backend))
 }
@@ -110,6 +131,10 @@ pub struct Worker<'a> {
     connecting: VecDeque<(usize, Instant)>,
     /// Failed sessions waiting for their client to take the last bytes.
     lingering: Vec<usize>,
+    /// In retry order. Accepting stops while any client is parked, so it
+    /// holds one accepted client, plus those whose connect retry found no
+    /// descriptor.
+    parked: VecDeque<Parked<'a>>,
     next_linger_check: Instant,
     next_scan: Instant,
     /// Connects that failed for want of our own descriptors or ports.
@@ -150,6 +175,7 @@ impl<'a> Worker<'a> {
             starved: Vec::with_capacity(capacity.min(4096)),
             connecting: VecDeque::with_capacity(capacity.min(4096)),
             lingering: Vec::new(),
+            parked: VecDeque::new(),
             next_linger_check: Instant::now(),
             next_scan: Instant::now() + SCAN_INTERVAL,
             shortage_warnings: Throttle::default(),
@@ -209,7 +235,7 @@ impl<'a> Worker<'a> {
             if self.shared.is_stopping() {
                 break Ok(());
             }
-            if self.accepting == Accepting::Closed && self.sessions.is_empty() {
+            if self.accepting == Accepting::Closed && self.sessions.is_empty() && self.parked.is_empty() {
                 break Ok(());
             }
         };
@@ -223,6 +249,9 @@ impl<'a> Worker<'a> {
             info!("worker {}: closing {left} connections still open", self.id);
         }
         self.publish_all_bytes();
+        for p in self.parked.drain(..) {
+            reset_on_close(&p.client);
+        }
         for (_, s) in self.sessions.iter_mut() {
             s.expire(Cut::Shutdown);
         }
@@ -237,6 +266,9 @@ impl<'a> Worker<'a> {
         let mut next = self.next_scan;
         if let Accepting::BackingOff(until) = self.accepting {
             next = next.min(until);
+        }
+        if let Some(p) = self.parked.front() {
+            next = next.min(p.retry_at);
         }
         // check_timers leaves a live entry at the front.
         if let Some(&(_, deadline)) = self.connecting.front() {
@@ -330,6 +362,9 @@ impl<'a> Worker<'a> {
                         self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                         debug!("accepted {peer}");
                         self.start_session(stream, slot, now);
+                        if self.accepting != Accepting::Active {
+                            return; // That client was parked.
+                        }
                     }
                     Err(e) => {
                         drop(slot);
@@ -367,10 +402,14 @@ impl<'a> Worker<'a> {
             return;
         }
         let mut tried = Tried::default();
-        let Some((backend, lease)) = self.connect_next(&mut tried) else {
-            self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
-            reset_on_close(&client);
-            return;
+        let (backend, lease) = match self.connect_next(&mut tried) {
+            Ok(connect) => connect,
+            Err(NoConnect::Shortage) => return self.park(client, slot, now),
+            Err(NoConnect::GaveUp) => {
+                self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
+                reset_on_close(&client);
+                return;
+            }
         };
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
@@ -389,6 +428,24 @@ impl<'a> Worker<'a> {
         self.watch_connect(key);
     }
 
+    /// Holds a client until a descriptor for its backend socket frees, and
+    /// stops accepting meanwhile: the next client would need two.
+    fn park(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, now: Instant) {
+        debug!("worker {}: out of descriptors for a backend socket; the client waits", self.id);
+        let retry_at = now + ACCEPT_BACKOFF;
+        match self.accepting {
+            Accepting::Active => {
+                self.deregister_listeners();
+                self.accepting = Accepting::BackingOff(retry_at);
+            }
+            Accepting::BackingOff(_) => self.accepting = Accepting::BackingOff(retry_at),
+            // Resumed only when a slot frees; draining stays closed.
+            Accepting::AtCap | Accepting::Closed => {}
+        }
+        self.accept_pending = false;
+        self.parked.push_back(Parked { client, slot, retry_at });
+    }
+
     /// Puts the session's connect under its timeout.
     fn watch_connect(&mut self, key: usize) {
         if let Some(Stage::Connecting { deadline, .. }) = self.sessions.get(key).map(Session::stage) {
@@ -398,10 +455,10 @@ impl<'a> Worker<'a> {
 
     /// Starts a connect to the best backend not yet tried, moving on after
     /// immediate failures, within `--retries`.
-    fn connect_next(&mut self, tried: &mut Tried) -> Option<(TcpStream, Lease<'a>)> {
+    fn connect_next(&mut self, tried: &mut Tried) -> Result<(TcpStream, Lease<'a>), NoConnect> {
         let backends: &'a [Backend] = &self.shared.backends;
         while tried.attempts() <= self.settings.retries as usize {
-            let i = balancer::pick(backends, self.cursor, tried.as_slice())?;
+            let i = balancer::pick(backends, self.cursor, tried.as_slice()).ok_or(NoConnect::GaveUp)?;
             // The next tie goes to the backend after the one picked, not
             // after the cursor: stepping the cursor by one would hand a
             // down backend's turn to the healthy one after it, doubling
@@ -411,14 +468,14 @@ impl<'a> Worker<'a> {
             let backend = &backends[i];
             let lease = backend.lease();
             match TcpStream::connect(backend.addr) {
-                Ok(stream) => return Some((stream, lease)),
+                Ok(stream) => return Ok((stream, lease)),
                 // Our own shortages, not the backend's fault: it is not
                 // counted against the backend, which would otherwise take
                 // every backend down while lb itself is short.
                 Err(e) if is_resource_exhaustion(&e) => {
                     self.warn_shortage(backend, &e);
                     // Another backend would need a descriptor too.
-                    return None;
+                    return Err(NoConnect::Shortage);
                 }
                 // Ports are per destination: another backend may have some.
                 Err(e) if is_local_port_shortage(&e) => self.warn_shortage(
@@ -428,7 +485,7 @@ impl<'a> Worker<'a> {
                 Err(e) => self.count_connect_failure(backend, &e),
             }
         }
-        None
+        Err(NoConnect::GaveUp)
     }
 
     fn warn_shortage(&mut self, backend: &Backend, e: &dyn std::fmt::Display) {
@@ -481,7 +538,7 @@ impl<'a> Worker<'a> {
         let mut tried = session.tried;
         self.count_connect_failure(backend, e);
         match self.connect_next(&mut tried) {
-            Some((stream, lease)) => {
+            Ok((stream, lease)) => {
                 let session = &mut self.sessions[key];
                 session.tried = tried;
                 session.retry_with(stream, lease, now, self.settings.connect_timeout);
@@ -494,13 +551,36 @@ impl<'a> Worker<'a> {
                 }
                 self.watch_connect(key);
             }
-            None => {
+            Err(NoConnect::Shortage) => {
+                // Nothing was read from the client while connecting: it can
+                // wait for a descriptor as a new one would.
+                let Some(mut session) = self.sessions.try_remove(key) else { return };
+                if let Err(e) = self.poll.registry().deregister(session.client_stream()) {
+                    debug!("deregistering a client: {e}");
+                }
+                let (client, slot) = session.into_client();
+                self.park(client, slot, now);
+            }
+            Err(NoConnect::GaveUp) => {
                 self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
                 debug!("no backend accepted the connection; resetting the client");
                 if let Some(s) = self.sessions.get_mut(key) {
                     s.reset_both();
                 }
                 self.close(key, CloseReason::Aborted(Side::Backend));
+            }
+        }
+    }
+
+    /// Starts the parked clients whose back-off is over, until one is
+    /// parked again: the shortage lasts, and the rest wait their turn.
+    fn retry_parked(&mut self, now: Instant) {
+        while self.parked.front().is_some_and(|p| now >= p.retry_at) {
+            let Some(p) = self.parked.pop_front() else { break };
+            let waiting = self.parked.len();
+            self.start_session(p.client, p.slot, now);
+            if self.parked.len() > waiting {
+                break;
             }
         }
     }
@@ -540,6 +620,8 @@ impl<'a> Worker<'a> {
     }
 
     fn check_timers(&mut self, now: Instant) {
+        // Before the accept back-off ends: parked again, it is extended.
+        self.retry_parked(now);
         if let Accepting::BackingOff(until) = self.accepting
             && now >= until
         {

@@ -309,7 +309,7 @@ fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
     let echo = echo_backend();
     // Given, so kept although the limit cannot hold it: lb then meets
     // EMFILE at accept.
-    let lb = lb_with_fd_limit(48, echo.addr, &["--workers", "1", "--max-connections", "1000"]);
+    let lb = lb_with_fd_limit(48, &[echo.addr], &["--workers", "1", "--max-connections", "1000"]);
     assert!(lb.wait_stderr(|e| e.contains("is too low for --max-connections 1000"), WAIT), "{}", lb.stderr_text());
     // Far more clients than descriptors: some are served, the rest wait or
     // are closed, and lb backs off instead of spinning on EMFILE.
@@ -325,13 +325,12 @@ fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
     let spent = cpu_ticks(lb.pid()) - before;
     // A spinning loop burns ~100 ticks a second; backing off burns ~none.
     assert!(spent < 50, "lb used {spent} ticks in one second while out of descriptors");
-    // Each back-off's failed accept is not a line of its own: one a second,
+    // Each back-off's failed accept, or failed backend socket for the
+    // client parked with the last descriptor (which of the two depends on
+    // the descriptors' parity), is not a line of its own: one a second,
     // with a count of those held back.
-    assert!(
-        wait_until(WAIT, || lb.stderr_text().lines().any(|l| l.contains("accept: ") && l.contains("not logged"))),
-        "no throttled accept warning: {}",
-        lb.stderr_text()
-    );
+    let throttled = |l: &str| (l.contains("accept: ") || l.contains("connect to ")) && l.contains("not logged");
+    assert!(wait_until(WAIT, || lb.stderr_text().lines().any(throttled)), "no throttled warning: {}", lb.stderr_text());
     drop(held);
     assert!(wait_until(WAIT, || echo.gauge.active.load(Ordering::SeqCst) == 0));
     // Recovered: a new client is served.
@@ -341,9 +340,9 @@ fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
 }
 
 /// lb on 127.0.0.1 under `ulimit -n limit` (soft and hard) in front of
-/// `backend`, with `extra` flags: bash sets the limits, then becomes lb
+/// `backends`, with `extra` flags: bash sets the limits, then becomes lb
 /// (same pid).
-fn lb_with_fd_limit(limit: u32, backend: std::net::SocketAddr, extra: &[&str]) -> Proc {
+fn lb_with_fd_limit(limit: u32, backends: &[std::net::SocketAddr], extra: &[&str]) -> Proc {
     let mut args: Vec<String> = vec![
         "-c".into(),
         format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
@@ -354,8 +353,61 @@ fn lb_with_fd_limit(limit: u32, backend: std::net::SocketAddr, extra: &[&str]) -
         "127.0.0.1".into(),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
-    args.extend(["-b".into(), backend.to_string()]);
+    args.push("-b".into());
+    args.extend(backends.iter().map(|b| b.to_string()));
     spawn_listening("bash", &args, &[])
+}
+
+#[test]
+fn a_client_accepted_with_the_last_descriptor_waits_for_its_backend_socket_instead_of_being_reset() {
+    let echo = echo_backend();
+    every_client_is_served_at_the_descriptor_limit(&echo, &[echo.addr], &[]);
+}
+
+#[test]
+fn a_connect_retry_that_finds_no_descriptor_waits_instead_of_resetting_the_client() {
+    // Every client tries the dead backend first (it never holds a
+    // connection, and a high --fall keeps it up), so some retry finds the
+    // descriptors taken by the failed socket and its client.
+    let echo = echo_backend();
+    let dead = dead_addr();
+    every_client_is_served_at_the_descriptor_limit(&echo, &[dead, echo.addr], &["--fall", "1000", "--retries", "1"]);
+}
+
+/// Forty clients at once, each holding its connection a little, through
+/// lb under two adjacent descriptor limits far below what the given cap
+/// needs (the cap is given, so kept). One limit leaves lb a last
+/// descriptor that accept() takes and the backend socket then finds none.
+fn every_client_is_served_at_the_descriptor_limit(echo: &Backend, backends: &[std::net::SocketAddr], extra: &[&str]) {
+    for limit in [40, 41] {
+        let mut args = vec!["--workers", "1", "--max-connections", "1000", "--no-health-check", "--splice", "never"];
+        args.extend(extra);
+        let before = echo.gauge.accepted.load(Ordering::SeqCst);
+        let lb = lb_with_fd_limit(limit, backends, &args);
+        let clients: Vec<_> = (0..40)
+            .map(|i| {
+                let addr = lb.addr;
+                thread::spawn(move || {
+                    let mut s = connect(addr);
+                    s.write_all(b"hello").map_err(|e| format!("client {i}: {e}"))?;
+                    let mut b = [0u8; 5];
+                    s.read_exact(&mut b).map_err(|e| format!("client {i} was not served: {e}"))?;
+                    thread::sleep(Duration::from_millis(200));
+                    s.shutdown(Shutdown::Write).map_err(|e| format!("client {i}: {e}"))?;
+                    s.read_to_end(&mut Vec::new()).map_err(|e| format!("client {i}: {e}"))?;
+                    Ok::<_, String>(())
+                })
+            })
+            .collect();
+        let failed: Vec<String> = clients.into_iter().filter_map(|c| c.join().expect("client thread").err()).collect();
+        assert!(failed.is_empty(), "limit {limit}: {failed:?}\n{}", lb.stderr_text());
+        assert_eq!(echo.gauge.accepted.load(Ordering::SeqCst) - before, 40, "limit {limit}");
+        assert!(
+            lb.stderr_text().contains("Too many open files"),
+            "limit {limit} was never reached: {}",
+            lb.stderr_text()
+        );
+    }
 }
 
 #[test]
@@ -365,7 +417,7 @@ fn a_descriptor_limit_too_low_for_the_default_cap_lowers_it_so_no_waiting_client
     // adjacent limits did so depended on the descriptors' parity).
     for limit in [60, 61] {
         let echo = echo_backend();
-        let lb = lb_with_fd_limit(limit, echo.addr, &["--workers", "2", "--no-health-check"]);
+        let lb = lb_with_fd_limit(limit, &[echo.addr], &["--workers", "2", "--no-health-check"]);
         let line = format!("the descriptor limit ({limit}) is too low for 1000 connections");
         assert!(lb.wait_stderr(|e| e.contains(&line), WAIT), "limit {limit}: {}", lb.stderr_text());
         let cap: usize = lb

@@ -339,6 +339,27 @@ fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
     assert!(lb.fd_count() > 0, "lb is alive");
 }
 
+/// `n` clients at once, each sending "hello", reading it back, holding its
+/// connection for `hold` (so that they overlap) and closing; what each
+/// that failed met.
+fn hello_clients(addr: std::net::SocketAddr, n: usize, hold: Duration) -> Vec<String> {
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                s.write_all(b"hello").map_err(|e| format!("client {i}: {e}"))?;
+                let mut b = [0u8; 5];
+                s.read_exact(&mut b).map_err(|e| format!("client {i} was not served: {e}"))?;
+                thread::sleep(hold);
+                s.shutdown(Shutdown::Write).map_err(|e| format!("client {i}: {e}"))?;
+                s.read_to_end(&mut Vec::new()).map_err(|e| format!("client {i}: {e}"))?;
+                Ok::<_, String>(())
+            })
+        })
+        .collect();
+    clients.into_iter().filter_map(|c| c.join().expect("client thread").err()).collect()
+}
+
 /// lb on 127.0.0.1 under `ulimit -n limit` (soft and hard) in front of
 /// `backends`, with `extra` flags: bash sets the limits, then becomes lb
 /// (same pid).
@@ -384,22 +405,7 @@ fn every_client_is_served_at_the_descriptor_limit(echo: &Backend, backends: &[st
         args.extend(extra);
         let before = echo.gauge.accepted.load(Ordering::SeqCst);
         let lb = lb_with_fd_limit(limit, backends, &args);
-        let clients: Vec<_> = (0..40)
-            .map(|i| {
-                let addr = lb.addr;
-                thread::spawn(move || {
-                    let mut s = connect(addr);
-                    s.write_all(b"hello").map_err(|e| format!("client {i}: {e}"))?;
-                    let mut b = [0u8; 5];
-                    s.read_exact(&mut b).map_err(|e| format!("client {i} was not served: {e}"))?;
-                    thread::sleep(Duration::from_millis(200));
-                    s.shutdown(Shutdown::Write).map_err(|e| format!("client {i}: {e}"))?;
-                    s.read_to_end(&mut Vec::new()).map_err(|e| format!("client {i}: {e}"))?;
-                    Ok::<_, String>(())
-                })
-            })
-            .collect();
-        let failed: Vec<String> = clients.into_iter().filter_map(|c| c.join().expect("client thread").err()).collect();
+        let failed = hello_clients(lb.addr, 40, Duration::from_millis(200));
         assert!(failed.is_empty(), "limit {limit}: {failed:?}\n{}", lb.stderr_text());
         assert_eq!(echo.gauge.accepted.load(Ordering::SeqCst) - before, 40, "limit {limit}");
         assert!(
@@ -427,22 +433,7 @@ fn a_descriptor_limit_too_low_for_the_default_cap_lowers_it_so_no_waiting_client
             .and_then(|rest| rest.split(' ').next())
             .and_then(|n| n.parse().ok())
             .expect("the lowered cap is logged");
-        let clients: Vec<_> = (0..3 * cap)
-            .map(|i| {
-                let addr = lb.addr;
-                thread::spawn(move || {
-                    let mut s = connect(addr);
-                    s.write_all(b"hello").map_err(|e| format!("client {i}: {e}"))?;
-                    let mut b = [0u8; 5];
-                    s.read_exact(&mut b).map_err(|e| format!("client {i} was not served: {e}"))?;
-                    thread::sleep(Duration::from_millis(100));
-                    s.shutdown(Shutdown::Write).map_err(|e| format!("client {i}: {e}"))?;
-                    s.read_to_end(&mut Vec::new()).map_err(|e| format!("client {i}: {e}"))?;
-                    Ok::<_, String>(())
-                })
-            })
-            .collect();
-        let failed: Vec<String> = clients.into_iter().filter_map(|c| c.join().expect("client thread").err()).collect();
+        let failed = hello_clients(lb.addr, 3 * cap, Duration::from_millis(100));
         assert!(failed.is_empty(), "limit {limit}: {failed:?}\n{}", lb.stderr_text());
         assert_eq!(echo.gauge.accepted.load(Ordering::SeqCst), 3 * cap, "limit {limit}");
         assert!(echo.gauge.peak.load(Ordering::SeqCst) <= cap, "limit {limit}: more than {cap} at once");

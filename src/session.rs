@@ -658,13 +658,15 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// The client and its place under the cap, for a pair whose backend
-    /// connect cannot be retried yet. Only while connecting, when nothing
-    /// has been read from the client.
-    pub fn into_client(self) -> (TcpStream, ClientSlot<'a>) {
+    /// The client, its place under the cap and the backends tried, for a
+    /// pair whose backend connect failed. The failed socket closes here,
+    /// before the next connect: at the descriptor limit, that one needs
+    /// its descriptor. Only while connecting, when nothing has been read
+    /// from the client.
+    pub fn into_client(self) -> (TcpStream, ClientSlot<'a>, Tried) {
         debug_assert!(matches!(self.stage, Stage::Connecting { .. }), "the client's bytes are still in the kernel");
-        let Session { client, _slot, .. } = self;
-        (client.stream, _slot)
+        let Session { client, _slot, tried, .. } = self;
+        (client.stream, _slot, tried)
     }
 
     pub fn client_stream(&mut self) -> &mut TcpStream {
@@ -681,14 +683,6 @@ impl<'a> Session<'a> {
 
     pub fn stage(&self) -> Stage {
         self.stage
-    }
-
-    /// Swaps in a new backend connection after a failed attempt; the old
-    /// socket and lease are dropped (closed and uncounted) here.
-    pub fn retry_with(&mut self, backend: TcpStream, lease: Lease<'a>, now: Instant, timeout: Duration) {
-        self.backend = Peer::new(backend);
-        self.lease = lease;
-        self.stage = Stage::Connecting { started: now, deadline: now + timeout };
     }
 
     /// Handles readiness on one of the two sockets.

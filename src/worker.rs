@@ -91,6 +91,8 @@ enum NoConnect {
 struct Parked<'a> {
     client: TcpStream,
     slot: crate::shared::ClientSlot<'a>,
+    /// Kept so that waiting does not reset `--retries`.
+    tried: Tried,
     retry_at: Instant,
 }
 
@@ -361,7 +363,7 @@ impl<'a> Worker<'a> {
                     Ok((stream, peer)) => {
                         self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                         debug!("accepted {peer}");
-                        self.start_session(stream, slot, now);
+                        self.start_session(stream, slot, Tried::default(), now);
                         if self.accepting != Accepting::Active {
                             return; // That client was parked.
                         }
@@ -393,7 +395,7 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn start_session(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, now: Instant) {
+    fn start_session(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, tried: Tried, now: Instant) {
         if !balancer::any_healthy(&self.shared.backends) {
             self.shared.counters.no_backend.fetch_add(1, Ordering::Relaxed);
             debug!("no backend is up; resetting the client");
@@ -401,12 +403,24 @@ impl<'a> Worker<'a> {
             reset_on_close(&client);
             return;
         }
-        let mut tried = Tried::default();
+        self.connect_client(client, slot, tried, now);
+    }
+
+    /// Pairs the client with the next backend that takes a connect; parks
+    /// it while descriptors are short, resets it once none is left to try.
+    fn connect_client(
+        &mut self,
+        client: TcpStream,
+        slot: crate::shared::ClientSlot<'a>,
+        mut tried: Tried,
+        now: Instant,
+    ) {
         let (backend, lease) = match self.connect_next(&mut tried) {
             Ok(connect) => connect,
-            Err(NoConnect::Shortage) => return self.park(client, slot, now),
+            Err(NoConnect::Shortage) => return self.park(client, slot, tried, now),
             Err(NoConnect::GaveUp) => {
                 self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
+                debug!("no backend accepted the connection; resetting the client");
                 reset_on_close(&client);
                 return;
             }
@@ -430,7 +444,7 @@ impl<'a> Worker<'a> {
 
     /// Holds a client until a descriptor for its backend socket frees, and
     /// stops accepting meanwhile: the next client would need two.
-    fn park(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, now: Instant) {
+    fn park(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, tried: Tried, now: Instant) {
         debug!("worker {}: out of descriptors for a backend socket; the client waits", self.id);
         let retry_at = now + ACCEPT_BACKOFF;
         match self.accepting {
@@ -443,7 +457,7 @@ impl<'a> Worker<'a> {
             Accepting::AtCap | Accepting::Closed => {}
         }
         self.accept_pending = false;
-        self.parked.push_back(Parked { client, slot, retry_at });
+        self.parked.push_back(Parked { client, slot, tried, retry_at });
     }
 
     /// Puts the session's connect under its timeout.
@@ -464,19 +478,23 @@ impl<'a> Worker<'a> {
             // down backend's turn to the healthy one after it, doubling
             // its share. Kept below the table size so pick needs no division.
             self.cursor = if i + 1 < backends.len() { i + 1 } else { 0 };
-            tried.push(i);
             let backend = &backends[i];
             let lease = backend.lease();
-            match TcpStream::connect(backend.addr) {
+            let connected = TcpStream::connect(backend.addr);
+            // Our own shortages, not the backend's fault: it is not counted
+            // against the backend, which would otherwise take every backend
+            // down while lb itself is short, nor as an attempt, as nothing
+            // reached it.
+            if let Err(e) = &connected
+                && is_resource_exhaustion(e)
+            {
+                self.warn_shortage(backend, e);
+                // Another backend would need a descriptor too.
+                return Err(NoConnect::Shortage);
+            }
+            tried.push(i);
+            match connected {
                 Ok(stream) => return Ok((stream, lease)),
-                // Our own shortages, not the backend's fault: it is not
-                // counted against the backend, which would otherwise take
-                // every backend down while lb itself is short.
-                Err(e) if is_resource_exhaustion(&e) => {
-                    self.warn_shortage(backend, &e);
-                    // Another backend would need a descriptor too.
-                    return Err(NoConnect::Shortage);
-                }
                 // Ports are per destination: another backend may have some.
                 Err(e) if is_local_port_shortage(&e) => self.warn_shortage(
                     backend,
@@ -533,52 +551,25 @@ impl<'a> Worker<'a> {
     }
 
     fn on_connect_failed(&mut self, key: usize, e: &io::Error, now: Instant) {
-        let Some(session) = self.sessions.get(key) else { return };
-        let backend: &'a Backend = session.lease().backend();
-        let mut tried = session.tried;
-        self.count_connect_failure(backend, e);
-        match self.connect_next(&mut tried) {
-            Ok((stream, lease)) => {
-                let session = &mut self.sessions[key];
-                session.tried = tried;
-                session.retry_with(stream, lease, now, self.settings.connect_timeout);
-                let token = session_token(key, Side::Backend);
-                if let Err(e) = self.poll.registry().register(session.backend_stream(), token, SOCKET_INTEREST) {
-                    warn!("worker {}: cannot register a backend connection: {e}", self.id);
-                    session.reset_both();
-                    self.sessions.try_remove(key);
-                    return;
-                }
-                self.watch_connect(key);
-            }
-            Err(NoConnect::Shortage) => {
-                // Nothing was read from the client while connecting: it can
-                // wait for a descriptor as a new one would.
-                let Some(mut session) = self.sessions.try_remove(key) else { return };
-                if let Err(e) = self.poll.registry().deregister(session.client_stream()) {
-                    debug!("deregistering a client: {e}");
-                }
-                let (client, slot) = session.into_client();
-                self.park(client, slot, now);
-            }
-            Err(NoConnect::GaveUp) => {
-                self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
-                debug!("no backend accepted the connection; resetting the client");
-                if let Some(s) = self.sessions.get_mut(key) {
-                    s.reset_both();
-                }
-                self.close(key, CloseReason::Aborted(Side::Backend));
-            }
+        let Some(mut session) = self.sessions.try_remove(key) else { return };
+        self.count_connect_failure(session.lease().backend(), e);
+        if let Err(e) = self.poll.registry().deregister(session.client_stream()) {
+            debug!("deregistering a client: {e}");
         }
+        // Nothing was read from the client while connecting: it starts
+        // over as a new one would, minus the backends already tried.
+        let (client, slot, tried) = session.into_client();
+        self.connect_client(client, slot, tried, now);
     }
 
     /// Starts the parked clients whose back-off is over, until one is
-    /// parked again: the shortage lasts, and the rest wait their turn.
+    /// parked again: the shortage lasts, and the others due are tried on
+    /// the next pass (a zero-timeout poll, as the front is due).
     fn retry_parked(&mut self, now: Instant) {
         while self.parked.front().is_some_and(|p| now >= p.retry_at) {
             let Some(p) = self.parked.pop_front() else { break };
             let waiting = self.parked.len();
-            self.start_session(p.client, p.slot, now);
+            self.start_session(p.client, p.slot, p.tried, now);
             if self.parked.len() > waiting {
                 break;
             }

@@ -395,6 +395,85 @@ fn a_connect_retry_that_finds_no_descriptor_waits_instead_of_resetting_the_clien
     every_client_is_served_at_the_descriptor_limit(&echo, &[dead, echo.addr], &["--fall", "1000", "--retries", "1"]);
 }
 
+#[test]
+fn a_failed_connect_frees_its_descriptor_before_the_retry_so_two_free_serve_a_client() {
+    // Every client tries the silent backend first (it never holds a
+    // connection, and a high --fall keeps it up), and its connect times
+    // out. With two descriptors free, the client takes one and that
+    // connect the other: the retry to the echo backend only fits once the
+    // timed-out socket is closed. Kept open, the client waited, retried
+    // the silent backend first again, and was never served. (A refused
+    // connect on loopback fails at once, its socket already closed.)
+    let echo = echo_backend();
+    let (_hole, _fillers, silent) = blackhole();
+    let args = [
+        "--workers",
+        "1",
+        "--max-connections",
+        "1000",
+        "--no-health-check",
+        "--splice",
+        "never",
+        "--fall",
+        "1000",
+        "--connection-timeout",
+        "0.2",
+    ];
+    const HELD: usize = 4;
+    // Room for the held clients (client and backend socket each) and one
+    // client more.
+    let (lb, free) = lb_with_free_descriptors(2 * HELD + 2, &[silent, echo.addr], &args);
+    let mut held: Vec<_> = (0..HELD).map(|i| hello_client(lb.addr, i)).collect();
+    assert_eq!(free(&lb), 2);
+    let mut last = connect(lb.addr);
+    let served = hello(&mut last);
+    assert!(served.is_ok(), "the client with two descriptors free: {served:?}\n{}", lb.stderr_text());
+    assert_eq!(free(&lb), 0);
+    // One more waits for a descriptor, and is served once one frees.
+    let mut waiting = connect(lb.addr);
+    drop(held.pop());
+    assert_eq!(hello(&mut waiting).expect("the waiting client is served"), *b"hello");
+}
+
+/// Sends "hello" and reads it back.
+fn hello(s: &mut std::net::TcpStream) -> std::io::Result<[u8; 5]> {
+    s.write_all(b"hello")?;
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b)?;
+    Ok(b)
+}
+
+/// A client served through `addr`, kept open.
+fn hello_client(addr: std::net::SocketAddr, i: usize) -> std::net::TcpStream {
+    let mut c = connect(addr);
+    assert_eq!(hello(&mut c).unwrap_or_else(|e| panic!("client {i}: {e}")), *b"hello");
+    c
+}
+
+/// lb under the descriptor limit that leaves it `room` descriptors once
+/// started, and how many it has free now. Descriptors it inherited above
+/// the limit (a test runner's jobserver pipe, say) take no room.
+fn lb_with_free_descriptors(
+    room: usize,
+    backends: &[std::net::SocketAddr],
+    args: &[&str],
+) -> (Proc, impl Fn(&Proc) -> usize + use<>) {
+    let open = open_descriptors(&lb_with_fd_limit(1024, backends, args));
+    let limit = (1..1024).find(|&l| l - open.iter().filter(|&&fd| fd < l).count() == room).expect("a limit");
+    let free = move |lb: &Proc| limit - open_descriptors(lb).iter().filter(|&&fd| fd < limit).count();
+    let lb = lb_with_fd_limit(limit as u32, backends, args);
+    assert_eq!(free(&lb), room, "lb holds the same descriptors under any limit");
+    (lb, free)
+}
+
+/// The descriptor numbers `p` has open.
+fn open_descriptors(p: &Proc) -> Vec<usize> {
+    std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
+        .expect("list descriptors")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// Forty clients at once, each holding its connection a little, through
 /// lb under two adjacent descriptor limits far below what the given cap
 /// needs (the cap is given, so kept). One limit leaves lb a last

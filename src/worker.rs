@@ -246,7 +246,8 @@ impl<'a> Worker<'a> {
     }
 
     fn finish(&mut self) {
-        let left = self.sessions.len();
+        // Parked clients are connections still open too.
+        let left = self.sessions.len() + self.parked.len();
         if left > 0 {
             info!("worker {}: closing {left} connections still open", self.id);
         }
@@ -291,7 +292,7 @@ impl<'a> Worker<'a> {
     fn on_wake(&mut self, now: Instant) {
         if self.shared.is_draining() {
             if self.accepting != Accepting::Closed {
-                info!("worker {}: draining {} connections", self.id, self.sessions.len());
+                info!("worker {}: draining {} connections", self.id, self.sessions.len() + self.parked.len());
                 self.close_listeners();
             }
             return;

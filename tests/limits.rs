@@ -435,6 +435,30 @@ fn a_failed_connect_frees_its_descriptor_before_the_retry_so_two_free_serve_a_cl
     assert_eq!(hello(&mut waiting).expect("the waiting client is served"), *b"hello");
 }
 
+#[test]
+fn a_client_waiting_for_a_descriptor_when_sigterm_arrives_is_still_served() {
+    let echo = echo_backend();
+    let args = ["--workers", "1", "--max-connections", "1000", "--no-health-check", "--splice", "never"];
+    const HELD: usize = 3;
+    // One descriptor past the held clients: the next is accepted, and
+    // waits for its backend socket.
+    let (mut lb, free) = lb_with_free_descriptors(2 * HELD + 1, &[echo.addr], &args);
+    let mut held: Vec<_> = (0..HELD).map(|i| hello_client(lb.addr, i)).collect();
+    let mut waiting = connect(lb.addr);
+    waiting.write_all(b"hello").expect("write");
+    assert!(wait_until(WAIT, || free(&lb) == 0), "the client was not accepted");
+    lb.signal(libc::SIGTERM);
+    let draining = format!("worker 0: draining {} connections", HELD + 1);
+    assert!(lb.wait_stderr(|l| l.contains(&draining), WAIT), "{}", lb.stderr_text());
+    drop(held.pop());
+    let mut b = [0u8; 5];
+    waiting.read_exact(&mut b).expect("the waiting client is served");
+    assert_eq!(&b, b"hello");
+    drop((held, waiting));
+    let status = lb.wait_exit(WAIT).expect("lb exits once drained");
+    assert_eq!(status.code(), Some(0), "{}", lb.stderr_text());
+}
+
 /// Sends "hello" and reads it back.
 fn hello(s: &mut std::net::TcpStream) -> std::io::Result<[u8; 5]> {
     s.write_all(b"hello")?;

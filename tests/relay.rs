@@ -602,7 +602,9 @@ fn a_client_that_resets_while_the_backend_connect_is_in_flight_is_let_go_and_its
         // the hole is tried first.
         let lb = lb(
             &[hole, recorder.addr],
-            &["--workers", "1", "--retries", "1", "--connection-timeout", "1", "--no-health-check"],
+            // A connect timeout the test never reaches: no retry can
+            // happen before lb sees the reset, however slow the machine.
+            &["--workers", "1", "--retries", "1", "--connection-timeout", "30", "--no-health-check"],
         );
         let idle = lb.fd_count();
         let c = connect(lb.addr);

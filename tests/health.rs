@@ -163,6 +163,15 @@ fn the_http_probe_marks_a_503_backend_down_and_a_200_backend_up() {
     );
 }
 
+/// lb sending HTTP probes every 0.2 s (down after 2 failures, up after 2
+/// successes) that give up after `timeout` seconds.
+fn lb_probing_http(backends: &[SocketAddr], timeout: &str) -> Proc {
+    let flags = ["--health-check-url", "/health", "--health-check-period", "0.2", "--fall", "2", "--rise", "2"];
+    let mut all = flags.to_vec();
+    all.extend(["--health-check-timeout", timeout, "--admin", "127.0.0.1:0"]);
+    lb(backends, &all)
+}
+
 #[test]
 fn a_probe_waiting_on_a_silent_backend_does_not_delay_the_others() {
     // The kernel completes the handshake into the backlog; nobody answers.
@@ -171,23 +180,7 @@ fn a_probe_waiting_on_a_silent_backend_does_not_delay_the_others() {
     let sick = be("Server S", &["--health-status", "503"]);
     let fine = be("Server F", &[]);
     // A probe timeout the test never reaches, however slow the machine.
-    let lb = lb(
-        &[silent_addr, sick.addr, fine.addr],
-        &[
-            "--health-check-url",
-            "/health",
-            "--health-check-period",
-            "0.2",
-            "--fall",
-            "2",
-            "--rise",
-            "2",
-            "--health-check-timeout",
-            "60",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-    );
+    let lb = lb_probing_http(&[silent_addr, sick.addr, fine.addr], "60");
     let admin = admin_addr(&lb);
     let checks = |backend: SocketAddr, result: &str| {
         scrape(admin).value("lb_backend_health_checks_total", &[("backend", &backend.to_string()), ("result", result)])
@@ -211,21 +204,7 @@ fn a_backend_that_never_answers_goes_down_after_the_probe_timeout() {
     let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
     let silent_addr = silent.local_addr().expect("addr");
     let fine = be("Server F", &[]);
-    let lb = lb(
-        &[silent_addr, fine.addr],
-        &[
-            "--health-check-url",
-            "/health",
-            "--health-check-period",
-            "0.2",
-            "--fall",
-            "2",
-            "--health-check-timeout",
-            "0.5",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-    );
+    let lb = lb_probing_http(&[silent_addr, fine.addr], "0.5");
     let admin = admin_addr(&lb);
     assert!(wait_backend(admin, silent_addr, false, secs(0.5 * 2.0 + 0.4) + SLACK), "{}", lb.stderr_text());
     assert!(lb.stderr_text().contains(&format!("backend {silent_addr} is DOWN: timed out")), "{}", lb.stderr_text());

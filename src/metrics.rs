@@ -102,6 +102,13 @@ pub fn render_prometheus(s: &Snapshot) -> String {
     );
     single(
         &mut out,
+        "lb_connections_descriptor_wait_timeouts_total",
+        "counter",
+        "Clients reset after waiting --connection-timeout for a descriptor for their backend socket.",
+        s.descriptor_wait_timeouts,
+    );
+    single(
+        &mut out,
         "lb_connections_idle_closed_total",
         "counter",
         "Client connections closed by --idle-timeout.",
@@ -268,7 +275,7 @@ pub fn render_json(s: &Snapshot) -> String {
     let _ = write!(
         out,
         ",\"draining\":{},\"connections\":{{\"active\":{},\"max\":{},\"accepted\":{},\"cap_pauses\":{},\
-\"no_backend\":{},\"gave_up\":{},\"idle_closed\":{}}},\"accept_errors\":{},\"buffer_pool_exhausted\":{},\
+\"no_backend\":{},\"gave_up\":{},\"descriptor_wait_timeouts\":{},\"idle_closed\":{}}},\"accept_errors\":{},\"buffer_pool_exhausted\":{},\
 \"relay\":{{\"spliced_bytes\":{},\"copied_bytes\":{},\"pipes_in_use\":{},\"pipes_open\":{},\
 \"splice_fallbacks\":{{\"no_pipe\":{},\"unsupported\":{}}}}},\"backends\":[",
         s.draining,
@@ -278,6 +285,7 @@ pub fn render_json(s: &Snapshot) -> String {
         s.cap_pauses,
         s.no_backend,
         s.connect_gave_up,
+        s.descriptor_wait_timeouts,
         s.idle_closed,
         s.accept_errors,
         s.pool_exhausted,

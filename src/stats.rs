@@ -108,6 +108,9 @@ pub struct Counters {
     pub no_backend: AtomicU64,
     /// Clients reset because every connect attempt failed.
     pub connect_gave_up: AtomicU64,
+    /// Clients reset after waiting `--connection-timeout` for a descriptor
+    /// for their backend socket.
+    pub descriptor_wait_timeouts: AtomicU64,
     /// Relay buffer requests refused by an exhausted pool.
     pub pool_exhausted: AtomicU64,
     /// accept() failures other than a client that left first; each backs
@@ -166,6 +169,7 @@ pub struct Snapshot {
     pub cap_pauses: u64,
     pub no_backend: u64,
     pub connect_gave_up: u64,
+    pub descriptor_wait_timeouts: u64,
     pub pool_exhausted: u64,
     pub accept_errors: u64,
     pub idle_closed: u64,
@@ -202,6 +206,7 @@ impl Snapshot {
             cap_pauses: load(&c.cap_reached),
             no_backend: load(&c.no_backend),
             connect_gave_up: load(&c.connect_gave_up),
+            descriptor_wait_timeouts: load(&c.descriptor_wait_timeouts),
             pool_exhausted: load(&c.pool_exhausted),
             accept_errors: load(&c.accept_errors),
             idle_closed: load(&c.idle_closed),
@@ -402,6 +407,7 @@ pub(crate) mod tests {
             cap_pauses: 4,
             no_backend: 2,
             connect_gave_up: 1,
+            descriptor_wait_timeouts: 6,
             pool_exhausted: 0,
             accept_errors: 0,
             idle_closed: 5,

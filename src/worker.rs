@@ -94,6 +94,11 @@ struct Parked<'a> {
     /// Kept so that waiting does not reset `--retries`.
     tried: Tried,
     retry_at: Instant,
+    /// When it stops waiting, reset: `--connection-timeout` after it was
+    /// first parked, as HAProxy's `timeout queue` defaults to its
+    /// `timeout connect`. Without it, clients parked by every worker could
+    /// hold each descriptor the others wait for, and none would ever move.
+    give_up_at: Instant,
 }
 
 fn session_token(key: usize, side: Side) -> Token {
@@ -298,7 +303,16 @@ impl<'a> Worker<'a> {
             return;
         }
         if self.accepting == Accepting::AtCap && self.shared.active_clients() < self.shared.max_connections() {
-            self.resume_accepting(now);
+            match self.parked.front() {
+                // Not while a client waits for a descriptor: the next one
+                // accepted would take the one it waits for. The back-off
+                // resumes accepting once none is parked.
+                Some(p) => {
+                    self.shared.workers[self.id].paused_at_cap.store(false, Ordering::SeqCst);
+                    self.accepting = Accepting::BackingOff(p.retry_at);
+                }
+                None => self.resume_accepting(now),
+            }
         }
     }
 
@@ -364,7 +378,7 @@ impl<'a> Worker<'a> {
                     Ok((stream, peer)) => {
                         self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                         debug!("accepted {peer}");
-                        self.start_session(stream, slot, Tried::default(), now);
+                        self.start_session(stream, slot, Tried::default(), None, now);
                         if self.accepting != Accepting::Active {
                             return; // That client was parked.
                         }
@@ -396,7 +410,16 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn start_session(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, tried: Tried, now: Instant) {
+    /// `give_up_at` is set for a client that waited for a descriptor
+    /// already (see [`Parked`]).
+    fn start_session(
+        &mut self,
+        client: TcpStream,
+        slot: crate::shared::ClientSlot<'a>,
+        tried: Tried,
+        give_up_at: Option<Instant>,
+        now: Instant,
+    ) {
         if !balancer::any_healthy(&self.shared.backends) {
             self.shared.counters.no_backend.fetch_add(1, Ordering::Relaxed);
             debug!("no backend is up; resetting the client");
@@ -404,7 +427,7 @@ impl<'a> Worker<'a> {
             reset_on_close(&client);
             return;
         }
-        self.connect_client(client, slot, tried, now);
+        self.connect_client(client, slot, tried, give_up_at, now);
     }
 
     /// Pairs the client with the next backend that takes a connect; parks
@@ -414,11 +437,12 @@ impl<'a> Worker<'a> {
         client: TcpStream,
         slot: crate::shared::ClientSlot<'a>,
         mut tried: Tried,
+        give_up_at: Option<Instant>,
         now: Instant,
     ) {
         let (backend, lease) = match self.connect_next(&mut tried) {
             Ok(connect) => connect,
-            Err(NoConnect::Shortage) => return self.park(client, slot, tried, now),
+            Err(NoConnect::Shortage) => return self.park(client, slot, tried, give_up_at, now),
             Err(NoConnect::GaveUp) => {
                 self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
                 debug!("no backend accepted the connection; resetting the client");
@@ -444,8 +468,23 @@ impl<'a> Worker<'a> {
     }
 
     /// Holds a client until a descriptor for its backend socket frees, and
-    /// stops accepting meanwhile: the next client would need two.
-    fn park(&mut self, client: TcpStream, slot: crate::shared::ClientSlot<'a>, tried: Tried, now: Instant) {
+    /// stops accepting meanwhile: the next client would need two. A client
+    /// that waited its time already is reset instead.
+    fn park(
+        &mut self,
+        client: TcpStream,
+        slot: crate::shared::ClientSlot<'a>,
+        tried: Tried,
+        give_up_at: Option<Instant>,
+        now: Instant,
+    ) {
+        let give_up_at = give_up_at.unwrap_or(now + self.settings.connect_timeout);
+        if now >= give_up_at {
+            self.shared.counters.descriptor_wait_timeouts.fetch_add(1, Ordering::Relaxed);
+            debug!("worker {}: a client waited too long for a descriptor; resetting it", self.id);
+            reset_on_close(&client);
+            return;
+        }
         debug!("worker {}: out of descriptors for a backend socket; the client waits", self.id);
         let retry_at = now + ACCEPT_BACKOFF;
         match self.accepting {
@@ -458,7 +497,7 @@ impl<'a> Worker<'a> {
             Accepting::AtCap | Accepting::Closed => {}
         }
         self.accept_pending = false;
-        self.parked.push_back(Parked { client, slot, tried, retry_at });
+        self.parked.push_back(Parked { client, slot, tried, retry_at, give_up_at });
     }
 
     /// Puts the session's connect under its timeout.
@@ -560,7 +599,7 @@ impl<'a> Worker<'a> {
         // Nothing was read from the client while connecting: it starts
         // over as a new one would, minus the backends already tried.
         let (client, slot, tried) = session.into_client();
-        self.connect_client(client, slot, tried, now);
+        self.connect_client(client, slot, tried, None, now);
     }
 
     /// Starts the parked clients whose back-off is over, until one is
@@ -570,7 +609,7 @@ impl<'a> Worker<'a> {
         while self.parked.front().is_some_and(|p| now >= p.retry_at) {
             let Some(p) = self.parked.pop_front() else { break };
             let waiting = self.parked.len();
-            self.start_session(p.client, p.slot, p.tried, now);
+            self.start_session(p.client, p.slot, p.tried, Some(p.give_up_at), now);
             if self.parked.len() > waiting {
                 break;
             }
@@ -620,6 +659,9 @@ impl<'a> Worker<'a> {
             if self.shared.is_draining() {
                 self.listeners.clear();
                 self.accepting = Accepting::Closed;
+            } else if let Some(p) = self.parked.front() {
+                // Another client still waits for a descriptor.
+                self.accepting = Accepting::BackingOff(p.retry_at);
             } else {
                 self.resume_accepting(now);
             }

@@ -459,6 +459,41 @@ fn a_client_waiting_for_a_descriptor_when_sigterm_arrives_is_still_served() {
     assert_eq!(status.code(), Some(0), "{}", lb.stderr_text());
 }
 
+#[test]
+fn a_client_waiting_for_a_descriptor_is_reset_after_the_connection_timeout() {
+    // Clients waiting in two workers, each holding the descriptor the
+    // other waits for, never moved: nothing bounded the wait.
+    let echo = echo_backend();
+    let args = [
+        "--workers",
+        "1",
+        "--max-connections",
+        "1000",
+        "--no-health-check",
+        "--splice",
+        "never",
+        "--connection-timeout",
+        "0.3",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    const HELD: usize = 3;
+    let (lb, free) = lb_with_free_descriptors(2 * HELD + 1, &[echo.addr], &args);
+    let admin = common::admin::admin_addr(&lb);
+    let mut held: Vec<_> = (0..HELD).map(|i| hello_client(lb.addr, i)).collect();
+    let mut waiting = connect(lb.addr);
+    waiting.write_all(b"hello").expect("write");
+    assert!(wait_until(WAIT, || free(&lb) == 0), "the client was not accepted");
+    let mut b = [0u8; 5];
+    let cut = waiting.read(&mut b).map_err(|e| e.kind());
+    assert_eq!(cut, Err(std::io::ErrorKind::ConnectionReset), "{}", lb.stderr_text());
+    // Counted, and lb serves clients again once descriptors free.
+    drop(held.pop());
+    let timeouts = common::admin::scrape(admin).value("lb_connections_descriptor_wait_timeouts_total", &[]);
+    assert_eq!(timeouts, 1.0);
+    hello_client(lb.addr, HELD);
+}
+
 /// Sends "hello" and reads it back.
 fn hello(s: &mut std::net::TcpStream) -> std::io::Result<[u8; 5]> {
     s.write_all(b"hello")?;

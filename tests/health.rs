@@ -187,9 +187,8 @@ fn a_probe_waiting_on_a_silent_backend_does_not_delay_the_others() {
     };
     // Three rounds of the others complete while the silent backend's first
     // probe is still waiting out its timeout.
-    assert!(wait_until(WAIT, || checks(sick.addr, "failed") >= 3.0));
+    assert!(wait_until(WAIT, || checks(sick.addr, "failed") >= 3.0 && checks(fine.addr, "ok") >= 3.0));
     assert!(!common::admin::backend_up(admin, sick.addr), "{}", lb.stderr_text());
-    assert!(checks(fine.addr, "ok") >= 3.0);
     assert_eq!(
         checks(silent_addr, "ok") + checks(silent_addr, "failed"),
         0.0,
@@ -204,9 +203,11 @@ fn a_backend_that_never_answers_goes_down_after_the_probe_timeout() {
     let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
     let silent_addr = silent.local_addr().expect("addr");
     let fine = be("Server F", &[]);
-    let lb = lb_probing_http(&[silent_addr, fine.addr], "0.5");
+    // Long enough that the answering backend's probes never time out on a
+    // loaded machine: it must stay up to take the client below.
+    let lb = lb_probing_http(&[silent_addr, fine.addr], "1");
     let admin = admin_addr(&lb);
-    assert!(wait_backend(admin, silent_addr, false, secs(0.5 * 2.0 + 0.4) + SLACK), "{}", lb.stderr_text());
+    assert!(wait_backend(admin, silent_addr, false, secs(1.0 * 2.0 + 0.4) + SLACK), "{}", lb.stderr_text());
     assert!(lb.stderr_text().contains(&format!("backend {silent_addr} is DOWN: timed out")), "{}", lb.stderr_text());
     assert_eq!(who_answers(lb.addr), "Server F");
     drop(silent);

@@ -621,7 +621,8 @@ fn a_client_that_resets_while_the_backend_connect_is_in_flight_is_let_go_and_its
             "half-close {half_close}: lb still holds {} descriptors",
             lb.fd_count() - idle
         );
-        // The pair is gone, so no retry can follow.
+        // Nor was the reset taken for a failed connect and retried on the
+        // second backend (the timeout is too far off to retry otherwise).
         let relayed = recorder.gauge.accepted.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(relayed, 0, "half-close {half_close}: the request reached the second backend");
     }

@@ -517,7 +517,7 @@ impl<'a> Worker<'a> {
             // after the cursor: stepping the cursor by one would hand a
             // down backend's turn to the healthy one after it, doubling
             // its share. Kept below the table size so pick needs no division.
-            self.cursor = if i + 1 < backends.len() { i + 1 } else { 0 };
+            let next_cursor = if i + 1 < backends.len() { i + 1 } else { 0 };
             let backend = &backends[i];
             let lease = backend.lease();
             let connected = TcpStream::connect(backend.addr);
@@ -529,9 +529,11 @@ impl<'a> Worker<'a> {
                 && is_resource_exhaustion(e)
             {
                 self.warn_shortage(backend, e);
-                // Another backend would need a descriptor too.
+                // Another backend would need a descriptor too. Its turn is
+                // kept: nothing reached it.
                 return Err(NoConnect::Shortage);
             }
+            self.cursor = next_cursor;
             tried.push(i);
             match connected {
                 Ok(stream) => return Ok((stream, lease)),

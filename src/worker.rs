@@ -89,16 +89,30 @@ enum NoConnect {
 /// retried after a back-off, rather than being reset.
 #[derive(Debug)]
 struct Parked<'a> {
-    client: TcpStream,
-    slot: crate::shared::ClientSlot<'a>,
-    /// Kept so that waiting does not reset `--retries`.
-    tried: Tried,
+    client: Unpaired<'a>,
     retry_at: Instant,
-    /// When it stops waiting, reset: `--connection-timeout` after it was
-    /// first parked, as HAProxy's `timeout queue` defaults to its
-    /// `timeout connect`. Without it, clients parked by every worker could
-    /// hold each descriptor the others wait for, and none would ever move.
-    give_up_at: Instant,
+}
+
+/// A client not yet paired with a backend: just accepted, back from a
+/// failed connect, or parked.
+#[derive(Debug)]
+struct Unpaired<'a> {
+    stream: TcpStream,
+    slot: crate::shared::ClientSlot<'a>,
+    /// Kept so that a retry or a wait does not reset `--retries`.
+    tried: Tried,
+    /// Once parked: when it stops waiting and is reset instead,
+    /// `--connection-timeout` after it was first parked, as HAProxy's
+    /// `timeout queue` defaults to its `timeout connect`. Without it,
+    /// clients parked by every worker could hold each descriptor the
+    /// others wait for, and none would ever move.
+    give_up_at: Option<Instant>,
+}
+
+impl<'a> Unpaired<'a> {
+    fn new(stream: TcpStream, slot: crate::shared::ClientSlot<'a>, tried: Tried) -> Self {
+        Unpaired { stream, slot, tried, give_up_at: None }
+    }
 }
 
 fn session_token(key: usize, side: Side) -> Token {
@@ -258,7 +272,7 @@ impl<'a> Worker<'a> {
         }
         self.publish_all_bytes();
         for p in self.parked.drain(..) {
-            reset_on_close(&p.client);
+            reset_on_close(&p.client.stream);
         }
         for (_, s) in self.sessions.iter_mut() {
             s.expire(Cut::Shutdown);
@@ -378,7 +392,7 @@ impl<'a> Worker<'a> {
                     Ok((stream, peer)) => {
                         self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                         debug!("accepted {peer}");
-                        self.start_session(stream, slot, Tried::default(), None, now);
+                        self.start_session(Unpaired::new(stream, slot, Tried::default()), now);
                         if self.accepting != Accepting::Active {
                             return; // That client was parked.
                         }
@@ -410,49 +424,34 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// `give_up_at` is set for a client that waited for a descriptor
-    /// already (see [`Parked`]).
-    fn start_session(
-        &mut self,
-        client: TcpStream,
-        slot: crate::shared::ClientSlot<'a>,
-        tried: Tried,
-        give_up_at: Option<Instant>,
-        now: Instant,
-    ) {
+    fn start_session(&mut self, client: Unpaired<'a>, now: Instant) {
         if !balancer::any_healthy(&self.shared.backends) {
             self.shared.counters.no_backend.fetch_add(1, Ordering::Relaxed);
             debug!("no backend is up; resetting the client");
             // As a refused connect would: a FIN would read as an empty reply.
-            reset_on_close(&client);
+            reset_on_close(&client.stream);
             return;
         }
-        self.connect_client(client, slot, tried, give_up_at, now);
+        self.connect_client(client, now);
     }
 
     /// Pairs the client with the next backend that takes a connect; parks
     /// it while descriptors are short, resets it once none is left to try.
-    fn connect_client(
-        &mut self,
-        client: TcpStream,
-        slot: crate::shared::ClientSlot<'a>,
-        mut tried: Tried,
-        give_up_at: Option<Instant>,
-        now: Instant,
-    ) {
-        let (backend, lease) = match self.connect_next(&mut tried) {
+    fn connect_client(&mut self, mut client: Unpaired<'a>, now: Instant) {
+        let (backend, lease) = match self.connect_next(&mut client.tried) {
             Ok(connect) => connect,
-            Err(NoConnect::Shortage) => return self.park(client, slot, tried, give_up_at, now),
+            Err(NoConnect::Shortage) => return self.park(client, now),
             Err(NoConnect::GaveUp) => {
                 self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
                 debug!("no backend accepted the connection; resetting the client");
-                reset_on_close(&client);
+                reset_on_close(&client.stream);
                 return;
             }
         };
+        let Unpaired { stream, slot, tried, .. } = client;
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        let session = entry.insert(Session::new(client, backend, lease, slot, tried, now, &self.settings));
+        let session = entry.insert(Session::new(stream, backend, lease, slot, tried, now, &self.settings));
         let registry = self.poll.registry();
         let registered =
             registry.register(session.client_stream(), session_token(key, Side::Client), SOCKET_INTEREST).and_then(
@@ -470,19 +469,12 @@ impl<'a> Worker<'a> {
     /// Holds a client until a descriptor for its backend socket frees, and
     /// stops accepting meanwhile: the next client would need two. A client
     /// that waited its time already is reset instead.
-    fn park(
-        &mut self,
-        client: TcpStream,
-        slot: crate::shared::ClientSlot<'a>,
-        tried: Tried,
-        give_up_at: Option<Instant>,
-        now: Instant,
-    ) {
-        let give_up_at = give_up_at.unwrap_or(now + self.settings.connect_timeout);
+    fn park(&mut self, mut client: Unpaired<'a>, now: Instant) {
+        let give_up_at = *client.give_up_at.get_or_insert(now + self.settings.connect_timeout);
         if now >= give_up_at {
             self.shared.counters.descriptor_wait_timeouts.fetch_add(1, Ordering::Relaxed);
             debug!("worker {}: a client waited too long for a descriptor; resetting it", self.id);
-            reset_on_close(&client);
+            reset_on_close(&client.stream);
             return;
         }
         debug!("worker {}: out of descriptors for a backend socket; the client waits", self.id);
@@ -497,7 +489,7 @@ impl<'a> Worker<'a> {
             Accepting::AtCap | Accepting::Closed => {}
         }
         self.accept_pending = false;
-        self.parked.push_back(Parked { client, slot, tried, retry_at, give_up_at });
+        self.parked.push_back(Parked { client, retry_at });
     }
 
     /// Puts the session's connect under its timeout.
@@ -600,8 +592,8 @@ impl<'a> Worker<'a> {
         }
         // Nothing was read from the client while connecting: it starts
         // over as a new one would, minus the backends already tried.
-        let (client, slot, tried) = session.into_client();
-        self.connect_client(client, slot, tried, None, now);
+        let (stream, slot, tried) = session.into_client();
+        self.connect_client(Unpaired::new(stream, slot, tried), now);
     }
 
     /// Starts the parked clients whose back-off is over, until one is
@@ -611,7 +603,7 @@ impl<'a> Worker<'a> {
         while self.parked.front().is_some_and(|p| now >= p.retry_at) {
             let Some(p) = self.parked.pop_front() else { break };
             let waiting = self.parked.len();
-            self.start_session(p.client, p.slot, p.tried, Some(p.give_up_at), now);
+            self.start_session(p.client, now);
             if self.parked.len() > waiting {
                 break;
             }

@@ -406,19 +406,7 @@ fn a_failed_connect_frees_its_descriptor_before_the_retry_so_two_free_serve_a_cl
     // connect on loopback fails at once, its socket already closed.)
     let echo = echo_backend();
     let (_hole, _fillers, silent) = blackhole();
-    let args = [
-        "--workers",
-        "1",
-        "--max-connections",
-        "1000",
-        "--no-health-check",
-        "--splice",
-        "never",
-        "--fall",
-        "1000",
-        "--connection-timeout",
-        "0.2",
-    ];
+    let args = [&ONE_WORKER_PAST_THE_LIMIT[..], &["--fall", "1000", "--connection-timeout", "0.2"]].concat();
     const HELD: usize = 4;
     // Room for the held clients (client and backend socket each) and one
     // client more.
@@ -438,7 +426,7 @@ fn a_failed_connect_frees_its_descriptor_before_the_retry_so_two_free_serve_a_cl
 #[test]
 fn a_client_waiting_for_a_descriptor_when_sigterm_arrives_is_still_served() {
     let echo = echo_backend();
-    let args = ["--workers", "1", "--max-connections", "1000", "--no-health-check", "--splice", "never"];
+    let args = ONE_WORKER_PAST_THE_LIMIT;
     const HELD: usize = 3;
     // One descriptor past the held clients: the next is accepted, and
     // waits for its backend socket.
@@ -464,19 +452,7 @@ fn a_client_waiting_for_a_descriptor_is_reset_after_the_connection_timeout() {
     // Clients waiting in two workers, each holding the descriptor the
     // other waits for, never moved: nothing bounded the wait.
     let echo = echo_backend();
-    let args = [
-        "--workers",
-        "1",
-        "--max-connections",
-        "1000",
-        "--no-health-check",
-        "--splice",
-        "never",
-        "--connection-timeout",
-        "0.3",
-        "--admin",
-        "127.0.0.1:0",
-    ];
+    let args = [&ONE_WORKER_PAST_THE_LIMIT[..], &["--connection-timeout", "0.3", "--admin", "127.0.0.1:0"]].concat();
     const HELD: usize = 3;
     let (lb, free) = lb_with_free_descriptors(2 * HELD + 1, &[echo.addr], &args);
     let admin = common::admin::admin_addr(&lb);
@@ -493,6 +469,12 @@ fn a_client_waiting_for_a_descriptor_is_reset_after_the_connection_timeout() {
     assert_eq!(timeouts, 1.0);
     hello_client(lb.addr, HELD);
 }
+
+/// One worker, so one loop holds every descriptor, and a cap given past
+/// the descriptor limit, so it is kept; no probe or pipe takes
+/// descriptors meanwhile.
+const ONE_WORKER_PAST_THE_LIMIT: [&str; 7] =
+    ["--workers", "1", "--max-connections", "1000", "--no-health-check", "--splice", "never"];
 
 /// Sends "hello" and reads it back.
 fn hello(s: &mut std::net::TcpStream) -> std::io::Result<[u8; 5]> {
@@ -539,7 +521,7 @@ fn open_descriptors(p: &Proc) -> Vec<usize> {
 /// descriptor that accept() takes and the backend socket then finds none.
 fn every_client_is_served_at_the_descriptor_limit(echo: &Backend, backends: &[std::net::SocketAddr], extra: &[&str]) {
     for limit in [40, 41] {
-        let mut args = vec!["--workers", "1", "--max-connections", "1000", "--no-health-check", "--splice", "never"];
+        let mut args = ONE_WORKER_PAST_THE_LIMIT.to_vec();
         args.extend(extra);
         let before = echo.gauge.accepted.load(Ordering::SeqCst);
         let lb = lb_with_fd_limit(limit, backends, &args);

@@ -26,6 +26,9 @@ pub struct Shared {
     pub workers: Vec<WorkerControl>,
     max_connections: usize,
     active_clients: AtomicUsize,
+    /// Clients waiting in any worker for a descriptor for their backend
+    /// socket (see [`ParkedMark`]).
+    parked_clients: AtomicUsize,
     draining: AtomicBool,
     stopping: AtomicBool,
 }
@@ -41,6 +44,7 @@ impl Shared {
                 .collect(),
             max_connections,
             active_clients: AtomicUsize::new(0),
+            parked_clients: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
         }
@@ -52,6 +56,19 @@ impl Shared {
 
     pub fn active_clients(&self) -> usize {
         self.active_clients.load(Ordering::SeqCst)
+    }
+
+    /// Whether a client waits for a descriptor in any worker: the process
+    /// is out of them, and a client accepted now would take the one it
+    /// waits for. A hint: a race costs one accept.
+    pub fn any_parked(&self) -> bool {
+        self.parked_clients.load(Ordering::Relaxed) > 0
+    }
+
+    /// Counts a client waiting for a descriptor until the mark drops.
+    pub fn mark_parked(&self) -> ParkedMark<'_> {
+        self.parked_clients.fetch_add(1, Ordering::Relaxed);
+        ParkedMark { shared: self }
     }
 
     /// Reserves room for one client under the global cap, or `None` at the
@@ -129,6 +146,18 @@ impl Drop for ClientSlot<'_> {
     }
 }
 
+/// One client waiting for a descriptor, counted while the mark lives.
+#[derive(Debug)]
+pub struct ParkedMark<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for ParkedMark<'_> {
+    fn drop(&mut self) {
+        self.shared.parked_clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +167,18 @@ mod tests {
         let poll = Poll::new().expect("poll");
         let waker = Waker::new(poll.registry(), Token(0)).expect("waker");
         (poll, Shared::new(Vec::new(), max, vec![waker]))
+    }
+
+    #[test]
+    fn a_parked_client_is_counted_until_its_mark_drops() {
+        let (_poll, s) = shared(2);
+        assert!(!s.any_parked());
+        let a = s.mark_parked();
+        let b = s.mark_parked();
+        drop(a);
+        assert!(s.any_parked());
+        drop(b);
+        assert!(!s.any_parked());
     }
 
     #[test]

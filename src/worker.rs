@@ -91,6 +91,8 @@ enum NoConnect {
 struct Parked<'a> {
     client: Unpaired<'a>,
     retry_at: Instant,
+    /// Keeps every worker from accepting while it waits.
+    _mark: crate::shared::ParkedMark<'a>,
 }
 
 /// A client not yet paired with a backend: just accepted, back from a
@@ -102,10 +104,11 @@ struct Unpaired<'a> {
     /// Kept so that a retry or a wait does not reset `--retries`.
     tried: Tried,
     /// Once parked: when it stops waiting and is reset instead,
-    /// `--connection-timeout` after it was first parked, as HAProxy's
-    /// `timeout queue` defaults to its `timeout connect`. Without it,
-    /// clients parked by every worker could hold each descriptor the
-    /// others wait for, and none would ever move.
+    /// `--connection-timeout` after it was parked (a connect made after
+    /// the wait that fails starts a new one), as HAProxy's `timeout queue`
+    /// defaults to its `timeout connect`. Without it, clients parked by
+    /// every worker at once could hold each descriptor the others wait
+    /// for, and none would ever move.
     give_up_at: Option<Instant>,
 }
 
@@ -317,16 +320,7 @@ impl<'a> Worker<'a> {
             return;
         }
         if self.accepting == Accepting::AtCap && self.shared.active_clients() < self.shared.max_connections() {
-            match self.parked.front() {
-                // Not while a client waits for a descriptor: the next one
-                // accepted would take the one it waits for. The back-off
-                // resumes accepting once none is parked.
-                Some(p) => {
-                    self.shared.workers[self.id].paused_at_cap.store(false, Ordering::SeqCst);
-                    self.accepting = Accepting::BackingOff(p.retry_at);
-                }
-                None => self.resume_accepting(now),
-            }
+            self.resume_accepting(now);
         }
     }
 
@@ -340,8 +334,17 @@ impl<'a> Worker<'a> {
         self.accept_pending = false;
     }
 
+    /// Resumes accepting, or backs off while a client waits for a
+    /// descriptor in any worker: a client accepted now would take the one
+    /// it waits for. (A worker that resumed at once after resetting a
+    /// client that waited too long took its descriptor back each time, and
+    /// the client waiting in the other worker never got one.)
     fn resume_accepting(&mut self, now: Instant) {
         self.shared.workers[self.id].paused_at_cap.store(false, Ordering::SeqCst);
+        if self.shared.any_parked() {
+            self.accepting = Accepting::BackingOff(self.parked.front().map_or(now + ACCEPT_BACKOFF, |p| p.retry_at));
+            return;
+        }
         match self.register_listeners() {
             Ok(()) => {
                 self.accepting = Accepting::Active;
@@ -372,6 +375,12 @@ impl<'a> Worker<'a> {
     fn accept(&mut self, now: Instant) {
         self.accept_pending = false;
         if self.accepting != Accepting::Active {
+            return;
+        }
+        if self.shared.any_parked() {
+            // Another worker's client waits for a descriptor.
+            self.deregister_listeners();
+            self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
             return;
         }
         for i in 0..self.listeners.len() {
@@ -489,7 +498,7 @@ impl<'a> Worker<'a> {
             Accepting::AtCap | Accepting::Closed => {}
         }
         self.accept_pending = false;
-        self.parked.push_back(Parked { client, retry_at });
+        self.parked.push_back(Parked { client, retry_at, _mark: self.shared.mark_parked() });
     }
 
     /// Puts the session's connect under its timeout.
@@ -653,9 +662,6 @@ impl<'a> Worker<'a> {
             if self.shared.is_draining() {
                 self.listeners.clear();
                 self.accepting = Accepting::Closed;
-            } else if let Some(p) = self.parked.front() {
-                // Another client still waits for a descriptor.
-                self.accepting = Accepting::BackingOff(p.retry_at);
             } else {
                 self.resume_accepting(now);
             }

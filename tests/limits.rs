@@ -426,7 +426,8 @@ fn a_failed_connect_frees_its_descriptor_before_the_retry_so_two_free_serve_a_cl
 #[test]
 fn a_client_waiting_for_a_descriptor_when_sigterm_arrives_is_still_served() {
     let echo = echo_backend();
-    let args = ONE_WORKER_PAST_THE_LIMIT;
+    // The client must not give up waiting first, however slow the machine.
+    let args = [&ONE_WORKER_PAST_THE_LIMIT[..], &["--connection-timeout", "30"]].concat();
     const HELD: usize = 3;
     // One descriptor past the held clients: the next is accepted, and
     // waits for its backend socket.
@@ -450,7 +451,8 @@ fn a_client_waiting_for_a_descriptor_when_sigterm_arrives_is_still_served() {
 #[test]
 fn a_client_waiting_for_a_descriptor_is_reset_after_the_connection_timeout() {
     // Clients waiting in two workers, each holding the descriptor the
-    // other waits for, never moved: nothing bounded the wait.
+    // other waits for, never moved: nothing bounded the wait. (Whether it
+    // was accepted before the reset is not checked: the window is short.)
     let echo = echo_backend();
     let args = [&ONE_WORKER_PAST_THE_LIMIT[..], &["--connection-timeout", "0.3", "--admin", "127.0.0.1:0"]].concat();
     const HELD: usize = 3;
@@ -459,15 +461,50 @@ fn a_client_waiting_for_a_descriptor_is_reset_after_the_connection_timeout() {
     let mut held: Vec<_> = (0..HELD).map(|i| hello_client(lb.addr, i)).collect();
     let mut waiting = connect(lb.addr);
     waiting.write_all(b"hello").expect("write");
-    assert!(wait_until(WAIT, || free(&lb) == 0), "the client was not accepted");
     let mut b = [0u8; 5];
     let cut = waiting.read(&mut b).map_err(|e| e.kind());
     assert_eq!(cut, Err(std::io::ErrorKind::ConnectionReset), "{}", lb.stderr_text());
-    // Counted, and lb serves clients again once descriptors free.
+    // Counted, and lb serves clients again once descriptors free: enough
+    // that neither the scrape nor the next client waits.
     drop(held.pop());
+    assert!(wait_until(WAIT, || free(&lb) >= 3), "the held pair was not closed");
     let timeouts = common::admin::scrape(admin).value("lb_connections_descriptor_wait_timeouts_total", &[]);
     assert_eq!(timeouts, 1.0);
+    assert!(wait_until(WAIT, || free(&lb) >= 3), "the scrape's connection was not closed");
     hello_client(lb.addr, HELD);
+}
+
+#[test]
+fn no_worker_accepts_while_a_client_in_another_waits_for_a_descriptor() {
+    // Each client accepted then would take the descriptor the waiting one
+    // needs. Before, the other worker accepted (and failed to, EMFILE), and
+    // with two descriptors free each worker could hold one waiting client,
+    // resetting it after the timeout and taking its descriptor back at
+    // once, so that the clients of both were reset over and over.
+    let echo = echo_backend();
+    let args = [&ONE_WORKER_PAST_THE_LIMIT[2..], &["--workers", "2", "--connection-timeout", "30"]].concat();
+    const HELD: usize = 8;
+    let (lb, free) = lb_with_free_descriptors(2 * HELD + 1, &[echo.addr], &args);
+    let held: Vec<_> = (0..HELD).map(|i| hello_client(lb.addr, i)).collect();
+    let mut waiting = connect(lb.addr);
+    waiting.write_all(b"hello").expect("write");
+    assert!(wait_until(WAIT, || free(&lb) == 0), "the client was not accepted");
+    // As many as the held clients' descriptors serve with the waiting
+    // one's. Some land on the other worker's listener (SO_REUSEPORT
+    // spreads them by address: all seven on one, 1 time in 128).
+    let mut later: Vec<_> = (1..HELD).map(|_| connect(lb.addr)).collect();
+    for c in &mut later {
+        c.write_all(b"hello").expect("write");
+    }
+    let tried = wait_until(Duration::from_secs(1), || lb.stderr_text().contains("accept: "));
+    assert!(!tried, "a worker accepted while a client waited: {}", lb.stderr_text());
+    drop(held);
+    let mut b = [0u8; 5];
+    waiting.read_exact(&mut b).expect("the waiting client is served");
+    for (i, c) in later.iter_mut().enumerate() {
+        c.read_exact(&mut b).unwrap_or_else(|e| panic!("client {i} after it: {e}\n{}", lb.stderr_text()));
+        assert_eq!(&b, b"hello");
+    }
 }
 
 /// One worker, so one loop holds every descriptor, and a cap given past

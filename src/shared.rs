@@ -60,7 +60,9 @@ impl Shared {
 
     /// Whether a client waits for a descriptor in any worker: the process
     /// is out of them, and a client accepted now would take the one it
-    /// waits for. A hint: a race costs one accept.
+    /// waits for. Read before each accept, without ordering: an accept
+    /// racing the mark fails or parks its own client, and that worker
+    /// stops accepting then.
     pub fn any_parked(&self) -> bool {
         self.parked_clients.load(Ordering::Relaxed) > 0
     }

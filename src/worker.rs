@@ -74,11 +74,14 @@ enum Accepting {
 }
 
 /// Why no backend connect was started for a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum NoConnect {
+#[derive(Debug)]
+enum NoConnect<'a> {
     /// lb itself is out of descriptors or memory: not the backends' fault,
-    /// and over once connections close.
-    Shortage,
+    /// and over once connections close. The mark is taken as soon as the
+    /// connect fails, before anything else (a warning's write takes long
+    /// enough for another worker to accept meanwhile and fail for want of
+    /// a descriptor itself).
+    Shortage(crate::shared::ParkedMark<'a>),
     /// No backend is up, or every one tried failed.
     GaveUp,
 }
@@ -155,9 +158,10 @@ pub struct Worker<'a> {
     connecting: VecDeque<(usize, Instant)>,
     /// Failed sessions waiting for their client to take the last bytes.
     lingering: Vec<usize>,
-    /// In retry order. Accepting stops while any client is parked, so it
-    /// holds one accepted client, plus those whose connect retry found no
-    /// descriptor.
+    /// In retry order. Accepting stops in every worker while any client
+    /// is parked, so this holds few: the accepted clients that found no
+    /// descriptor before the others saw the mark, and those whose connect
+    /// retry found none.
     parked: VecDeque<Parked<'a>>,
     next_linger_check: Instant,
     next_scan: Instant,
@@ -377,12 +381,6 @@ impl<'a> Worker<'a> {
         if self.accepting != Accepting::Active {
             return;
         }
-        if self.shared.any_parked() {
-            // Another worker's client waits for a descriptor.
-            self.deregister_listeners();
-            self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
-            return;
-        }
         for i in 0..self.listeners.len() {
             // Failed accepts count too: a stream of clients that are gone
             // before their turn must not hold the loop either.
@@ -393,6 +391,15 @@ impl<'a> Worker<'a> {
                     break;
                 }
                 attempts += 1;
+                if self.shared.any_parked() {
+                    // A client waits for a descriptor, here or in another
+                    // worker: checked before each accept, as a burst
+                    // already under way would otherwise take the one it
+                    // waits for.
+                    self.deregister_listeners();
+                    self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
+                    return;
+                }
                 let Some(slot) = self.shared.try_acquire_client() else {
                     self.pause_at_cap(now);
                     return;
@@ -449,7 +456,7 @@ impl<'a> Worker<'a> {
     fn connect_client(&mut self, mut client: Unpaired<'a>, now: Instant) {
         let (backend, lease) = match self.connect_next(&mut client.tried) {
             Ok(connect) => connect,
-            Err(NoConnect::Shortage) => return self.park(client, now),
+            Err(NoConnect::Shortage(mark)) => return self.park(client, mark, now),
             Err(NoConnect::GaveUp) => {
                 self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
                 debug!("no backend accepted the connection; resetting the client");
@@ -478,7 +485,7 @@ impl<'a> Worker<'a> {
     /// Holds a client until a descriptor for its backend socket frees, and
     /// stops accepting meanwhile: the next client would need two. A client
     /// that waited its time already is reset instead.
-    fn park(&mut self, mut client: Unpaired<'a>, now: Instant) {
+    fn park(&mut self, mut client: Unpaired<'a>, mark: crate::shared::ParkedMark<'a>, now: Instant) {
         let give_up_at = *client.give_up_at.get_or_insert(now + self.settings.connect_timeout);
         if now >= give_up_at {
             self.shared.counters.descriptor_wait_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -498,7 +505,7 @@ impl<'a> Worker<'a> {
             Accepting::AtCap | Accepting::Closed => {}
         }
         self.accept_pending = false;
-        self.parked.push_back(Parked { client, retry_at, _mark: self.shared.mark_parked() });
+        self.parked.push_back(Parked { client, retry_at, _mark: mark });
     }
 
     /// Puts the session's connect under its timeout.
@@ -510,7 +517,7 @@ impl<'a> Worker<'a> {
 
     /// Starts a connect to the best backend not yet tried, moving on after
     /// immediate failures, within `--retries`.
-    fn connect_next(&mut self, tried: &mut Tried) -> Result<(TcpStream, Lease<'a>), NoConnect> {
+    fn connect_next(&mut self, tried: &mut Tried) -> Result<(TcpStream, Lease<'a>), NoConnect<'a>> {
         let backends: &'a [Backend] = &self.shared.backends;
         while tried.attempts() <= self.settings.retries as usize {
             let i = balancer::pick(backends, self.cursor, tried.as_slice()).ok_or(NoConnect::GaveUp)?;
@@ -529,10 +536,11 @@ impl<'a> Worker<'a> {
             if let Err(e) = &connected
                 && is_resource_exhaustion(e)
             {
+                let mark = self.shared.mark_parked();
                 self.warn_shortage(backend, e);
                 // Another backend would need a descriptor too. Its turn is
                 // kept: nothing reached it.
-                return Err(NoConnect::Shortage);
+                return Err(NoConnect::Shortage(mark));
             }
             self.cursor = next_cursor;
             tried.push(i);

@@ -489,6 +489,9 @@ fn no_worker_accepts_while_a_client_in_another_waits_for_a_descriptor() {
     let mut waiting = connect(lb.addr);
     waiting.write_all(b"hello").expect("write");
     assert!(wait_until(WAIT, || free(&lb) == 0), "the client was not accepted");
+    // Logged once the client is marked as waiting.
+    let warned = wait_until(WAIT, || lb.stderr_text().contains("connect to "));
+    assert!(warned, "no descriptor shortage was met: {}", lb.stderr_text());
     // As many as the held clients' descriptors serve with the waiting
     // one's. Some land on the other worker's listener (SO_REUSEPORT
     // spreads them by address: all seven on one, 1 time in 128).

@@ -398,6 +398,7 @@ impl<'a> Worker<'a> {
                     // waits for.
                     self.deregister_listeners();
                     self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
+                    self.accept_pending = false;
                     return;
                 }
                 let Some(slot) = self.shared.try_acquire_client() else {

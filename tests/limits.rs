@@ -483,7 +483,7 @@ fn no_worker_accepts_while_a_client_in_another_waits_for_a_descriptor() {
     // once, so that the clients of both were reset over and over.
     let echo = echo_backend();
     let args = [&ONE_WORKER_PAST_THE_LIMIT[2..], &["--workers", "2", "--connection-timeout", "30"]].concat();
-    const HELD: usize = 8;
+    const HELD: usize = 16;
     let (lb, free) = lb_with_free_descriptors(2 * HELD + 1, &[echo.addr], &args);
     let held: Vec<_> = (0..HELD).map(|i| hello_client(lb.addr, i)).collect();
     let mut waiting = connect(lb.addr);
@@ -494,7 +494,8 @@ fn no_worker_accepts_while_a_client_in_another_waits_for_a_descriptor() {
     assert!(warned, "no descriptor shortage was met: {}", lb.stderr_text());
     // As many as the held clients' descriptors serve with the waiting
     // one's. Some land on the other worker's listener (SO_REUSEPORT
-    // spreads them by address: all seven on one, 1 time in 128).
+    // spreads them by address: all fifteen on the waiting client's, which
+    // would hide an accept by the other, 1 time in 32768).
     let mut later: Vec<_> = (1..HELD).map(|_| connect(lb.addr)).collect();
     for c in &mut later {
         c.write_all(b"hello").expect("write");

@@ -21,7 +21,13 @@ pub const MAX_RETRIES: u32 = 32;
     allow_negative_numbers = true,
     about = "Layer-4 TCP load balancer: least connections over per-core event loops",
     after_help = "At --max-connections the listeners stop accepting; extra clients wait in the \
-kernel backlog and are served as earlier connections close."
+kernel backlog and are served as earlier connections close.
+
+Signals: SIGTERM or SIGINT drains (no new clients; open connections get \
+--drain-timeout) and exits 0; a second one stops at once. SIGUSR1 or SIGHUP \
+prints a stats report (there is no configuration file to reload).
+Logging: RUST_LOG sets the level (default info). Exit status: 2 for a bad \
+command line, 1 for a start-up failure."
 )]
 pub struct Args {
     /// Listen port.
@@ -99,7 +105,7 @@ pub struct Args {
     #[arg(long = "no-health-check")]
     pub no_health_check: bool,
 
-    /// Seconds between stats reports on stdout (0 = only on SIGUSR1).
+    /// Seconds between stats reports on stdout (0 = only on SIGUSR1 or SIGHUP).
     #[arg(long = "stats-period", default_value = "30")]
     pub stats_period: String,
 
@@ -112,7 +118,8 @@ pub struct Args {
     #[arg(long = "splice", default_value = "auto")]
     pub splice: String,
 
-    /// Pipes that may exist at once for splicing (default: --max-connections / 4).
+    /// Pipes that may exist at once for splicing (default: --max-connections / 4;
+    /// at most two per connection).
     #[arg(long = "max-pipes")]
     pub max_pipes: Option<String>,
 }
@@ -191,6 +198,7 @@ pub enum ConfigError {
     BackendDuplicate { value: String, first: String, addr: SocketAddr },
     Resolve { value: String, reason: String },
     Number { flag: &'static str, value: String, expected: &'static str },
+    NumberRange { flag: &'static str, value: String, max: usize },
     Seconds { flag: &'static str, value: String },
     SecondsRange { flag: &'static str, value: String, expected: &'static str },
     Splice { value: String },
@@ -208,7 +216,7 @@ impl fmt::Display for ConfigError {
                 write!(f, "--bind: '{value}' is not an IPv4 or IPv6 address")
             }
             ConfigError::BackendFormat { value } => {
-                write!(f, "--backends: '{value}' is not host:port or host:port@weight")
+                write!(f, "--backends: '{value}' is not host:port or host:port@weight (IPv6 in brackets: [::1]:80)")
             }
             ConfigError::BackendPort { value } => {
                 write!(f, "--backends: '{value}' has no valid port (1-65535)")
@@ -225,6 +233,9 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::Number { flag, value, expected } => {
                 write!(f, "{flag}: '{value}' is not {expected}")
+            }
+            ConfigError::NumberRange { flag, value, max } => {
+                write!(f, "{flag}: '{value}' is out of range: at most {max}")
             }
             ConfigError::Seconds { flag, value } => {
                 write!(f, "{flag}: '{value}' is not a number of seconds (e.g. 3 or 0.5)")
@@ -253,43 +264,18 @@ impl Config {
     /// Validates and resolves everything once, at start-up.
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         let port = parse_port(&args.port).ok_or_else(|| ConfigError::Port { value: args.port.clone() })?;
-        let ip: IpAddr = args
-            .bind
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .map_err(|_| ConfigError::BindAddress { value: args.bind.clone() })?;
+        let ip = parse_bind(&args.bind).ok_or_else(|| ConfigError::BindAddress { value: args.bind.clone() })?;
         let max_connections = match &args.max_connections {
             Some(m) => parse_count("--max-connections", m, 1)?,
             None => DEFAULT_MAX_CONNECTIONS,
         };
-        let buffer_size = parse_count("--buffer-size", &args.buffer_size, 1)?;
-        if buffer_size > 1 << 30 {
-            return Err(ConfigError::Number {
-                flag: "--buffer-size",
-                value: args.buffer_size.clone(),
-                expected: "a size from 1 byte to 1 GiB",
-            });
-        }
+        let buffer_size = parse_bounded("--buffer-size", &args.buffer_size, 1, 1 << 30, "a size from 1 byte to 1 GiB")?;
         let workers = match &args.workers {
-            Some(w) => parse_count("--workers", w, 1)?,
+            Some(w) => parse_bounded("--workers", w, 1, MAX_WORKERS, "a whole number from 1 to 1024")?,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS),
         };
-        if workers > MAX_WORKERS {
-            return Err(ConfigError::Number {
-                flag: "--workers",
-                value: args.workers.clone().unwrap_or_default(),
-                expected: "a whole number from 1 to 1024",
-            });
-        }
-        let retries = parse_count("--retries", &args.retries, 0)?;
-        if retries > MAX_RETRIES as usize {
-            return Err(ConfigError::Number {
-                flag: "--retries",
-                value: args.retries.clone(),
-                expected: "a whole number from 0 to 32",
-            });
-        }
+        let retries =
+            parse_bounded("--retries", &args.retries, 0, MAX_RETRIES as usize, "a whole number from 0 to 32")?;
         let connect_timeout = parse_seconds("--connection-timeout", &args.connection_timeout)?;
         if connect_timeout.is_zero() {
             return Err(ConfigError::Seconds { flag: "--connection-timeout", value: args.connection_timeout.clone() });
@@ -303,8 +289,11 @@ impl Config {
             _ => return Err(ConfigError::Splice { value: args.splice.clone() }),
         };
         // HAProxy's default ratio: bulk flows are a minority of connections.
+        // No connection holds more than two (one per direction): more
+        // could never be used, and would take descriptors from connections
+        // where the limit is fitted to them.
         let max_pipes = match &args.max_pipes {
-            Some(m) => parse_count("--max-pipes", m, 0)?,
+            Some(m) => parse_count("--max-pipes", m, 0)?.min(max_connections.saturating_mul(2)),
             None => max_connections / 4,
         };
         let health = parse_health(args, connect_timeout)?;
@@ -358,11 +347,7 @@ fn parse_health(args: &Args, connect_timeout: Duration) -> Result<HealthConfig, 
         Ok(d)
     };
     let threshold = |flag: &'static str, s: &str| {
-        let n = parse_count(flag, s, 1)?;
-        if n > MAX_THRESHOLD {
-            return Err(ConfigError::Number { flag, value: s.to_string(), expected: "a whole number from 1 to 1000" });
-        }
-        Ok(n as u32)
+        parse_bounded(flag, s, 1, MAX_THRESHOLD, "a whole number from 1 to 1000").map(|n| n as u32)
     };
     let period = at_least_min_period(
         "--health-check-period",
@@ -409,6 +394,15 @@ fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
     Err(err())
 }
 
+/// An IP literal; an IPv6 one may come in brackets (`[::1]`), as it
+/// would in an address with a port.
+fn parse_bind(s: &str) -> Option<IpAddr> {
+    match s.strip_prefix('[') {
+        Some(rest) => rest.strip_suffix(']')?.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6),
+        None => s.parse().ok(),
+    }
+}
+
 fn parse_port(s: &str) -> Option<u16> {
     // Port 0 lets the kernel choose; tests rely on it.
     s.trim().parse::<u16>().ok()
@@ -418,6 +412,24 @@ fn parse_count(flag: &'static str, s: &str, min: usize) -> Result<usize, ConfigE
     let expected = if min == 0 { "a whole number (0 or more)" } else { "a whole number greater than 0" };
     match s.trim().parse::<usize>() {
         Ok(n) if n >= min => Ok(n),
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => {
+            Err(ConfigError::NumberRange { flag, value: s.to_string(), max: usize::MAX })
+        }
+        _ => Err(ConfigError::Number { flag, value: s.to_string(), expected }),
+    }
+}
+
+/// A count from `min` to `max`, which `expected` states: any value
+/// outside, or not a number, gets that message.
+fn parse_bounded(
+    flag: &'static str,
+    s: &str,
+    min: usize,
+    max: usize,
+    expected: &'static str,
+) -> Result<usize, ConfigError> {
+    match parse_count(flag, s, min) {
+        Ok(n) if n <= max => Ok(n),
         _ => Err(ConfigError::Number { flag, value: s.to_string(), expected }),
     }
 }
@@ -480,17 +492,26 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
         }
         None => (s, 1),
     };
-    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| ConfigError::BackendFormat { value: s.to_string() })?;
-    if host.is_empty() {
-        return Err(ConfigError::BackendFormat { value: s.to_string() });
-    }
+    let format = || ConfigError::BackendFormat { value: s.to_string() };
+    let (host, port) = hostport.rsplit_once(':').ok_or_else(format)?;
+    // An IPv6 literal goes in brackets, as nginx and HAProxy want it:
+    // without them `2001:db8::1:80` is itself a whole address, and which
+    // colon starts the port is a guess. Brackets hold nothing else.
+    let literal = match host.strip_prefix('[') {
+        Some(inner) => {
+            Some(inner.strip_suffix(']').and_then(|h| h.parse::<std::net::Ipv6Addr>().ok()).ok_or_else(format)?)
+        }
+        None if host.is_empty() || host.contains([':', '[', ']']) => return Err(format()),
+        None => None,
+    };
     let port = port
         .parse::<u16>()
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| ConfigError::BackendPort { value: s.to_string() })?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addr = if let Ok(ip) = host.parse::<IpAddr>() {
+    let addr = if let Some(ip) = literal {
+        SocketAddr::new(IpAddr::V6(ip), port)
+    } else if let Ok(ip) = host.parse::<IpAddr>() {
         SocketAddr::new(ip, port)
     } else {
         (host, port)
@@ -702,6 +723,48 @@ mod tests {
             assert!(msg.starts_with(flag), "{argv:?} gave '{msg}'");
             assert!(!msg.contains('\n'), "one line: {msg}");
         }
+    }
+
+    #[test]
+    fn ipv6_backends_need_brackets_and_brackets_hold_only_ipv6() {
+        // Without brackets the last group would be taken for the port.
+        for bad in ["2001:db8::1", "::1:80", "2001:db8::1:80", "[127.0.0.1]:80", "[[::1]]:80", "[::1:80", "::1]:80"] {
+            let e = parse_backend(bad).expect_err(bad);
+            assert_eq!(e, ConfigError::BackendFormat { value: bad.to_string() }, "{bad}");
+            assert!(e.to_string().contains("[::1]:80"), "the message shows the form: {e}");
+        }
+        assert_eq!(parse_backend("[2001:db8::1]:80").unwrap().addr, "[2001:db8::1]:80".parse().unwrap());
+        assert_eq!(parse_backend("[::1]:80@2").unwrap().weight, 2);
+    }
+
+    #[test]
+    fn a_bind_address_takes_brackets_only_around_ipv6() {
+        let c = Config::from_args(&args(&["--bind", "[::1]", "-p", "0"])).unwrap();
+        assert_eq!(c.listen, "[::1]:0".parse().unwrap());
+        for bad in ["[::1", "::1]", "[127.0.0.1]", "[[::1]]"] {
+            let e = Config::from_args(&args(&["--bind", bad])).expect_err(bad);
+            assert_eq!(e, ConfigError::BindAddress { value: bad.to_string() });
+        }
+    }
+
+    #[test]
+    fn a_count_too_large_for_any_number_is_out_of_range_not_a_non_number() {
+        let e = Config::from_args(&args(&["--max-connections", "99999999999999999999"])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("--max-connections: '99999999999999999999' is out of range: at most {}", usize::MAX)
+        );
+        // A flag with a range of its own states it.
+        let e = Config::from_args(&args(&["--workers", "99999999999999999999"])).unwrap_err();
+        assert_eq!(e.to_string(), "--workers: '99999999999999999999' is not a whole number from 1 to 1024");
+    }
+
+    #[test]
+    fn max_pipes_is_capped_at_two_per_connection() {
+        let c = Config::from_args(&args(&["--max-connections", "10", "--max-pipes", "100000"])).unwrap();
+        assert_eq!(c.max_pipes, 20);
+        let c = Config::from_args(&args(&["--max-connections", "10", "--max-pipes", "20"])).unwrap();
+        assert_eq!(c.max_pipes, 20);
     }
 
     #[test]

@@ -19,9 +19,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap's rendering adds usage lines; operators get the first one.
+            // clap's rendering adds usage lines; operators get the first
+            // one, and the tip naming the flag they likely meant.
             let text = e.to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
+            let first = text.lines().next().unwrap_or("error: invalid arguments");
+            match text.lines().map(str::trim).find(|l| l.starts_with("tip:")) {
+                Some(tip) => eprintln!("{first} ({tip})"),
+                None => eprintln!("{first}"),
+            }
             return ExitCode::from(2);
         }
     };

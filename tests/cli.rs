@@ -50,6 +50,11 @@ fn every_bad_value_is_one_line_naming_its_flag() {
         // Below a nanosecond: once read as 0, which means "off" here.
         (&["-p", "0", "--bind", "127.0.0.1", "-b", "127.0.0.1:9", "--stats-period", "1e-10"], "--stats-period"),
         (&["--frobnicate"], "--frobnicate"),
+        // clap's tip is kept on the one line.
+        (&["--backend", "127.0.0.1:80"], "similar argument exists: '--backends'"),
+        // Not looked up as the host "2001:db8:" with port 1.
+        (&["-b", "2001:db8::1"], "[::1]:80"),
+        (&["--max-connections", "99999999999999999999"], "out of range"),
         // A value quoted in the error must not break it into lines.
         (&["-p", "8\n0"], "--port"),
         (&["-b", "a\nb:x"], "--backends"),

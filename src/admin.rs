@@ -148,9 +148,10 @@ pub fn answer(parsed: Parsed, shared: &Shared) -> Vec<u8> {
 }
 
 /// Binds the endpoint at start-up, so a bad `--admin` is a start-up error.
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
-    l.set_nonblocking(true)?;
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, crate::listener::ListenError> {
+    let classify = |step| move |e| crate::listener::classify_bind(addr, step, e);
+    let l = std::net::TcpListener::bind(addr).map_err(classify("bind"))?;
+    l.set_nonblocking(true).map_err(classify("O_NONBLOCK"))?;
     Ok(l)
 }
 

@@ -64,6 +64,9 @@ pub enum RunError {
         limit: u64,
         needed: usize,
     },
+    /// The admin endpoint's address cannot be bound.
+    AdminBind(ListenError),
+    /// Its thread or event loop cannot start.
     Admin {
         addr: std::net::SocketAddr,
         source: io::Error,
@@ -89,7 +92,8 @@ impl fmt::Display for RunError {
                 f,
                 "the descriptor limit ({limit}) leaves no room for a connection; raise it (ulimit -n, LimitNOFILE=) to {needed} or more"
             ),
-            RunError::Admin { addr, source } => write!(f, "--admin: cannot listen on {addr}: {source}"),
+            RunError::AdminBind(e) => write!(f, "--admin: {e}"),
+            RunError::Admin { addr, source } => write!(f, "--admin: cannot serve on {addr}: {source}"),
             RunError::Workers { failed, of } => write!(f, "{failed} of {of} workers failed (see the log above)"),
         }
     }
@@ -166,7 +170,7 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     // error, and announced before the `listening on` line.
     let admin_addr = match config.admin {
         Some(addr) => {
-            let admin_listener = admin::bind(addr).map_err(|source| RunError::Admin { addr, source })?;
+            let admin_listener = admin::bind(addr).map_err(RunError::AdminBind)?;
             let actual = admin_listener.local_addr().unwrap_or(addr);
             admin::spawn(admin_listener, Arc::clone(&shared)).map_err(|source| RunError::Admin { addr, source })?;
             Some(actual)

@@ -56,7 +56,9 @@ impl std::error::Error for ListenError {}
 /// left unserved.
 pub const MAX_LISTENERS: usize = 64;
 
-fn classify_bind(addr: SocketAddr, step: &'static str, e: io::Error) -> ListenError {
+/// A bind-time failure, with the common causes (in use, privileged port)
+/// named; the admin endpoint's bind goes through it too.
+pub fn classify_bind(addr: SocketAddr, step: &'static str, e: io::Error) -> ListenError {
     match e.raw_os_error() {
         Some(libc::EADDRINUSE) => ListenError::InUse { addr },
         Some(libc::EACCES) | Some(libc::EPERM) => ListenError::Permission { addr },

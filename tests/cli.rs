@@ -114,7 +114,22 @@ fn an_unresolvable_host_is_a_one_line_error_without_network_access() {
 
 #[test]
 fn a_privileged_port_without_permission_is_a_one_line_error() {
-    // As root, drop to nobody with setpriv so the bind really is refused.
+    // The listener and the admin endpoint alike name the cause.
+    for args in [&["-p", "81"][..], &["-p", "0", "--admin", "127.0.0.1:81"]] {
+        let (code, err) = output_within_wait(unprivileged(args));
+        assert!(matches!(code, Some(c) if c != 0), "{args:?}: exit {code:?}: {err}");
+        let last = err.trim_end().lines().last().unwrap_or("");
+        assert!(last.contains("permission denied") && last.contains("CAP_NET_BIND_SERVICE"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// lb on 127.0.0.1 with `args`, without the right to bind low ports. As
+/// root it drops to nobody with setpriv so the bind really is refused.
+/// Where unprivileged ports start at 0 (net.ipv4.ip_unprivileged_port_start)
+/// the bind succeeds and lb serves: output_within_wait then fails the test
+/// instead of hanging it.
+fn unprivileged(args: &[&str]) -> Command {
     let as_root = unsafe { libc::geteuid() } == 0;
     let mut cmd = if as_root {
         let have_setpriv = Command::new("setpriv").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -126,13 +141,6 @@ fn a_privileged_port_without_permission_is_a_one_line_error() {
     } else {
         Command::new(lb_bin())
     };
-    cmd.args(["--bind", "127.0.0.1", "-p", "81", "-b", "127.0.0.1:1"]);
-    // Where unprivileged ports start at 0 (net.ipv4.ip_unprivileged_port_start)
-    // the bind succeeds and lb serves: output_within_wait then fails the test
-    // instead of hanging it.
-    let (code, err) = output_within_wait(cmd);
-    assert!(matches!(code, Some(c) if c != 0), "exit {code:?}: {err}");
-    let last = err.trim_end().lines().last().unwrap_or("");
-    assert!(last.contains("permission denied"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    cmd.args(["--bind", "127.0.0.1", "-b", "127.0.0.1:1"]).args(args);
+    cmd
 }

@@ -127,6 +127,14 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     // Logged once serving, so a start-up failure stays a single line.
     let fd_limit = listener::raise_fd_limit();
     let inherited_count = inherited.len();
+    // Checked before binding: each worker's listeners take descriptors
+    // too, and too many workers for the limit would otherwise fail there,
+    // naming a socket call rather than the limit.
+    let listeners = config.workers.max(1) * inherited_count.clamp(1, listener::MAX_LISTENERS);
+    let fd_note = match &fd_limit {
+        Ok(limit) => fit_fd_limit(&mut config, *limit, listeners)?,
+        Err(_) => None,
+    };
     let per_worker = if inherited.is_empty() {
         listener::bind(config.listen, config.workers)
             .map_err(RunError::Listen)?
@@ -141,10 +149,6 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     let addrs: Vec<String> =
         per_worker.first().into_iter().flatten().filter_map(listener::local_addr).map(|a| a.to_string()).collect();
     let bound = if addrs.is_empty() { config.listen.to_string() } else { addrs.join(" and ") };
-    let fd_note = match &fd_limit {
-        Ok(limit) => fit_fd_limit(&mut config, *limit, per_worker.iter().map(Vec::len).sum())?,
-        Err(_) => None,
-    };
 
     let mut polls = Vec::with_capacity(config.workers);
     let mut wakers = Vec::with_capacity(config.workers);

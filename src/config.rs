@@ -84,11 +84,11 @@ pub struct Args {
 
     /// Seconds a probe may take before it counts as failed
     /// [default: --connection-timeout].
-    #[arg(long = "health-check-timeout")]
+    #[arg(long = "health-check-timeout", conflicts_with = "no_health_check")]
     pub health_check_timeout: Option<String>,
 
     /// Consecutive successful probes that bring a down backend back up.
-    #[arg(long = "rise", default_value = "2")]
+    #[arg(long = "rise", default_value = "2", conflicts_with = "no_health_check")]
     pub rise: String,
 
     /// Consecutive failed probes, or failed client connects, that take a
@@ -98,10 +98,12 @@ pub struct Args {
 
     /// Probe with `GET <path>` over HTTP/1.1 (up on 2xx/3xx) instead of a
     /// plain TCP connect.
-    #[arg(long = "health-check-url", value_name = "PATH")]
+    #[arg(long = "health-check-url", value_name = "PATH", conflicts_with = "no_health_check")]
     pub health_check_url: Option<String>,
 
     /// Send no probes; failed client connects still take a backend down.
+    /// The probe flags (--health-check-url, --health-check-timeout,
+    /// --rise) cannot go with it: they would do nothing.
     #[arg(long = "no-health-check")]
     pub no_health_check: bool,
 
@@ -582,7 +584,6 @@ mod tests {
             "5",
             "--health-check-url",
             "/health?full=1",
-            "--no-health-check",
             "--stats-period",
             "0",
             "--admin",
@@ -592,9 +593,12 @@ mod tests {
         assert_eq!(c.health.period, Duration::from_millis(200));
         assert_eq!((c.health.rise, c.health.fall), (1, 5));
         assert_eq!(c.health.url.as_deref(), Some("/health?full=1"));
-        assert!(!c.health.probes);
+        assert!(c.health.probes);
         assert_eq!(c.stats_period, None);
         assert_eq!(c.admin, Some("[::1]:9100".parse().unwrap()));
+        let c = Config::from_args(&args(&["--no-health-check", "--health-check-period", "1", "--fall", "2"])).unwrap();
+        assert!(!c.health.probes);
+        assert_eq!((c.health.period, c.health.fall), (Duration::from_secs(1), 2), "hold-down and passive fall");
     }
 
     #[test]

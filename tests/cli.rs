@@ -55,6 +55,9 @@ fn every_bad_value_is_one_line_naming_its_flag() {
         // Not looked up as the host "2001:db8:" with port 1.
         (&["-b", "2001:db8::1"], "[::1]:80"),
         (&["--max-connections", "99999999999999999999"], "out of range"),
+        // Probe settings that would do nothing without probes.
+        (&["--no-health-check", "--health-check-url", "/h"], "cannot be used with"),
+        (&["--rise", "3", "--no-health-check"], "cannot be used with"),
         // A value quoted in the error must not break it into lines.
         (&["-p", "8\n0"], "--port"),
         (&["-b", "a\nb:x"], "--backends"),

@@ -145,6 +145,20 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         r.pipes_in_use,
     );
     single(&mut out, "lb_pipes_open", "gauge", "Pipes open, in use or idle; at most --max-pipes.", r.pipes_open);
+    single(
+        &mut out,
+        "lb_buffers_in_use",
+        "gauge",
+        "Relay buffers holding copied bytes in flight (each worker's count as of its last second).",
+        r.buffers_in_use,
+    );
+    single(
+        &mut out,
+        "lb_buffers_allocated",
+        "gauge",
+        "Relay buffers allocated, in use or free, each of --buffer-size bytes; kept for reuse, never freed while lb runs.",
+        r.buffers_allocated,
+    );
     family(
         &mut out,
         "lb_splice_fallbacks_total",
@@ -276,7 +290,8 @@ pub fn render_json(s: &Snapshot) -> String {
         out,
         ",\"draining\":{},\"connections\":{{\"active\":{},\"max\":{},\"accepted\":{},\"cap_pauses\":{},\
 \"no_backend\":{},\"gave_up\":{},\"descriptor_wait_timeouts\":{},\"idle_closed\":{}}},\"accept_errors\":{},\"buffer_pool_exhausted\":{},\
-\"relay\":{{\"spliced_bytes\":{},\"copied_bytes\":{},\"pipes_in_use\":{},\"pipes_open\":{},\
+\"relay\":{{\"spliced_bytes\":{},\"copied_bytes\":{},\"buffers_in_use\":{},\"buffers_allocated\":{},\
+\"pipes_in_use\":{},\"pipes_open\":{},\
 \"splice_fallbacks\":{{\"no_pipe\":{},\"unsupported\":{}}}}},\"backends\":[",
         s.draining,
         s.active,
@@ -291,6 +306,8 @@ pub fn render_json(s: &Snapshot) -> String {
         s.pool_exhausted,
         s.relay.bytes_spliced,
         s.relay.bytes_copied,
+        s.relay.buffers_in_use,
+        s.relay.buffers_allocated,
         s.relay.pipes_in_use,
         s.relay.pipes_open,
         s.relay.pipes_exhausted,
@@ -384,11 +401,13 @@ mod tests {
     }
 
     #[test]
-    fn relay_methods_pipes_and_fallbacks_are_exposed() {
+    fn relay_methods_buffers_pipes_and_fallbacks_are_exposed() {
         let text = render_prometheus(&sample_snapshot());
         for line in [
             "lb_relayed_bytes_total{method=\"splice\"} 7000000",
             "lb_relayed_bytes_total{method=\"copy\"} 21000",
+            "lb_buffers_in_use 2",
+            "lb_buffers_allocated 12",
             "lb_pipes_in_use 3",
             "lb_pipes_open 6",
             "lb_splice_fallbacks_total{reason=\"no_pipe\"} 9",
@@ -399,7 +418,8 @@ mod tests {
         let json = render_json(&sample_snapshot());
         assert!(
             json.contains(
-                "\"relay\":{\"spliced_bytes\":7000000,\"copied_bytes\":21000,\"pipes_in_use\":3,\"pipes_open\":6,\
+                "\"relay\":{\"spliced_bytes\":7000000,\"copied_bytes\":21000,\"buffers_in_use\":2,\"buffers_allocated\":12,\
+\"pipes_in_use\":3,\"pipes_open\":6,\
 \"splice_fallbacks\":{\"no_pipe\":9,\"unsupported\":1}},\"backends\":["
             ),
             "{json}"

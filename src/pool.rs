@@ -106,6 +106,12 @@ impl BufferPool {
         self.size
     }
 
+    /// Buffers allocated, lent or free: the memory the pool holds is this
+    /// many times the buffer size (never returned to the allocator).
+    pub fn allocated(&self) -> usize {
+        self.allocated.get()
+    }
+
     /// Buffers currently lent out.
     pub fn in_use(&self) -> usize {
         self.allocated.get() - self.free.borrow().len()

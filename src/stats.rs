@@ -125,6 +125,10 @@ pub struct Counters {
     /// Pipes lent to connections (each worker updates its share once a
     /// second, with the byte counts).
     pub pipes_in_use: AtomicU64,
+    /// Relay buffers lent to connections, and allocated in all (each
+    /// worker updates its share once a second, as for pipes).
+    pub buffers_in_use: AtomicU64,
+    pub buffers_allocated: AtomicU64,
     /// Pipes open, lent or idle; bounded by `--max-pipes`. Exact: changed
     /// whenever a pipe is opened or closed.
     pub pipes_open: AtomicU64,
@@ -183,6 +187,10 @@ pub struct Snapshot {
 pub struct RelaySnapshot {
     pub bytes_spliced: u64,
     pub bytes_copied: u64,
+    /// Relay buffers holding bytes now, and allocated (lent or free), each
+    /// worker's as of its last second.
+    pub buffers_in_use: u64,
+    pub buffers_allocated: u64,
     /// Pipes holding bytes now (each worker's share as of its last second).
     pub pipes_in_use: u64,
     /// Pipes open, lent or idle; at most `--max-pipes`.
@@ -213,6 +221,8 @@ impl Snapshot {
             relay: RelaySnapshot {
                 bytes_spliced: load(&c.bytes_spliced),
                 bytes_copied: load(&c.bytes_copied),
+                buffers_in_use: load(&c.buffers_in_use),
+                buffers_allocated: load(&c.buffers_allocated),
                 pipes_in_use: load(&c.pipes_in_use),
                 pipes_open: load(&c.pipes_open),
                 pipes_exhausted: load(&c.pipes_exhausted),
@@ -414,6 +424,8 @@ pub(crate) mod tests {
             relay: RelaySnapshot {
                 bytes_spliced: 7_000_000,
                 bytes_copied: 21_000,
+                buffers_in_use: 2,
+                buffers_allocated: 12,
                 pipes_in_use: 3,
                 pipes_open: 6,
                 pipes_exhausted: 9,

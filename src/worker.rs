@@ -56,7 +56,9 @@ struct Tally {
     spliced: u64,
     copied: u64,
     /// What this worker last added to the shared gauges and counters.
-    published_in_use: u64,
+    published_pipes_in_use: u64,
+    published_buffers_in_use: u64,
+    published_buffers_allocated: u64,
     published_exhausted: u64,
     published_unsupported: u64,
 }
@@ -762,13 +764,10 @@ impl<'a> Worker<'a> {
             c.bytes_copied.fetch_add(std::mem::take(&mut t.copied), Ordering::Relaxed);
         }
         let pipes = self.pools.pipes;
-        let in_use = pipes.in_use() as u64;
-        if in_use > t.published_in_use {
-            c.pipes_in_use.fetch_add(in_use - t.published_in_use, Ordering::Relaxed);
-        } else if in_use < t.published_in_use {
-            c.pipes_in_use.fetch_sub(t.published_in_use - in_use, Ordering::Relaxed);
-        }
-        t.published_in_use = in_use;
+        publish_gauge(&c.pipes_in_use, &mut t.published_pipes_in_use, pipes.in_use());
+        let buffers = self.pools.buffers;
+        publish_gauge(&c.buffers_in_use, &mut t.published_buffers_in_use, buffers.in_use());
+        publish_gauge(&c.buffers_allocated, &mut t.published_buffers_allocated, buffers.allocated());
         let exhausted = pipes.exhausted();
         if exhausted != t.published_exhausted {
             c.pipes_exhausted.fetch_add(exhausted - t.published_exhausted, Ordering::Relaxed);
@@ -780,6 +779,17 @@ impl<'a> Worker<'a> {
             t.published_unsupported = unsupported;
         }
     }
+}
+
+/// Moves this worker's share of a shared gauge from `published` to `now`.
+fn publish_gauge(gauge: &std::sync::atomic::AtomicU64, published: &mut u64, now: usize) {
+    let now = now as u64;
+    if now > *published {
+        gauge.fetch_add(now - *published, Ordering::Relaxed);
+    } else if now < *published {
+        gauge.fetch_sub(*published - now, Ordering::Relaxed);
+    }
+    *published = now;
 }
 
 fn publish_bytes(s: &mut Session<'_>, tally: &mut Tally) {

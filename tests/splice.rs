@@ -139,6 +139,12 @@ fn a_half_close_waits_for_the_pipe_to_drain_and_the_reply_still_arrives(mode: &s
     // Everything the kernel buffers is queued and lb holds the rest
     // (possibly with the FIN behind it) when the backend starts reading.
     assert!(wait_stalled(&written), "the writer neither stalled nor finished");
+    if mode == "never" {
+        assert!(
+            wait_until(WAIT, || scrape(admin).value("lb_buffers_in_use", &[]) >= 1.0),
+            "lb_buffers_in_use never showed the held buffer"
+        );
+    }
     if mode == "always" {
         // The stalled direction's pipe holds bytes: it must not be given
         // back, and the FIN must wait behind it.
@@ -158,6 +164,15 @@ fn a_half_close_waits_for_the_pipe_to_drain_and_the_reply_still_arrives(mode: &s
     assert!(reply == random_bytes(REPLY, 11), "reply bytes differ");
     assert!(done.recv_timeout(WAIT).expect("writer ended").is_ok());
     let (spliced, _) = relayed(admin, (SENT + REPLY) as u64);
+    // Everything went back to the pools (the gauges lag by up to a second).
+    let returned = wait_until(WAIT, || {
+        let m = scrape(admin);
+        m.value("lb_buffers_in_use", &[]) == 0.0 && m.value("lb_pipes_in_use", &[]) == 0.0
+    });
+    assert!(returned, "buffers or pipes still lent after the transfer");
+    if mode == "never" {
+        assert!(scrape(admin).value("lb_buffers_allocated", &[]) >= 1.0, "the copies used no buffer");
+    }
     match mode {
         "never" => assert_eq!(spliced, 0),
         // The backlog behind the stall is read in full buffers: bulk.

@@ -111,8 +111,8 @@ pub struct Args {
     #[arg(long = "stats-period", default_value = "30")]
     pub stats_period: String,
 
-    /// Serve /metrics, /stats and /health on this address (e.g.
-    /// 127.0.0.1:9100; keep it on a private address: it has no auth).
+    /// Serve /metrics, /stats and /health on this IP address or localhost
+    /// (e.g. 127.0.0.1:9100; keep it on a private address: it has no auth).
     #[arg(long = "admin", value_name = "ADDR:PORT")]
     pub admin: Option<String>,
 

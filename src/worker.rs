@@ -288,6 +288,8 @@ impl<'a> Worker<'a> {
         }
         self.sessions.clear();
         self.publish_relay_stats();
+        // The pool goes with this thread; other workers may serve on.
+        publish_gauge(&self.shared.counters.buffers_allocated, &mut self.tally.published_buffers_allocated, 0);
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {

@@ -24,10 +24,10 @@ pub const MAX_RETRIES: u32 = 32;
 kernel backlog and are served as earlier connections close.
 
 Signals: SIGTERM or SIGINT drains (no new clients; open connections get \
---drain-timeout) and exits 0; a second one stops at once. SIGUSR1 or SIGHUP \
+--drain-timeout) and exits 0 (1 if an event loop failed); a second one stops at once. SIGUSR1 or SIGHUP \
 prints a stats report (there is no configuration file to reload).
 Logging: RUST_LOG sets the level (default info). Exit status: 2 for a bad \
-command line, 1 for a start-up failure."
+command line, 1 for a start-up failure or a failed event loop."
 )]
 pub struct Args {
     /// Listen port.
@@ -295,7 +295,12 @@ impl Config {
         // could never be used, and would take descriptors from connections
         // where the limit is fitted to them.
         let max_pipes = match &args.max_pipes {
-            Some(m) => parse_count("--max-pipes", m, 0)?.min(max_connections.saturating_mul(2)),
+            // Past any count is past the cap too.
+            Some(m) => match parse_count("--max-pipes", m, 0) {
+                Err(ConfigError::NumberRange { .. }) => usize::MAX,
+                n => n?,
+            }
+            .min(max_connections.saturating_mul(2)),
             None => max_connections / 4,
         };
         let health = parse_health(args, connect_timeout)?;
@@ -498,22 +503,25 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
     let (host, port) = hostport.rsplit_once(':').ok_or_else(format)?;
     // An IPv6 literal goes in brackets, as nginx and HAProxy want it:
     // without them `2001:db8::1:80` is itself a whole address, and which
-    // colon starts the port is a guess. Brackets hold nothing else.
-    let literal = match host.strip_prefix('[') {
+    // colon starts the port is a guess. Brackets hold nothing else, but
+    // for a link-local address's zone (`[fe80::1%eth0]`), which the
+    // resolver below turns into a scope id without any lookup.
+    let host = match host.strip_prefix('[') {
         Some(inner) => {
-            Some(inner.strip_suffix(']').and_then(|h| h.parse::<std::net::Ipv6Addr>().ok()).ok_or_else(format)?)
+            let inner = inner.strip_suffix(']').ok_or_else(format)?;
+            let address = inner.split_once('%').map_or(inner, |(a, _zone)| a);
+            address.parse::<std::net::Ipv6Addr>().map_err(|_| format())?;
+            inner
         }
         None if host.is_empty() || host.contains([':', '[', ']']) => return Err(format()),
-        None => None,
+        None => host,
     };
     let port = port
         .parse::<u16>()
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| ConfigError::BackendPort { value: s.to_string() })?;
-    let addr = if let Some(ip) = literal {
-        SocketAddr::new(IpAddr::V6(ip), port)
-    } else if let Ok(ip) = host.parse::<IpAddr>() {
+    let addr = if let Ok(ip) = host.parse::<IpAddr>() {
         SocketAddr::new(ip, port)
     } else {
         (host, port)
@@ -742,6 +750,18 @@ mod tests {
     }
 
     #[test]
+    fn a_link_local_ipv6_backend_keeps_its_zone() {
+        let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+        assert_ne!(lo, 0, "the loopback interface has an index");
+        for spec in ["[fe80::1%lo]:80", &format!("[fe80::1%{lo}]:80")] {
+            let SocketAddr::V6(a) = parse_backend(spec).expect(spec).addr else { panic!("{spec}: not IPv6") };
+            assert_eq!((*a.ip(), a.port(), a.scope_id()), ("fe80::1".parse().unwrap(), 80, lo), "{spec}");
+        }
+        assert!(matches!(parse_backend("[fe80::1%no-such-interface]:80"), Err(ConfigError::Resolve { .. })));
+        assert!(matches!(parse_backend("[nothost%lo]:80"), Err(ConfigError::BackendFormat { .. })));
+    }
+
+    #[test]
     fn a_bind_address_takes_brackets_only_around_ipv6() {
         let c = Config::from_args(&args(&["--bind", "[::1]", "-p", "0"])).unwrap();
         assert_eq!(c.listen, "[::1]:0".parse().unwrap());
@@ -769,6 +789,8 @@ mod tests {
         assert_eq!(c.max_pipes, 20);
         let c = Config::from_args(&args(&["--max-connections", "10", "--max-pipes", "20"])).unwrap();
         assert_eq!(c.max_pipes, 20);
+        let c = Config::from_args(&args(&["--max-connections", "10", "--max-pipes", "99999999999999999999"])).unwrap();
+        assert_eq!(c.max_pipes, 20, "past any count is past the cap too");
     }
 
     #[test]

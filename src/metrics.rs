@@ -156,7 +156,7 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         &mut out,
         "lb_buffers_allocated",
         "gauge",
-        "Relay buffers allocated, in use or free, each of --buffer-size bytes; kept for reuse, never freed while lb runs.",
+        "Relay buffers allocated, in use or free, each of --buffer-size bytes; kept for reuse while their event loop runs.",
         r.buffers_allocated,
     );
     family(

@@ -130,7 +130,11 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     // Checked before binding: each worker's listeners take descriptors
     // too, and too many workers for the limit would otherwise fail there,
     // naming a socket call rather than the limit.
-    let listeners = config.workers.max(1) * inherited_count.clamp(1, listener::MAX_LISTENERS);
+    if inherited_count > listener::MAX_LISTENERS {
+        // Said first: raising the descriptor limit would not help.
+        return Err(RunError::Listen(ListenError::TooManyInherited { count: inherited_count }));
+    }
+    let listeners = config.workers.max(1) * inherited_count.max(1);
     let fd_note = match &fd_limit {
         Ok(limit) => fit_fd_limit(&mut config, *limit, listeners)?,
         Err(_) => None,

@@ -289,7 +289,7 @@ impl<'a> Worker<'a> {
         self.sessions.clear();
         self.publish_relay_stats();
         // The pool goes with this thread; other workers may serve on.
-        publish_gauge(&self.shared.counters.buffers_allocated, &mut self.tally.published_buffers_allocated, 0);
+        publish_share(&self.shared.counters.buffers_allocated, &mut self.tally.published_buffers_allocated, 0);
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
@@ -765,31 +765,22 @@ impl<'a> Worker<'a> {
         if t.copied != 0 {
             c.bytes_copied.fetch_add(std::mem::take(&mut t.copied), Ordering::Relaxed);
         }
-        let pipes = self.pools.pipes;
-        publish_gauge(&c.pipes_in_use, &mut t.published_pipes_in_use, pipes.in_use());
-        let buffers = self.pools.buffers;
-        publish_gauge(&c.buffers_in_use, &mut t.published_buffers_in_use, buffers.in_use());
-        publish_gauge(&c.buffers_allocated, &mut t.published_buffers_allocated, buffers.allocated());
-        let exhausted = pipes.exhausted();
-        if exhausted != t.published_exhausted {
-            c.pipes_exhausted.fetch_add(exhausted - t.published_exhausted, Ordering::Relaxed);
-            t.published_exhausted = exhausted;
-        }
-        let unsupported = pipes.unsupported();
-        if unsupported != t.published_unsupported {
-            c.splice_unsupported.fetch_add(unsupported - t.published_unsupported, Ordering::Relaxed);
-            t.published_unsupported = unsupported;
-        }
+        let (pipes, buffers) = (self.pools.pipes, self.pools.buffers);
+        publish_share(&c.pipes_in_use, &mut t.published_pipes_in_use, pipes.in_use() as u64);
+        publish_share(&c.buffers_in_use, &mut t.published_buffers_in_use, buffers.in_use() as u64);
+        publish_share(&c.buffers_allocated, &mut t.published_buffers_allocated, buffers.allocated() as u64);
+        publish_share(&c.pipes_exhausted, &mut t.published_exhausted, pipes.exhausted());
+        publish_share(&c.splice_unsupported, &mut t.published_unsupported, pipes.unsupported());
     }
 }
 
-/// Moves this worker's share of a shared gauge from `published` to `now`.
-fn publish_gauge(gauge: &std::sync::atomic::AtomicU64, published: &mut u64, now: usize) {
-    let now = now as u64;
+/// Moves this worker's share of a shared gauge or counter from
+/// `published` to `now`.
+fn publish_share(shared: &std::sync::atomic::AtomicU64, published: &mut u64, now: u64) {
     if now > *published {
-        gauge.fetch_add(now - *published, Ordering::Relaxed);
+        shared.fetch_add(now - *published, Ordering::Relaxed);
     } else if now < *published {
-        gauge.fetch_sub(*published - now, Ordering::Relaxed);
+        shared.fetch_sub(*published - now, Ordering::Relaxed);
     }
     *published = now;
 }

@@ -92,6 +92,26 @@ fn more_sockets_than_lb_serves_is_a_one_line_error() {
 }
 
 #[test]
+fn each_worker_s_copy_of_each_passed_socket_counts_against_the_descriptor_limit() {
+    // What lb asks the limit to be, with one passed socket and with two:
+    // four workers hold a copy of each, so the second costs four more.
+    let needed = |sockets: usize| {
+        let ls = loopback_listeners(sockets);
+        let (mut child, lines) =
+            activated_after(&ls, &["--no-health-check", "--workers", "4", "-b", "127.0.0.1:9"], "ulimit -n 20 && ");
+        let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(exited, "lb started under a limit of 20");
+        let err: Vec<String> = lines.iter().collect();
+        let line = err.first().cloned().unwrap_or_default();
+        let n = line.split("raise it (ulimit -n, LimitNOFILE=) to ").nth(1).and_then(|r| r.split(' ').next());
+        n.and_then(|n| n.parse::<usize>().ok()).unwrap_or_else(|| panic!("no limit asked for: {err:?}"))
+    };
+    assert_eq!(needed(2), needed(1) + 4);
+}
+
+#[test]
 fn a_start_up_failure_after_taking_the_passed_sockets_is_one_line() {
     // The sockets are fine; the --admin port is taken. Nothing may be
     // logged before the error (such as the note that the passed sockets

@@ -44,6 +44,16 @@ fn activated_after(listeners: &[TcpListener], extra: &[&str], setup: &str) -> (C
     (child, rx)
 }
 
+/// The exit status of an lb that must fail to start, and every line it
+/// wrote, up to the EOF its exit gave the reader thread.
+fn failed_start((mut child, lines): (Child, mpsc::Receiver<String>)) -> (std::process::ExitStatus, Vec<String>) {
+    let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
+    let _ = child.kill();
+    let status = child.wait().expect("wait");
+    assert!(exited, "lb started anyway");
+    (status, lines.iter().collect())
+}
+
 fn loopback_listeners(n: usize) -> Vec<TcpListener> {
     (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect()
 }
@@ -78,15 +88,12 @@ fn more_sockets_than_lb_serves_is_a_one_line_error() {
     let ls = loopback_listeners(65);
     // Under a descriptor limit too low for 4 copies of each: raising it
     // would not help, so that is not what lb asks for.
-    let (mut child, lines) =
-        activated_after(&ls, &["--no-health-check", "--workers", "4", "-b", "127.0.0.1:9"], "ulimit -n 200 && ");
-    let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
-    let _ = child.kill();
-    let status = child.wait().expect("wait");
-    assert!(exited, "lb started anyway");
+    let (status, err) = failed_start(activated_after(
+        &ls,
+        &["--no-health-check", "--workers", "4", "-b", "127.0.0.1:9"],
+        "ulimit -n 200 && ",
+    ));
     assert!(!status.success());
-    // Every line lb wrote, up to the EOF its exit gave the reader thread.
-    let err: Vec<String> = lines.iter().collect();
     assert_eq!(err.len(), 1, "one line: {err:?}");
     assert!(err[0].contains("65 listening sockets") && err[0].contains("at most 64"), "{}", err[0]);
 }
@@ -97,13 +104,11 @@ fn each_worker_s_copy_of_each_passed_socket_counts_against_the_descriptor_limit(
     // four workers hold a copy of each, so the second costs four more.
     let needed = |sockets: usize| {
         let ls = loopback_listeners(sockets);
-        let (mut child, lines) =
-            activated_after(&ls, &["--no-health-check", "--workers", "4", "-b", "127.0.0.1:9"], "ulimit -n 20 && ");
-        let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(exited, "lb started under a limit of 20");
-        let err: Vec<String> = lines.iter().collect();
+        let (_, err) = failed_start(activated_after(
+            &ls,
+            &["--no-health-check", "--workers", "4", "-b", "127.0.0.1:9"],
+            "ulimit -n 20 && ",
+        ));
         let line = err.first().cloned().unwrap_or_default();
         let n = line.split("raise it (ulimit -n, LimitNOFILE=) to ").nth(1).and_then(|r| r.split(' ').next());
         n.and_then(|n| n.parse::<usize>().ok()).unwrap_or_else(|| panic!("no limit asked for: {err:?}"))
@@ -119,13 +124,8 @@ fn a_start_up_failure_after_taking_the_passed_sockets_is_one_line() {
     let held = TcpListener::bind("127.0.0.1:0").expect("bind");
     let admin = held.local_addr().expect("addr").to_string();
     let ls = loopback_listeners(1);
-    let (mut child, lines) = activated(&ls, &["--no-health-check", "-b", "127.0.0.1:9", "--admin", &admin]);
-    let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
-    let _ = child.kill();
-    let status = child.wait().expect("wait");
-    assert!(exited, "lb started anyway");
+    let (status, err) = failed_start(activated(&ls, &["--no-health-check", "-b", "127.0.0.1:9", "--admin", &admin]));
     assert_eq!(status.code(), Some(1));
-    let err: Vec<String> = lines.iter().collect();
     assert_eq!(err.len(), 1, "one line: {err:?}");
     assert!(err[0].starts_with("error: --admin: cannot listen on"), "{}", err[0]);
 }

@@ -152,9 +152,8 @@ fn unprivileged(args: &[&str]) -> Command {
 fn a_descriptor_limit_too_low_names_the_limit_and_what_it_needs() {
     // Too many workers for the limit too: their listeners were bound
     // first, and the failing socket() was reported instead.
-    for (limit, workers) in [("20", "1"), ("1024", "1024")] {
-        let mut cmd = Command::new("bash");
-        cmd.args(["-c", "ulimit -n \"$1\" && shift && exec \"$@\"", "-", limit, lb_bin()]);
+    for (limit, workers) in [(20, "1"), (1024, "1024")] {
+        let mut cmd = lb_under_fd_limit(limit);
         cmd.args(["-p", "0", "--bind", "127.0.0.1", "-b", "127.0.0.1:1", "--workers", workers]);
         let (code, err) = output_within_wait(cmd);
         assert_eq!(code, Some(1), "limit {limit}, {workers} workers: {err}");

@@ -360,23 +360,12 @@ fn hello_clients(addr: std::net::SocketAddr, n: usize, hold: Duration) -> Vec<St
     clients.into_iter().filter_map(|c| c.join().expect("client thread").err()).collect()
 }
 
-/// lb on 127.0.0.1 under `ulimit -n limit` (soft and hard) in front of
-/// `backends`, with `extra` flags: bash sets the limits, then becomes lb
-/// (same pid).
+/// lb on 127.0.0.1 under `ulimit -n limit` in front of `backends`, with
+/// `extra` flags.
 fn lb_with_fd_limit(limit: u32, backends: &[std::net::SocketAddr], extra: &[&str]) -> Proc {
-    let mut args: Vec<String> = vec![
-        "-c".into(),
-        format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
-        lb_bin().into(),
-        "-p".into(),
-        "0".into(),
-        "--bind".into(),
-        "127.0.0.1".into(),
-    ];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args.push("-b".into());
-    args.extend(backends.iter().map(|b| b.to_string()));
-    spawn_listening("bash", &args, &[])
+    let mut cmd = lb_under_fd_limit(limit);
+    cmd.args(["-p", "0", "--bind", "127.0.0.1"]).args(extra).arg("-b").args(backends.iter().map(|b| b.to_string()));
+    spawn_listening_cmd(cmd)
 }
 
 #[test]

@@ -171,6 +171,14 @@ pub fn be(name: &str, extra: &[&str]) -> Proc {
     spawn_listening(be_bin(), &args, &[])
 }
 
+/// lb (no arguments yet) under `ulimit -n limit`, soft and hard: bash sets
+/// the limit, then becomes lb (same pid).
+pub fn lb_under_fd_limit(limit: u32) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", "ulimit -n \"$1\" && shift && exec \"$@\"", "-", &limit.to_string(), lb_bin()]);
+    cmd
+}
+
 /// Runs lb to completion (for command-line errors), bounded in time.
 pub fn lb_output(args: &[&str]) -> (Option<i32>, String) {
     let mut cmd = Command::new(lb_bin());

@@ -612,6 +612,20 @@ impl Tried {
     }
 }
 
+/// lb's send queues to both peers as the idle scan last read them, and
+/// the quiet spell (the `last_active` it began at) they belong to.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    client: u32,
+    backend: u32,
+    quiet_since: Instant,
+}
+
+/// Bytes in lb's send queue on `s` that its peer has not acknowledged.
+fn queued_bytes(s: &TcpStream) -> u32 {
+    u32::try_from(unacknowledged(s)).unwrap_or(u32::MAX)
+}
+
 /// One client and the backend it was given.
 #[derive(Debug)]
 pub struct Session<'a> {
@@ -627,9 +641,9 @@ pub struct Session<'a> {
     up: Direction<'a>,
     down: Direction<'a>,
     pub last_active: Instant,
-    /// Once the backend failed: what lb's send queue to the client held at
-    /// the last look ([`Session::note_client_progress`]).
-    client_queued: u32,
+    /// lb's send queues at the last look of the idle scan
+    /// ([`Session::is_idle`]); none before the first.
+    queued: Option<Queued>,
     pub tried: Tried,
     _slot: ClientSlot<'a>,
 }
@@ -652,7 +666,7 @@ impl<'a> Session<'a> {
             up: Direction::new(settings.splice),
             down: Direction::new(settings.splice),
             last_active: now,
-            client_queued: 0,
+            queued: None,
             tried,
             _slot: slot,
         }
@@ -738,20 +752,55 @@ impl<'a> Session<'a> {
         self.relay_at(pools, now)
     }
 
-    /// For a pair relaying a failed backend's last bytes: the client taking
-    /// bytes out of lb's send queue is progress too, although lb may write
-    /// nothing new for a long while (the socket reports room only once much
-    /// of a full queue has gone), so a slow reader is not cut as idle.
-    pub fn note_client_progress(&mut self, now: Instant) {
-        // Lingering pairs are followed every few milliseconds (`linger`).
-        if self.stage != Stage::Relaying || !self.failed() {
-            return;
+    /// Whether the pair went without progress for its idle limit
+    /// ([`Session::idle_limit`]); asked once per scan. Bytes the kernel
+    /// delivers out of lb's send queues are progress too, although lb may
+    /// see no event for a long while: a socket reports room only once much
+    /// of a full queue has gone, and a slow reader draining a large one
+    /// must not be cut as idle. The queues of a relaying pair are read
+    /// twice per quiet spell, not every scan: once half its limit has
+    /// passed, then at the limit.
+    pub fn is_idle(&mut self, now: Instant, idle: Option<Duration>) -> bool {
+        let Some(limit) = self.idle_limit(idle) else { return false };
+        if self.failed() {
+            self.note_client_progress(now);
+            return now.saturating_duration_since(self.last_active) >= limit;
         }
-        let queued = u32::try_from(unacknowledged(&self.client.stream)).unwrap_or(u32::MAX);
-        if queued < self.client_queued {
+        let quiet = now.saturating_duration_since(self.last_active);
+        let baseline = self.queued.filter(|q| q.quiet_since == self.last_active);
+        if quiet < limit / 2 || (baseline.is_some() && quiet < limit) {
+            return false;
+        }
+        let client = queued_bytes(&self.client.stream);
+        let backend = queued_bytes(&self.backend.stream);
+        let moved = baseline.is_some_and(|b| client < b.client || backend < b.backend);
+        if moved {
             self.last_active = now;
         }
-        self.client_queued = queued;
+        self.queued = Some(Queued { client, backend, quiet_since: self.last_active });
+        match baseline {
+            _ if moved => false,
+            Some(_) => quiet >= limit,
+            // First look already past the limit (one shorter than two
+            // scans): with nothing queued nothing can move; otherwise it
+            // is told at the next look.
+            None => quiet >= limit && client == 0 && backend == 0,
+        }
+    }
+
+    /// For a pair relaying a failed backend's last bytes, every scan: the
+    /// client taking bytes out of lb's send queue is progress, although
+    /// the pair may write nothing new for a long while.
+    fn note_client_progress(&mut self, now: Instant) {
+        // Lingering pairs are followed every few milliseconds (`linger`).
+        if self.stage != Stage::Relaying {
+            return;
+        }
+        let client = queued_bytes(&self.client.stream);
+        if self.queued.is_some_and(|q| client < q.client) {
+            self.last_active = now;
+        }
+        self.queued = Some(Queued { client, backend: 0, quiet_since: self.last_active });
     }
 
     /// Relays, counting the pair as active. Once the backend has failed,
@@ -946,7 +995,13 @@ impl<'a> Session<'a> {
     /// delivers the backend's last bytes to its client is held no longer
     /// than [`LINGER_LIMIT`], even with no idle timeout.
     pub fn idle_limit(&self, idle: Option<Duration>) -> Option<Duration> {
-        if self.failed() { Some(idle.map_or(LINGER_LIMIT, |t| t.min(LINGER_LIMIT))) } else { idle }
+        match self.stage {
+            // --connection-timeout bounds it; expiring it here would skip
+            // the retry on another backend.
+            Stage::Connecting { .. } => None,
+            _ if self.failed() => Some(idle.map_or(LINGER_LIMIT, |t| t.min(LINGER_LIMIT))),
+            _ => idle,
+        }
     }
 
     /// The pair failed: lb relays only what the backend sent before it went
@@ -1110,6 +1165,85 @@ mod tests {
         s.up.abandon();
         assert_eq!(s.idle_limit(None), Some(LINGER_LIMIT));
         assert_eq!(s.idle_limit(hour), Some(LINGER_LIMIT));
+    }
+
+    #[test]
+    fn a_pair_still_connecting_is_left_to_the_connect_timeout() {
+        let shared = shared();
+        let (mut s, _client_far, _backend_far) = relaying(&shared);
+        let now = s.last_active;
+        s.stage = Stage::Connecting { started: now, deadline: now + Duration::from_secs(10) };
+        let second = Some(Duration::from_secs(1));
+        assert_eq!(s.idle_limit(second), None);
+        assert!(!s.is_idle(now + Duration::from_secs(5), second), "a connect in progress was cut as idle");
+    }
+
+    /// Fills lb's send queue on `stream` (the far end reads nothing).
+    fn fill_queue(stream: &mut TcpStream) {
+        let chunk = [7u8; 65536];
+        for _ in 0..10_000 {
+            match stream.write(&chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        panic!("the send queue never filled");
+    }
+
+    #[test]
+    fn a_slow_reader_draining_lbs_send_queue_keeps_the_pair_from_going_idle() {
+        let shared = shared();
+        let (mut s, mut client_far, _backend_far) = relaying(&shared);
+        fill_queue(&mut s.client.stream);
+        let limit = Duration::from_secs(10);
+        let t0 = s.last_active;
+        assert!(!s.is_idle(t0 + limit / 2, Some(limit)), "half way: only a look");
+        // The reader takes a little: the kernel moves more of lb's queue.
+        let before = queued_bytes(&s.client.stream);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queued_bytes(&s.client.stream) >= before {
+            assert!(Instant::now() < deadline, "the queue never moved");
+            client_far.read_exact(&mut [0u8; 4096]).expect("read");
+        }
+        assert!(!s.is_idle(t0 + limit, Some(limit)), "a pair whose reader took bytes was cut as idle");
+        assert_eq!(s.last_active, t0 + limit, "the progress restarts the quiet spell");
+        // The reader stops: a whole limit without progress is idle.
+        let t1 = s.last_active;
+        assert!(!s.is_idle(t1 + limit / 2, Some(limit)));
+        assert!(s.is_idle(t1 + limit, Some(limit)), "a stuck pair was held past its limit");
+    }
+
+    #[test]
+    fn a_backend_slowly_taking_an_upload_keeps_the_pair_from_going_idle() {
+        let shared = shared();
+        let (mut s, _client_far, mut backend_far) = relaying(&shared);
+        fill_queue(&mut s.backend.stream);
+        let limit = Duration::from_secs(10);
+        let t0 = s.last_active;
+        assert!(!s.is_idle(t0 + limit / 2, Some(limit)));
+        let before = queued_bytes(&s.backend.stream);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queued_bytes(&s.backend.stream) >= before {
+            assert!(Instant::now() < deadline, "the queue never moved");
+            backend_far.read_exact(&mut [0u8; 4096]).expect("read");
+        }
+        assert!(!s.is_idle(t0 + limit, Some(limit)), "a pair whose backend took bytes was cut as idle");
+    }
+
+    #[test]
+    fn a_quiet_pair_is_idle_at_its_limit_even_when_first_seen_past_it() {
+        let shared = shared();
+        let limit = Some(Duration::from_millis(500));
+        let (mut s, _client_far, _backend_far) = relaying(&shared);
+        let t0 = s.last_active;
+        assert!(s.is_idle(t0 + Duration::from_secs(1), limit), "nothing queued: idle at the first look");
+        // With bytes queued, the first look past the limit only reads them.
+        let (mut s, _client_far, _backend_far) = relaying(&shared);
+        fill_queue(&mut s.client.stream);
+        let t0 = s.last_active;
+        assert!(!s.is_idle(t0 + Duration::from_secs(1), limit));
+        assert!(s.is_idle(t0 + Duration::from_secs(2), limit), "nothing moved since the last look");
     }
 
     #[test]

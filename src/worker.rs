@@ -730,10 +730,7 @@ impl<'a> Worker<'a> {
         let mut expired = std::mem::take(&mut self.expired);
         for (key, s) in self.sessions.iter_mut() {
             publish_bytes(s, &mut self.tally);
-            s.note_client_progress(now);
-            if let Some(limit) = s.idle_limit(idle)
-                && now.saturating_duration_since(s.last_active) >= limit
-            {
+            if s.is_idle(now, idle) {
                 expired.push(key);
             }
         }

@@ -5,6 +5,8 @@ mod common;
 
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -107,6 +109,47 @@ fn an_idle_pair_is_closed_after_the_idle_timeout() {
     c.read_to_end(&mut rest).expect("lb closes the idle pair");
     assert!(rest.is_empty());
     assert!(wait_until(WAIT, || echo.gauge.active.load(Ordering::SeqCst) == 0));
+}
+
+#[test]
+fn the_idle_timeout_leaves_a_connect_in_progress_to_the_connection_timeout() {
+    // Whichever of the two clients lb sends to the black hole first waits
+    // out the connect timeout, then goes to the other backend. An idle
+    // timeout shorter than the connect timeout once ended it with a FIN
+    // and no retry: an empty reply.
+    let (_hole, _fillers, hole) = blackhole();
+    let greeter = tagged_backend("hello");
+    let lb = lb(
+        &[hole, greeter.addr],
+        &["--idle-timeout", "0.5", "--connection-timeout", "2", "--retries", "1", "--no-health-check"],
+    );
+    let clients: Vec<_> = (0..2).map(|_| connect(lb.addr)).collect();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let mut got = [0u8; 5];
+        c.read_exact(&mut got).unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert_eq!(&got, b"hello", "client {i}");
+    }
+}
+
+#[test]
+fn a_slow_reader_taking_bytes_all_along_is_not_cut_as_idle() {
+    // lb's send queue to the client is full and drains slowly: the socket
+    // reports room only after a third of it has gone, seconds later, while
+    // the client takes bytes every 50 ms.
+    let (source, _stopped) = endless_source();
+    let lb = lb(&[source.addr], &["--idle-timeout", "1", "--no-health-check"]);
+    let mut c = connect(lb.addr);
+    let mut buf = [0u8; 16 * 1024];
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut total = 0;
+    while Instant::now() < until {
+        match c.read(&mut buf) {
+            Ok(0) => panic!("lb ended the stream after {total} bytes"),
+            Ok(n) => total += n,
+            Err(e) => panic!("lb cut the stream after {total} bytes: {e}"),
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -530,13 +530,20 @@ impl<'p> Direction<'p> {
                         // A peek steps over the mark as read(2) does; bytes
                         // there mean urgent data, which `pump` moves to
                         // copying as when the event reports it.
-                        match src.stream.peek(&mut [0u8; 1]) {
-                            Ok(queued) => {
-                                if queued == 0 {
-                                    self.flow = Flow::Draining;
-                                } else {
-                                    src.urgent = true;
-                                }
+                        match src.stream.peek(&mut [0u8; 1]).and_then(|queued| match queued {
+                            // The end, maybe just behind an urgent byte the
+                            // peek stepped over without taking: a read takes
+                            // it (and finds the end too), or, left unread,
+                            // it would turn the final close into a reset.
+                            0 => (&src.stream).read(&mut [0u8; 1]),
+                            n => Ok(n),
+                        }) {
+                            Ok(0) => {
+                                self.flow = Flow::Draining;
+                                return Ok(Filled::Progress);
+                            }
+                            Ok(_) => {
+                                src.urgent = true;
                                 return Ok(Filled::Progress);
                             }
                             Err(e) => e,
@@ -1244,6 +1251,39 @@ mod tests {
         let t0 = s.last_active;
         assert!(!s.is_idle(t0 + Duration::from_secs(1), limit));
         assert!(s.is_idle(t0 + Duration::from_secs(2), limit), "nothing moved since the last look");
+    }
+
+    #[test]
+    fn an_urgent_byte_last_before_the_fin_is_consumed_so_the_close_is_clean() {
+        // The event announcing urgent data not yet seen, splice(2) returns
+        // 0 at the mark as at the end of the stream, and a peek steps over
+        // the byte without taking it. Left in the socket, that unread byte
+        // turned the final close into a reset, discarding what lb's send
+        // queue still held for the client.
+        let shared = shared();
+        let buffers = BufferPool::new(1024, 4);
+        let open = AtomicU64::new(0);
+        let pipes = PipePool::new(4096, 4, 4, &open);
+        let pools = Pools { buffers: &buffers, pipes: &pipes };
+        let (mut s, mut client_far, mut backend_far) = relaying(&shared);
+        s.up = Direction::new(SpliceMode::Always);
+        socket2::SockRef::from(&client_far).send_with_flags(b"!", libc::MSG_OOB).expect("send urgent");
+        client_far.shutdown(Shutdown::Write).expect("shutdown");
+        let mut pfd = libc::pollfd { fd: s.client.stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert!(ready == 1 && pfd.revents & libc::POLLRDHUP != 0, "the FIN never arrived");
+        s.client.readable = true;
+        s.client.hangup = Hangup::Fin;
+        s.backend.writable = true;
+        let _ = s.resume(pools, Instant::now());
+        assert_ne!(s.up.flow, Flow::Open, "the client's FIN was not taken");
+        backend_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        assert_eq!(backend_far.read(&mut [0u8; 16]).expect("the backend's read"), 0, "the FIN was not relayed");
+        drop(s);
+        client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let end = client_far.read(&mut [0u8; 16]).map_err(|e| e.kind());
+        assert_eq!(end, Ok(0), "the client's connection ended in a reset");
     }
 
     #[test]

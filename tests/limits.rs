@@ -273,7 +273,7 @@ fn a_stalled_stderr_does_not_stall_the_relay() {
     // Debug logging writes lines per connection from the workers; with
     // nobody reading stderr they must be dropped, not block the relay.
     let echo = echo_backend();
-    let port = dead_addr().port();
+    let port = free_port();
     let args: Vec<String> =
         ["-p", &port.to_string(), "--bind", "127.0.0.1", "--no-health-check", "-b", &echo.addr.to_string()]
             .iter()

@@ -58,7 +58,7 @@ fn curl_in_the_scripts_reaches_loopback_servers_past_a_configured_proxy() {
 fn start_lb_with_a_fixed_port_still_listens_on_loopback_only() {
     let a = be("Server A", &[]);
     // Free now, and lb binds it with SO_REUSEADDR right after.
-    let port = dead_addr().port();
+    let port = free_port();
     let envs = [("LB", env!("CARGO_BIN_EXE_lb").to_string())];
     let script = format!(
         "start_lb -p {port} -b {} --no-health-check --stats-period 0 || {{ echo \"$ERR\"; exit 1; }}; \

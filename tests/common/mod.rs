@@ -252,18 +252,29 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A loopback address on which nothing listens.
-pub fn dead_addr() -> SocketAddr {
+/// A loopback port free now, for a process that must be told its port
+/// (another may take it first, though ephemeral ports are picked at random).
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+    l.local_addr().expect("addr").port()
 }
 
-/// `N` distinct dead addresses: all are bound at once before any is
-/// released, so the kernel cannot hand out one port twice (lb refuses a
-/// backend listed twice).
+/// A loopback address on which nothing listens.
+pub fn dead_addr() -> SocketAddr {
+    // Bound but never listening, so connects are refused; kept bound (and
+    // without SO_REUSEADDR) for the rest of the test process, so that no
+    // listener of a test running alongside can be given the port.
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
+    let addr = s.local_addr().expect("addr").as_socket().expect("an inet address");
+    std::mem::forget(s);
+    addr
+}
+
+/// `N` distinct dead addresses (each stays bound, so no two share a port;
+/// lb refuses a backend listed twice).
 pub fn dead_addrs<const N: usize>() -> [SocketAddr; N] {
-    let held: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("bind"));
-    held.each_ref().map(|l| l.local_addr().expect("addr"))
+    std::array::from_fn(|_| dead_addr())
 }
 
 /// A listener that never accepts and whose queue is already full: SYNs to

@@ -72,9 +72,16 @@ pub fn unacknowledged(s: &impl AsRawFd) -> usize {
     if asked != 0 || info.tcpi_state == CLOSED {
         return 0;
     }
+    send_queue(s)
+}
+
+/// The kernel's count of bytes in `s`'s send queue (SIOCOUTQ), zero if the
+/// socket cannot be asked. One syscall; unlike [`unacknowledged`] it keeps
+/// a closed socket's last count, which stands still from then on.
+pub fn send_queue(s: &impl AsRawFd) -> usize {
     let mut queued: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one c_int through the pointer.
-    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut queued) } != 0 {
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) } != 0 {
         return 0;
     }
     usize::try_from(queued).unwrap_or(0)

@@ -17,7 +17,7 @@ use socket2::SockRef;
 
 use crate::backend::Lease;
 use crate::config::{MAX_RETRIES, SpliceMode};
-use crate::net::{IoClass, classify, discard_received, reset_on_close, unacknowledged};
+use crate::net::{IoClass, classify, discard_received, reset_on_close, send_queue, unacknowledged};
 use crate::pipe::{self, Pipe, PipePool};
 use crate::pool::{Buffer, BufferPool};
 use crate::shared::ClientSlot;
@@ -619,18 +619,26 @@ impl Tried {
     }
 }
 
-/// lb's send queues to both peers as the idle scan last read them, and
-/// the quiet spell (the `last_active` it began at) they belong to.
+/// lb's send queues to both peers as the idle scan last read them, the
+/// quiet spell (the `last_active` it began at) they belong to, and when
+/// they were read.
 #[derive(Debug, Clone, Copy)]
 struct Queued {
     client: u32,
     backend: u32,
     quiet_since: Instant,
+    at: Instant,
 }
 
 /// Bytes in lb's send queue on `s` that its peer has not acknowledged.
 fn queued_bytes(s: &TcpStream) -> u32 {
     u32::try_from(unacknowledged(s)).unwrap_or(u32::MAX)
+}
+
+/// The kernel's count of lb's send queue on `s`, for the idle scan: one
+/// syscall, and a closed socket's count stands still (no progress).
+fn send_queue_bytes(s: &TcpStream) -> u32 {
+    u32::try_from(send_queue(s)).unwrap_or(u32::MAX)
 }
 
 /// One client and the backend it was given.
@@ -764,9 +772,11 @@ impl<'a> Session<'a> {
     /// delivers out of lb's send queues are progress too, although lb may
     /// see no event for a long while: a socket reports room only once much
     /// of a full queue has gone, and a slow reader draining a large one
-    /// must not be cut as idle. The queues of a relaying pair are read
-    /// twice per quiet spell, not every scan: once half its limit has
-    /// passed, then at the limit.
+    /// must not be cut as idle. Once a relaying pair has been quiet for
+    /// half its limit its queues are read every half limit; the pair is
+    /// idle when they have not moved since a read a whole limit ago (so a
+    /// stuck pair holding bytes goes after one and a half limits at most),
+    /// or, with nothing queued, at the limit, as nothing can move then.
     pub fn is_idle(&mut self, now: Instant, idle: Option<Duration>) -> bool {
         let Some(limit) = self.idle_limit(idle) else { return false };
         if self.failed() {
@@ -774,24 +784,37 @@ impl<'a> Session<'a> {
             return now.saturating_duration_since(self.last_active) >= limit;
         }
         let quiet = now.saturating_duration_since(self.last_active);
-        let baseline = self.queued.filter(|q| q.quiet_since == self.last_active);
-        if quiet < limit / 2 || (baseline.is_some() && quiet < limit) {
+        if quiet < limit / 2 {
             return false;
         }
-        let client = queued_bytes(&self.client.stream);
-        let backend = queued_bytes(&self.backend.stream);
-        let moved = baseline.is_some_and(|b| client < b.client || backend < b.backend);
-        if moved {
-            self.last_active = now;
+        let baseline = self.queued.filter(|q| q.quiet_since == self.last_active);
+        if let Some(b) = baseline {
+            // Nothing queued at the last read, and lb wrote nothing since
+            // (that would have been an event): nothing can move.
+            if b.client == 0 && b.backend == 0 {
+                return quiet >= limit;
+            }
+            if now.saturating_duration_since(b.at) < limit / 2 {
+                return false;
+            }
         }
-        self.queued = Some(Queued { client, backend, quiet_since: self.last_active });
+        let client = send_queue_bytes(&self.client.stream);
+        let backend = send_queue_bytes(&self.backend.stream);
         match baseline {
-            _ if moved => false,
-            Some(_) => quiet >= limit,
-            // First look already past the limit (one shorter than two
-            // scans): with nothing queued nothing can move; otherwise it
-            // is told at the next look.
-            None => quiet >= limit && client == 0 && backend == 0,
+            // Nothing moved since that read.
+            Some(b) if client >= b.client && backend >= b.backend => now.saturating_duration_since(b.at) >= limit,
+            Some(_) => {
+                self.last_active = now;
+                self.queued = Some(Queued { client, backend, quiet_since: now, at: now });
+                false
+            }
+            // The first read of this quiet spell. Past the limit already
+            // (one shorter than two scans), a pair with bytes queued is
+            // told at the next.
+            None => {
+                self.queued = Some(Queued { client, backend, quiet_since: self.last_active, at: now });
+                quiet >= limit && client == 0 && backend == 0
+            }
         }
     }
 
@@ -807,7 +830,7 @@ impl<'a> Session<'a> {
         if self.queued.is_some_and(|q| client < q.client) {
             self.last_active = now;
         }
-        self.queued = Some(Queued { client, backend: 0, quiet_since: self.last_active });
+        self.queued = Some(Queued { client, backend: 0, quiet_since: self.last_active, at: now });
     }
 
     /// Relays, counting the pair as active. Once the backend has failed,
@@ -1219,6 +1242,27 @@ mod tests {
         let t1 = s.last_active;
         assert!(!s.is_idle(t1 + limit / 2, Some(limit)));
         assert!(s.is_idle(t1 + limit, Some(limit)), "a stuck pair was held past its limit");
+    }
+
+    #[test]
+    fn a_reader_taking_bytes_less_often_than_every_half_limit_is_not_cut() {
+        // Its bytes taken before the first read of the queues went unseen:
+        // a whole limit without a move must be measured from a read.
+        let shared = shared();
+        let (mut s, mut client_far, _backend_far) = relaying(&shared);
+        fill_queue(&mut s.client.stream);
+        let limit = Duration::from_secs(10);
+        let t0 = s.last_active;
+        assert!(!s.is_idle(t0 + limit / 2, Some(limit)));
+        assert!(!s.is_idle(t0 + limit, Some(limit)), "cut after half a limit without a move");
+        let before = send_queue_bytes(&s.client.stream);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while send_queue_bytes(&s.client.stream) >= before {
+            assert!(Instant::now() < deadline, "the queue never moved");
+            client_far.read_exact(&mut [0u8; 4096]).expect("read");
+        }
+        assert!(!s.is_idle(t0 + limit * 3 / 2, Some(limit)), "a pair whose reader took bytes was cut as idle");
+        assert_eq!(s.last_active, t0 + limit * 3 / 2);
     }
 
     #[test]

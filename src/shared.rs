@@ -11,12 +11,15 @@ use mio::Waker;
 use crate::backend::Backend;
 use crate::stats::Counters;
 
-/// One worker's mailbox: its waker, and whether it stopped accepting at the
-/// cap (so a closing connection elsewhere knows to wake it).
+/// One worker's mailbox: its waker, and why it stopped accepting, so that
+/// whatever lifts that reason elsewhere knows to wake it: at the cap (a
+/// closing connection), or while a client waited for a descriptor (the
+/// last such client served).
 #[derive(Debug)]
 pub struct WorkerControl {
     pub waker: Waker,
     pub paused_at_cap: AtomicBool,
+    pub held_for_parked: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -40,7 +43,11 @@ impl Shared {
             counters: Counters::default(),
             workers: wakers
                 .into_iter()
-                .map(|waker| WorkerControl { waker, paused_at_cap: AtomicBool::new(false) })
+                .map(|waker| WorkerControl {
+                    waker,
+                    paused_at_cap: AtomicBool::new(false),
+                    held_for_parked: AtomicBool::new(false),
+                })
                 .collect(),
             max_connections,
             active_clients: AtomicUsize::new(0),
@@ -156,7 +163,16 @@ pub struct ParkedMark<'a> {
 
 impl Drop for ParkedMark<'_> {
     fn drop(&mut self) {
-        self.shared.parked_clients.fetch_sub(1, Ordering::Relaxed);
+        if self.shared.parked_clients.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // The last one: workers that stopped accepting for it may go
+            // on at once rather than at the end of their back-off. (One
+            // that raises its flag just after this look waits that out.)
+            for w in &self.shared.workers {
+                if w.held_for_parked.load(Ordering::SeqCst) {
+                    self.shared.wake(w);
+                }
+            }
+        }
     }
 }
 
@@ -181,6 +197,21 @@ mod tests {
         assert!(s.any_parked());
         drop(b);
         assert!(!s.any_parked());
+    }
+
+    #[test]
+    fn serving_the_last_parked_client_wakes_a_worker_held_for_it() {
+        let (mut poll, s) = shared(2);
+        s.workers[0].held_for_parked.store(true, Ordering::SeqCst);
+        let a = s.mark_parked();
+        let b = s.mark_parked();
+        drop(a);
+        let mut events = mio::Events::with_capacity(4);
+        poll.poll(&mut events, Some(std::time::Duration::ZERO)).unwrap();
+        assert!(events.is_empty(), "woken while a client still waits");
+        drop(b);
+        poll.poll(&mut events, Some(std::time::Duration::from_secs(2))).unwrap();
+        assert_eq!(events.iter().next().map(|e| e.token()), Some(Token(0)));
     }
 
     #[test]

@@ -330,6 +330,12 @@ impl<'a> Worker<'a> {
         if self.accepting == Accepting::AtCap && self.shared.active_clients() < self.shared.max_connections() {
             self.resume_accepting(now);
         }
+        if matches!(self.accepting, Accepting::BackingOff(_))
+            && self.shared.workers[self.id].held_for_parked.load(Ordering::SeqCst)
+            && !self.shared.any_parked()
+        {
+            self.resume_accepting(now);
+        }
     }
 
     fn close_listeners(&mut self) {
@@ -348,8 +354,11 @@ impl<'a> Worker<'a> {
     /// client that waited too long took its descriptor back each time, and
     /// the client waiting in the other worker never got one.)
     fn resume_accepting(&mut self, now: Instant) {
-        self.shared.workers[self.id].paused_at_cap.store(false, Ordering::SeqCst);
+        let control = &self.shared.workers[self.id];
+        control.paused_at_cap.store(false, Ordering::SeqCst);
+        control.held_for_parked.store(false, Ordering::SeqCst);
         if self.shared.any_parked() {
+            self.hold_for_parked();
             self.accepting = Accepting::BackingOff(self.parked.front().map_or(now + ACCEPT_BACKOFF, |p| p.retry_at));
             return;
         }
@@ -363,6 +372,14 @@ impl<'a> Worker<'a> {
                 warn!("worker {}: cannot re-register listeners: {e}", self.id);
                 self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
             }
+        }
+    }
+
+    /// Asks to be woken when the last client waiting for a descriptor is
+    /// served (not for one of this worker's own: its retries are timed).
+    fn hold_for_parked(&self) {
+        if self.parked.is_empty() {
+            self.shared.workers[self.id].held_for_parked.store(true, Ordering::SeqCst);
         }
     }
 
@@ -401,6 +418,7 @@ impl<'a> Worker<'a> {
                     // already under way would otherwise take the one it
                     // waits for.
                     self.deregister_listeners();
+                    self.hold_for_parked();
                     self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
                     self.accept_pending = false;
                     return;

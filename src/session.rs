@@ -1123,6 +1123,15 @@ mod tests {
         assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the reset never arrived");
     }
 
+    /// A buffer pool and a pipe pool (`max_pipes` of `pipe_size`) for one
+    /// test, leaked so that they outlive whatever the test drops.
+    fn test_pools(pipe_size: usize, max_pipes: usize) -> Pools<'static> {
+        let buffers = Box::leak(Box::new(BufferPool::new(1024, 4)));
+        let open = Box::leak(Box::new(AtomicU64::new(0)));
+        let pipes = Box::leak(Box::new(PipePool::new(pipe_size, max_pipes, max_pipes, open)));
+        Pools { buffers, pipes }
+    }
+
     /// A relaying session between two fresh loopback connections, with the
     /// peers' ends of the client's and the backend's connection.
     fn relaying(shared: &Shared) -> (Session<'_>, std::net::TcpStream, std::net::TcpStream) {
@@ -1143,10 +1152,7 @@ mod tests {
     #[test]
     fn bytes_read_just_ahead_of_a_reset_still_reach_the_other_side() {
         let shared = shared();
-        let buffers = BufferPool::new(1024, 4);
-        let open = AtomicU64::new(0);
-        let pipes = PipePool::new(1024, 0, 0, &open);
-        let pools = Pools { buffers: &buffers, pipes: &pipes };
+        let pools = test_pools(1024, 0);
         let (mut s, mut client_far, mut backend_far) = relaying(&shared);
         let now = Instant::now();
         backend_far.write_all(b"reply").expect("write");
@@ -1221,6 +1227,17 @@ mod tests {
         panic!("the send queue never filled");
     }
 
+    /// Reads from `far` until the kernel has moved some of lb's send queue
+    /// on `near`, its end of the connection.
+    fn take_until_the_queue_moves(near: &TcpStream, far: &mut std::net::TcpStream) {
+        let before = send_queue_bytes(near);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while send_queue_bytes(near) >= before {
+            assert!(Instant::now() < deadline, "the queue never moved");
+            far.read_exact(&mut [0u8; 4096]).expect("read");
+        }
+    }
+
     #[test]
     fn a_slow_reader_draining_lbs_send_queue_keeps_the_pair_from_going_idle() {
         let shared = shared();
@@ -1230,12 +1247,7 @@ mod tests {
         let t0 = s.last_active;
         assert!(!s.is_idle(t0 + limit / 2, Some(limit)), "half way: only a look");
         // The reader takes a little: the kernel moves more of lb's queue.
-        let before = queued_bytes(&s.client.stream);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while queued_bytes(&s.client.stream) >= before {
-            assert!(Instant::now() < deadline, "the queue never moved");
-            client_far.read_exact(&mut [0u8; 4096]).expect("read");
-        }
+        take_until_the_queue_moves(&s.client.stream, &mut client_far);
         assert!(!s.is_idle(t0 + limit, Some(limit)), "a pair whose reader took bytes was cut as idle");
         assert_eq!(s.last_active, t0 + limit, "the progress restarts the quiet spell");
         // The reader stops: a whole limit without progress is idle.
@@ -1255,12 +1267,7 @@ mod tests {
         let t0 = s.last_active;
         assert!(!s.is_idle(t0 + limit / 2, Some(limit)));
         assert!(!s.is_idle(t0 + limit, Some(limit)), "cut after half a limit without a move");
-        let before = send_queue_bytes(&s.client.stream);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while send_queue_bytes(&s.client.stream) >= before {
-            assert!(Instant::now() < deadline, "the queue never moved");
-            client_far.read_exact(&mut [0u8; 4096]).expect("read");
-        }
+        take_until_the_queue_moves(&s.client.stream, &mut client_far);
         assert!(!s.is_idle(t0 + limit * 3 / 2, Some(limit)), "a pair whose reader took bytes was cut as idle");
         assert_eq!(s.last_active, t0 + limit * 3 / 2);
     }
@@ -1273,12 +1280,7 @@ mod tests {
         let limit = Duration::from_secs(10);
         let t0 = s.last_active;
         assert!(!s.is_idle(t0 + limit / 2, Some(limit)));
-        let before = queued_bytes(&s.backend.stream);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while queued_bytes(&s.backend.stream) >= before {
-            assert!(Instant::now() < deadline, "the queue never moved");
-            backend_far.read_exact(&mut [0u8; 4096]).expect("read");
-        }
+        take_until_the_queue_moves(&s.backend.stream, &mut backend_far);
         assert!(!s.is_idle(t0 + limit, Some(limit)), "a pair whose backend took bytes was cut as idle");
     }
 
@@ -1305,10 +1307,7 @@ mod tests {
         // turned the final close into a reset, discarding what lb's send
         // queue still held for the client.
         let shared = shared();
-        let buffers = BufferPool::new(1024, 4);
-        let open = AtomicU64::new(0);
-        let pipes = PipePool::new(4096, 4, 4, &open);
-        let pools = Pools { buffers: &buffers, pipes: &pipes };
+        let pools = test_pools(4096, 4);
         let (mut s, mut client_far, mut backend_far) = relaying(&shared);
         s.up = Direction::new(SpliceMode::Always);
         socket2::SockRef::from(&client_far).send_with_flags(b"!", libc::MSG_OOB).expect("send urgent");
@@ -1333,10 +1332,7 @@ mod tests {
     #[test]
     fn an_error_report_the_socket_does_not_confirm_is_not_acted_on() {
         let shared = shared();
-        let buffers = BufferPool::new(1024, 4);
-        let open = AtomicU64::new(0);
-        let pipes = PipePool::new(1024, 0, 0, &open);
-        let pools = Pools { buffers: &buffers, pipes: &pipes };
+        let pools = test_pools(1024, 0);
         let (mut s, client_far, _backend_far) = relaying(&shared);
         let now = Instant::now();
 

@@ -628,6 +628,9 @@ struct Queued {
     backend: u32,
     quiet_since: Instant,
     at: Instant,
+    /// Read again half a limit after `at`, without a move: the next read
+    /// is the one a whole limit after `at`.
+    rechecked: bool,
 }
 
 /// Bytes in lb's send queue on `s` that its peer has not acknowledged.
@@ -773,10 +776,11 @@ impl<'a> Session<'a> {
     /// see no event for a long while: a socket reports room only once much
     /// of a full queue has gone, and a slow reader draining a large one
     /// must not be cut as idle. Once a relaying pair has been quiet for
-    /// half its limit its queues are read every half limit; the pair is
-    /// idle when they have not moved since a read a whole limit ago (so a
-    /// stuck pair holding bytes goes after one and a half limits at most),
-    /// or, with nothing queued, at the limit, as nothing can move then.
+    /// half its limit its queues are read, then half a limit and a whole
+    /// limit after that read; the pair is idle when they have not moved
+    /// since a read a whole limit ago (so a stuck pair holding bytes goes
+    /// after one and a half limits at most), or, with nothing queued, at
+    /// the limit, as nothing can move then. A move starts a new spell.
     pub fn is_idle(&mut self, now: Instant, idle: Option<Duration>) -> bool {
         let Some(limit) = self.idle_limit(idle) else { return false };
         if self.failed() {
@@ -794,25 +798,34 @@ impl<'a> Session<'a> {
             if b.client == 0 && b.backend == 0 {
                 return quiet >= limit;
             }
-            if now.saturating_duration_since(b.at) < limit / 2 {
+            let wait = if b.rechecked { limit } else { limit / 2 };
+            if now.saturating_duration_since(b.at) < wait {
                 return false;
             }
         }
         let client = send_queue_bytes(&self.client.stream);
         let backend = send_queue_bytes(&self.backend.stream);
         match baseline {
-            // Nothing moved since that read.
-            Some(b) if client >= b.client && backend >= b.backend => now.saturating_duration_since(b.at) >= limit,
+            // Nothing moved since the read at `at`: without an event the
+            // queues only shrink, so that one comparison covers the span.
+            Some(b) if client >= b.client && backend >= b.backend => {
+                if now.saturating_duration_since(b.at) >= limit {
+                    return true;
+                }
+                self.queued = Some(Queued { rechecked: true, ..b });
+                false
+            }
             Some(_) => {
                 self.last_active = now;
-                self.queued = Some(Queued { client, backend, quiet_since: now, at: now });
+                self.queued = Some(Queued { client, backend, quiet_since: now, at: now, rechecked: false });
                 false
             }
             // The first read of this quiet spell. Past the limit already
             // (one shorter than two scans), a pair with bytes queued is
             // told at the next.
             None => {
-                self.queued = Some(Queued { client, backend, quiet_since: self.last_active, at: now });
+                self.queued =
+                    Some(Queued { client, backend, quiet_since: self.last_active, at: now, rechecked: false });
                 quiet >= limit && client == 0 && backend == 0
             }
         }
@@ -830,7 +843,7 @@ impl<'a> Session<'a> {
         if self.queued.is_some_and(|q| client < q.client) {
             self.last_active = now;
         }
-        self.queued = Some(Queued { client, backend: 0, quiet_since: self.last_active, at: now });
+        self.queued = Some(Queued { client, backend: 0, quiet_since: self.last_active, at: now, rechecked: false });
     }
 
     /// Relays, counting the pair as active. Once the backend has failed,

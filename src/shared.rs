@@ -71,12 +71,14 @@ impl Shared {
     /// racing the mark fails or parks its own client, and that worker
     /// stops accepting then.
     pub fn any_parked(&self) -> bool {
-        self.parked_clients.load(Ordering::Relaxed) > 0
+        // SeqCst for the handshake with a worker held for a parked client
+        // (see ParkedMark's drop); a plain load on x86.
+        self.parked_clients.load(Ordering::SeqCst) > 0
     }
 
     /// Counts a client waiting for a descriptor until the mark drops.
     pub fn mark_parked(&self) -> ParkedMark<'_> {
-        self.parked_clients.fetch_add(1, Ordering::Relaxed);
+        self.parked_clients.fetch_add(1, Ordering::SeqCst);
         ParkedMark { shared: self }
     }
 
@@ -165,8 +167,9 @@ impl Drop for ParkedMark<'_> {
     fn drop(&mut self) {
         if self.shared.parked_clients.fetch_sub(1, Ordering::SeqCst) == 1 {
             // The last one: workers that stopped accepting for it may go
-            // on at once rather than at the end of their back-off. (One
-            // that raises its flag just after this look waits that out.)
+            // on at once rather than at the end of their back-off. One
+            // that raises its flag just after this look sees the count at
+            // zero when it checks again (both sides are SeqCst).
             for w in &self.shared.workers {
                 if w.held_for_parked.load(Ordering::SeqCst) {
                     self.shared.wake(w);

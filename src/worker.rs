@@ -358,8 +358,7 @@ impl<'a> Worker<'a> {
         control.paused_at_cap.store(false, Ordering::SeqCst);
         control.held_for_parked.store(false, Ordering::SeqCst);
         if self.shared.any_parked() {
-            self.hold_for_parked();
-            self.accepting = Accepting::BackingOff(self.parked.front().map_or(now + ACCEPT_BACKOFF, |p| p.retry_at));
+            self.hold_for_parked(self.parked.front().map_or(now + ACCEPT_BACKOFF, |p| p.retry_at), now);
             return;
         }
         match self.register_listeners() {
@@ -375,12 +374,20 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Asks to be woken when the last client waiting for a descriptor is
-    /// served (not for one of this worker's own: its retries are timed).
-    fn hold_for_parked(&self) {
+    /// Stops accepting until `until`, or until woken when the last client
+    /// waiting for a descriptor is served (not for one of this worker's
+    /// own: their retries are timed).
+    fn hold_for_parked(&mut self, until: Instant, now: Instant) {
         if self.parked.is_empty() {
             self.shared.workers[self.id].held_for_parked.store(true, Ordering::SeqCst);
+            if !self.shared.any_parked() {
+                // Served between the caller's look and the flag: that
+                // wake was missed, so go on at the next turn of the loop.
+                self.accepting = Accepting::BackingOff(now);
+                return;
+            }
         }
+        self.accepting = Accepting::BackingOff(until);
     }
 
     fn pause_at_cap(&mut self, now: Instant) {
@@ -418,8 +425,7 @@ impl<'a> Worker<'a> {
                     // already under way would otherwise take the one it
                     // waits for.
                     self.deregister_listeners();
-                    self.hold_for_parked();
-                    self.accepting = Accepting::BackingOff(now + ACCEPT_BACKOFF);
+                    self.hold_for_parked(now + ACCEPT_BACKOFF, now);
                     self.accept_pending = false;
                     return;
                 }

@@ -18,6 +18,9 @@ pub enum ListenError {
     InUse { addr: SocketAddr },
     /// Ports below 1024 need privileges.
     Permission { addr: SocketAddr },
+    /// No interface of this host has the address (or a link-local one
+    /// is not on the interface named).
+    NotLocal { addr: SocketAddr },
     /// Any other step failing (socket, setsockopt, bind, listen).
     Other { addr: SocketAddr, step: &'static str, source: io::Error },
     /// A descriptor handed over by the service manager is unusable.
@@ -36,6 +39,9 @@ impl fmt::Display for ListenError {
                 f,
                 "cannot listen on {addr}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
             ),
+            ListenError::NotLocal { addr } => {
+                write!(f, "cannot listen on {addr}: no interface of this host has that address")
+            }
             ListenError::Other { addr, step, source } => {
                 write!(f, "cannot listen on {addr}: {step} failed: {source}")
             }
@@ -62,6 +68,7 @@ pub fn classify_bind(addr: SocketAddr, step: &'static str, e: io::Error) -> List
     match e.raw_os_error() {
         Some(libc::EADDRINUSE) => ListenError::InUse { addr },
         Some(libc::EACCES) | Some(libc::EPERM) => ListenError::Permission { addr },
+        Some(libc::EADDRNOTAVAIL) => ListenError::NotLocal { addr },
         _ => ListenError::Other { addr, step, source: e },
     }
 }
@@ -272,6 +279,14 @@ mod tests {
         let err = bind(held.local_addr().unwrap(), 1).expect_err("port is taken");
         assert!(matches!(err, ListenError::InUse { .. }), "{err}");
         assert!(err.to_string().contains("already in use"));
+    }
+
+    #[test]
+    fn an_address_no_interface_has_is_reported_as_not_local() {
+        // 192.0.2.0/24 is reserved for documentation: no host has it.
+        let err = bind("192.0.2.1:0".parse().unwrap(), 1).expect_err("no interface has it");
+        assert!(matches!(err, ListenError::NotLocal { .. }), "{err}");
+        assert_eq!(err.to_string(), "cannot listen on 192.0.2.1:0: no interface of this host has that address");
     }
 
     #[test]

@@ -34,7 +34,8 @@ pub struct Args {
     #[arg(short = 'p', long = "port", default_value = "80")]
     pub port: String,
 
-    /// Listen address (IPv4 or IPv6, e.g. 0.0.0.0 or ::1).
+    /// Listen address (IPv4 or IPv6, e.g. 0.0.0.0 or ::1; a link-local one
+    /// with its interface: fe80::1%eth0).
     #[arg(long = "bind", default_value = "0.0.0.0")]
     pub bind: String,
 
@@ -121,7 +122,7 @@ pub struct Args {
     pub splice: String,
 
     /// Pipes that may exist at once for splicing (default: --max-connections / 4;
-    /// at most two per connection).
+    /// at most two per connection; only 0 goes with --splice never).
     #[arg(long = "max-pipes")]
     pub max_pipes: Option<String>,
 }
@@ -194,6 +195,7 @@ pub struct BackendSpec {
 pub enum ConfigError {
     Port { value: String },
     BindAddress { value: String },
+    BindInterface { value: String },
     BackendFormat { value: String },
     BackendPort { value: String },
     BackendWeight { value: String },
@@ -204,6 +206,7 @@ pub enum ConfigError {
     Seconds { flag: &'static str, value: String },
     SecondsRange { flag: &'static str, value: String, expected: &'static str },
     Splice { value: String },
+    PipesWithoutSplice { value: String },
     HealthUrl { value: String },
     AdminAddress { value: String },
 }
@@ -216,6 +219,9 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::BindAddress { value } => {
                 write!(f, "--bind: '{value}' is not an IPv4 or IPv6 address")
+            }
+            ConfigError::BindInterface { value } => {
+                write!(f, "--bind: '{value}' names no network interface of this host (after the %: a name or index)")
             }
             ConfigError::BackendFormat { value } => {
                 write!(f, "--backends: '{value}' is not host:port or host:port@weight (IPv6 in brackets: [::1]:80)")
@@ -248,6 +254,9 @@ impl fmt::Display for ConfigError {
             ConfigError::Splice { value } => {
                 write!(f, "--splice: '{value}' is not one of auto, always, never")
             }
+            ConfigError::PipesWithoutSplice { value } => {
+                write!(f, "--max-pipes: '{value}' pipes would never be used with --splice never (drop one of the two)")
+            }
             ConfigError::HealthUrl { value } => write!(
                 f,
                 "--health-check-url: '{}' is not a path starting with '/' (no spaces or control characters)",
@@ -266,7 +275,7 @@ impl Config {
     /// Validates and resolves everything once, at start-up.
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         let port = parse_port(&args.port).ok_or_else(|| ConfigError::Port { value: args.port.clone() })?;
-        let ip = parse_bind(&args.bind).ok_or_else(|| ConfigError::BindAddress { value: args.bind.clone() })?;
+        let listen = parse_bind(&args.bind, port)?;
         let max_connections = match &args.max_connections {
             Some(m) => parse_count("--max-connections", m, 1)?,
             None => DEFAULT_MAX_CONNECTIONS,
@@ -303,6 +312,13 @@ impl Config {
             .min(max_connections.saturating_mul(2)),
             None => max_connections / 4,
         };
+        // Like the probe flags with --no-health-check: a flag that could do
+        // nothing is more likely a mistake than a wish.
+        if let (Some(m), SpliceMode::Never) = (&args.max_pipes, splice)
+            && max_pipes > 0
+        {
+            return Err(ConfigError::PipesWithoutSplice { value: m.clone() });
+        }
         let health = parse_health(args, connect_timeout)?;
         let stats_period = match parse_seconds("--stats-period", &args.stats_period)? {
             Duration::ZERO => Duration::ZERO,
@@ -322,7 +338,7 @@ impl Config {
             }
         }
         Ok(Config {
-            listen: SocketAddr::new(ip, port),
+            listen,
             backends,
             max_connections,
             fit_to_fd_limit: args.max_connections.is_none(),
@@ -402,12 +418,40 @@ fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 /// An IP literal; an IPv6 one may come in brackets (`[::1]`), as it
-/// would in an address with a port.
-fn parse_bind(s: &str) -> Option<IpAddr> {
-    match s.strip_prefix('[') {
-        Some(rest) => rest.strip_suffix(']')?.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6),
-        None => s.parse().ok(),
+/// would in an address with a port, and a link-local one may name its
+/// interface (`fe80::1%eth0`, or its index), as `ip` and `ss` print it:
+/// such an address is ambiguous without one.
+fn parse_bind(s: &str, port: u16) -> Result<SocketAddr, ConfigError> {
+    let format = || ConfigError::BindAddress { value: s.to_string() };
+    let inner = match s.strip_prefix('[') {
+        Some(rest) => rest.strip_suffix(']').ok_or_else(format)?,
+        None if s.contains(['[', ']']) => return Err(format()),
+        None => s,
+    };
+    let Some((address, zone)) = inner.split_once('%') else {
+        let ip = if inner.len() == s.len() {
+            s.parse::<IpAddr>().map_err(|_| format())?
+        } else {
+            // Brackets belong to IPv6 alone.
+            IpAddr::V6(inner.parse().map_err(|_| format())?)
+        };
+        return Ok(SocketAddr::new(ip, port));
+    };
+    // So do zones.
+    let ip = address.parse::<std::net::Ipv6Addr>().map_err(|_| format())?;
+    let scope_id = interface_index(zone).ok_or_else(|| ConfigError::BindInterface { value: s.to_string() })?;
+    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope_id)))
+}
+
+/// An interface's index, from its name or the index itself.
+fn interface_index(zone: &str) -> Option<u32> {
+    if let Ok(index) = zone.parse::<u32>() {
+        return (index != 0).then_some(index);
     }
+    let name = std::ffi::CString::new(zone).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 fn parse_port(s: &str) -> Option<u16> {
@@ -769,6 +813,37 @@ mod tests {
             let e = Config::from_args(&args(&["--bind", bad])).expect_err(bad);
             assert_eq!(e, ConfigError::BindAddress { value: bad.to_string() });
         }
+    }
+
+    #[test]
+    fn a_link_local_bind_address_takes_its_interface_by_name_or_index() {
+        let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+        assert_ne!(lo, 0, "the loopback interface has an index");
+        for bind in ["fe80::1%lo", "[fe80::1%lo]", &format!("fe80::1%{lo}")] {
+            let c = Config::from_args(&args(&["--bind", bind, "-p", "7"])).expect(bind);
+            let SocketAddr::V6(a) = c.listen else { panic!("{bind}: not IPv6") };
+            assert_eq!((*a.ip(), a.port(), a.scope_id()), ("fe80::1".parse().unwrap(), 7, lo), "{bind}");
+        }
+        for bad in ["127.0.0.1%lo", "fe80::1%lo]", "nothost%lo"] {
+            let e = Config::from_args(&args(&["--bind", bad])).expect_err(bad);
+            assert_eq!(e, ConfigError::BindAddress { value: bad.to_string() });
+        }
+        for unknown in ["fe80::1%no-such-interface", "fe80::1%", "fe80::1%0"] {
+            let e = Config::from_args(&args(&["--bind", unknown])).expect_err(unknown);
+            assert_eq!(e, ConfigError::BindInterface { value: unknown.to_string() });
+        }
+    }
+
+    #[test]
+    fn pipes_are_refused_with_splice_never_unless_there_are_none() {
+        let e = Config::from_args(&args(&["--splice", "never", "--max-pipes", "8"])).unwrap_err();
+        assert_eq!(e, ConfigError::PipesWithoutSplice { value: "8".to_string() });
+        assert!(e.to_string().starts_with("--max-pipes: '8' "), "{e}");
+        let c = Config::from_args(&args(&["--splice", "never", "--max-pipes", "0"])).unwrap();
+        assert_eq!(c.max_pipes, 0);
+        // The default count is lb's own, not a wish to splice.
+        let c = Config::from_args(&args(&["--splice", "never"])).unwrap();
+        assert_eq!(c.splice, SpliceMode::Never);
     }
 
     #[test]

@@ -42,6 +42,8 @@ fn every_bad_value_is_one_line_naming_its_flag() {
         (&["--admin", "9100"], "--admin"),
         (&["--splice", "sometimes"], "--splice"),
         (&["--max-pipes", "-4"], "--max-pipes"),
+        (&["--max-pipes", "8", "--splice", "never"], "--max-pipes"),
+        (&["--bind", "fe80::1%no-such-interface"], "--bind"),
         (&["--workers", "100000000000"], "--workers"),
         (&["--stats-period", "1e19"], "--stats-period"),
         (&["--drain-timeout", "1e19"], "--drain-timeout"),

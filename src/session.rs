@@ -898,14 +898,7 @@ impl<'a> Session<'a> {
                 // takes to read it: the down direction runs on until the
                 // backend's stream ends.
                 log_failure(Side::Backend, &error);
-                // Its connection is over: leastconn must not count it while
-                // the client reads what is left.
-                self.lease.release();
-                self.up.abandon();
-                discard_received(&self.client.stream);
-                // The write that failed may have come before the event
-                // that reports the backend's bytes.
-                self.backend.readable = true;
+                self.backend_failed();
                 Pumped::Idle
             }
         };
@@ -946,9 +939,47 @@ impl<'a> Session<'a> {
                         }
                     }
                 }
+                // The backend failed while bytes it sent wait for a client
+                // that is not reading: no read of the backend surfaces the
+                // error until they are delivered, nor any write while the
+                // client sends nothing.
+                None if self.backend.hangup == Hangup::Error && self.up.flow != Flow::Abandoned => {
+                    match self.backend.stream.take_error() {
+                        Ok(Some(e)) => {
+                            log_failure(Side::Backend, &e);
+                            // Taken, the error no longer hides what the
+                            // backend sent before it: reads deliver the
+                            // rest, then find the end, and a failed pair
+                            // resets the client there.
+                            self.backend_failed();
+                            Outcome::Continue
+                        }
+                        Err(e) => self.abort(Side::Backend, &e),
+                        // Meant for this token's earlier owner, as above.
+                        Ok(None) => {
+                            self.backend.hangup = Hangup::Fin;
+                            Outcome::Continue
+                        }
+                    }
+                }
                 None => Outcome::Continue,
             },
         }
+    }
+
+    /// The backend's connection is over, while what it sent before still
+    /// goes to the client ahead of a reset, however long the client takes
+    /// to read it: the down direction runs on until the backend's stream
+    /// ends. The client's upload has nowhere to go any more.
+    fn backend_failed(&mut self) {
+        // leastconn must not count the backend while the client reads
+        // what is left.
+        self.lease.release();
+        self.up.abandon();
+        discard_received(&self.client.stream);
+        // The failure may have come before the event that reports the
+        // backend's bytes.
+        self.backend.readable = true;
     }
 
     /// A peer that reported an error which no read or write is going to
@@ -1182,6 +1213,53 @@ mod tests {
         let mut got = Vec::new();
         let end = client_far.read_to_end(&mut got).map_err(|e| e.kind());
         assert_eq!(got, b"reply", "the stream ended with {end:?}");
+        assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
+    }
+
+    #[test]
+    fn a_backend_reset_behind_bytes_a_client_is_not_reading_yet_fails_the_pair_but_keeps_the_bytes() {
+        let shared = shared();
+        let pools = test_pools(1024, 0);
+        let (mut s, mut client_far, mut backend_far) = relaying(&shared);
+        let now = Instant::now();
+        fill_queue(&mut s.client.stream);
+        let reply: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        backend_far.write_all(&reply).expect("write");
+        reset(backend_far);
+        wait_for_error(&s.backend.stream);
+        s.backend.hangup = Hangup::Error;
+        s.backend.readable = true;
+        s.client.writable = true;
+        assert!(matches!(s.resume(pools, now), Outcome::Continue));
+        assert!(s.down.pending() > 0, "lb holds bytes for the client");
+        assert_eq!(shared.backends[0].load_key(), 0, "the failed backend is still counted");
+        assert_eq!(s.idle_limit(None), Some(LINGER_LIMIT), "the pair could wait for its client for ever");
+        // The client reads at last: it gets every byte, then the reset.
+        client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let end = client_far.read_to_end(&mut got).map_err(|e| e.kind());
+            (got, end)
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            assert!(Instant::now() < deadline, "the pair never ended");
+            s.client.writable = true;
+            match s.resume(pools, now) {
+                Outcome::Close(CloseReason::Aborted(Side::Backend)) => break,
+                Outcome::Linger => {
+                    while !matches!(s.linger(now), Outcome::Close(_)) {
+                        assert!(Instant::now() < deadline, "the client never took its last bytes");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        drop(s);
+        let (got, end) = reader.join().expect("reader");
+        assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
         assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
     }
 

@@ -71,6 +71,11 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: io::Error,
     },
+    /// A backend is lb's own listening address.
+    BackendIsListener {
+        backend: String,
+        listen: std::net::SocketAddr,
+    },
     /// Event loops that failed or panicked while lb ran (each logged when
     /// it happened); the others kept serving until they stopped too.
     Workers {
@@ -93,6 +98,10 @@ impl fmt::Display for RunError {
                 "the descriptor limit ({limit}) leaves no room for a connection; raise it (ulimit -n, LimitNOFILE=) to {needed} or more"
             ),
             RunError::AdminBind(e) => write!(f, "--admin: {e}"),
+            RunError::BackendIsListener { backend, listen } => write!(
+                f,
+                "--backends: '{backend}' is lb's own listening address ({listen}); lb would relay every client to itself"
+            ),
             RunError::Admin { addr, source } => write!(f, "--admin: cannot serve on {addr}: {source}"),
             RunError::Workers { failed, of } => write!(f, "{failed} of {of} workers failed (see the log above)"),
         }
@@ -153,6 +162,13 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     let addrs: Vec<String> =
         per_worker.first().into_iter().flatten().filter_map(listener::local_addr).map(|a| a.to_string()).collect();
     let bound = if addrs.is_empty() { config.listen.to_string() } else { addrs.join(" and ") };
+    // Checked against the sockets lb really serves: those systemd passed,
+    // or the port the kernel chose for -p 0.
+    for listen in per_worker.first().into_iter().flatten().filter_map(listener::local_addr) {
+        if let Some(b) = config.backends.iter().find(|b| listener::reaches(b.addr, listen)) {
+            return Err(RunError::BackendIsListener { backend: b.name.clone(), listen });
+        }
+    }
 
     let mut polls = Vec::with_capacity(config.workers);
     let mut wakers = Vec::with_capacity(config.workers);

@@ -73,6 +73,26 @@ pub fn classify_bind(addr: SocketAddr, step: &'static str, e: io::Error) -> List
     }
 }
 
+/// Whether a connect to `target` would reach a socket listening on
+/// `listen`: a backend that is lb itself would relay every client to lb
+/// again, and each relayed connection would do the same, until the cap.
+/// Only what needs no look at the host's interfaces is known: the same
+/// address, or loopback (or the unspecified address, which connects to
+/// loopback) for a listener on every address.
+pub fn reaches(target: SocketAddr, listen: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    if target.port() != listen.port() {
+        return false;
+    }
+    let local = |ip: IpAddr| ip.is_loopback() || ip.is_unspecified();
+    match (listen.ip(), target.ip()) {
+        // An IPv6 listener on every address takes IPv4 too (dual stack).
+        (IpAddr::V6(l), t) if l.is_unspecified() => local(t),
+        (IpAddr::V4(l), t @ IpAddr::V4(_)) if l.is_unspecified() => local(t),
+        (l, t) => l == t || (t.is_unspecified() && l.is_loopback() && l.is_ipv4() == t.is_ipv4()),
+    }
+}
+
 fn socket_for(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ListenError> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))
         .map_err(|e| classify_bind(addr, "socket", e))?;
@@ -279,6 +299,33 @@ mod tests {
         let err = bind(held.local_addr().unwrap(), 1).expect_err("port is taken");
         assert!(matches!(err, ListenError::InUse { .. }), "{err}");
         assert!(err.to_string().contains("already in use"));
+    }
+
+    #[test]
+    fn a_target_on_the_listeners_own_address_and_port_reaches_it() {
+        let reaches = |t: &str, l: &str| reaches(t.parse().unwrap(), l.parse().unwrap());
+        for (target, listen) in [
+            ("127.0.0.1:80", "127.0.0.1:80"),
+            ("127.0.0.1:80", "0.0.0.0:80"),
+            ("127.0.0.2:80", "0.0.0.0:80"),
+            ("0.0.0.0:80", "0.0.0.0:80"),
+            ("0.0.0.0:80", "127.0.0.1:80"),
+            ("127.0.0.1:80", "[::]:80"),
+            ("[::1]:80", "[::]:80"),
+            ("[::]:80", "[::1]:80"),
+            ("10.1.2.3:80", "10.1.2.3:80"),
+        ] {
+            assert!(reaches(target, listen), "{target} reaches {listen}");
+        }
+        for (target, listen) in [
+            ("127.0.0.1:81", "127.0.0.1:80"),
+            ("127.0.0.2:80", "127.0.0.1:80"),
+            ("[::1]:80", "0.0.0.0:80"),
+            ("10.1.2.3:80", "0.0.0.0:80"),
+            ("0.0.0.0:80", "10.1.2.3:80"),
+        ] {
+            assert!(!reaches(target, listen), "{target} does not reach {listen}");
+        }
     }
 
     #[test]

@@ -164,3 +164,17 @@ fn a_descriptor_limit_too_low_names_the_limit_and_what_it_needs() {
         assert!(err.contains(&format!("the descriptor limit ({limit}) leaves no room")), "{err}");
     }
 }
+
+#[test]
+fn a_backend_that_is_lbs_own_listener_is_refused_at_start_up() {
+    let port = common::free_port();
+    let own = format!("127.0.0.1:{port}");
+    let (code, err) = lb_output(&["--bind", "127.0.0.1", "-p", &port.to_string(), "-b", "127.0.0.1:1", &own]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "error: --backends: '{own}' is lb's own listening address ({own}); lb would relay every client to itself"
+        )
+    );
+}

@@ -411,7 +411,11 @@ fn supervise(
             && Instant::now() >= deadline
             && !shared.is_stopping()
         {
-            warn!("drain timeout reached; closing {} connections still open", shared.active_clients());
+            match shared.active_clients() {
+                // The workers were about to stop on their own.
+                0 => {}
+                open => warn!("drain timeout reached; closing {open} connections still open"),
+            }
             shared.stop_now();
         }
     }

@@ -90,6 +90,21 @@ fn the_drain_timeout_closes_stragglers_and_still_exits_zero() {
     let mut rest = Vec::new();
     let _ = c.read_to_end(&mut rest);
     assert!(rest.is_empty());
+    assert!(
+        lb.stderr_text().contains("drain timeout reached; closing 1 connections still open"),
+        "{}",
+        lb.stderr_text()
+    );
+}
+
+#[test]
+fn a_drain_with_nothing_open_ends_without_a_timeout_warning() {
+    let echo = echo_backend();
+    let mut lb = lb(&[echo.addr], &["--drain-timeout", "0"]);
+    lb.signal(libc::SIGTERM);
+    let status = lb.wait_exit(WAIT).expect("lb exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(!lb.stderr_text().contains("drain timeout reached"), "{}", lb.stderr_text());
 }
 
 #[test]

@@ -287,10 +287,7 @@ impl Config {
         };
         let retries =
             parse_bounded("--retries", &args.retries, 0, MAX_RETRIES as usize, "a whole number from 0 to 32")?;
-        let connect_timeout = parse_seconds("--connection-timeout", &args.connection_timeout)?;
-        if connect_timeout.is_zero() {
-            return Err(ConfigError::Seconds { flag: "--connection-timeout", value: args.connection_timeout.clone() });
-        }
+        let connect_timeout = positive_seconds("--connection-timeout", &args.connection_timeout)?;
         let idle = parse_seconds("--idle-timeout", &args.idle_timeout)?;
         let drain_timeout = parse_seconds("--drain-timeout", &args.drain_timeout)?;
         let splice = match args.splice.trim() {
@@ -362,13 +359,6 @@ impl Config {
 const MAX_THRESHOLD: usize = 1000;
 
 fn parse_health(args: &Args, connect_timeout: Duration) -> Result<HealthConfig, ConfigError> {
-    let positive = |flag: &'static str, s: &str| {
-        let d = parse_seconds(flag, s)?;
-        if d.is_zero() {
-            return Err(ConfigError::Seconds { flag, value: s.to_string() });
-        }
-        Ok(d)
-    };
     let threshold = |flag: &'static str, s: &str| {
         parse_bounded(flag, s, 1, MAX_THRESHOLD, "a whole number from 1 to 1000").map(|n| n as u32)
     };
@@ -378,7 +368,7 @@ fn parse_health(args: &Args, connect_timeout: Duration) -> Result<HealthConfig, 
         parse_seconds("--health-check-period", &args.health_check_period)?,
     )?;
     let timeout = match &args.health_check_timeout {
-        Some(t) => positive("--health-check-timeout", t)?,
+        Some(t) => positive_seconds("--health-check-timeout", t)?,
         None => connect_timeout,
     };
     let url = match &args.health_check_url {
@@ -520,6 +510,15 @@ pub fn parse_seconds(flag: &'static str, s: &str) -> Result<Duration, ConfigErro
         return Ok(Duration::from_nanos(1));
     }
     Ok(d)
+}
+
+/// Seconds for a flag where 0 would mean nothing sensible (unlike
+/// `--idle-timeout`, where it means "never").
+fn positive_seconds(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    match parse_seconds(flag, s)? {
+        Duration::ZERO => Err(ConfigError::SecondsRange { flag, value: s.to_string(), expected: "more than 0" }),
+        d => Ok(d),
+    }
 }
 
 /// `d`, parsed from `s`, if it is a period of at least [`MIN_PERIOD`].
@@ -680,6 +679,14 @@ mod tests {
     fn a_bad_port_says_that_0_is_allowed_too() {
         let e = Config::from_args(&args(&["-p", "70000"])).unwrap_err().to_string();
         assert_eq!(e, "--port: '70000' is not a port number (0-65535; 0 picks a free port)");
+    }
+
+    #[test]
+    fn a_zero_timeout_that_cannot_mean_off_asks_for_more_than_0() {
+        for flag in ["--connection-timeout", "--health-check-timeout"] {
+            let e = Config::from_args(&args(&[flag, "0"])).unwrap_err();
+            assert_eq!(e.to_string(), format!("{flag}: '0' seconds is out of range: more than 0"));
+        }
     }
 
     #[test]

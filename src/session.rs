@@ -662,6 +662,10 @@ pub struct Session<'a> {
     /// lb's send queues at the last look of the idle scan
     /// ([`Session::is_idle`]); none before the first.
     queued: Option<Queued>,
+    /// The backend failed after its FIN (it refused bytes sent to a
+    /// closed socket): its stream is whole, so the client gets the FIN
+    /// ahead of the reset.
+    backend_ended_first: bool,
     pub tried: Tried,
     _slot: ClientSlot<'a>,
 }
@@ -685,6 +689,7 @@ impl<'a> Session<'a> {
             down: Direction::new(settings.splice),
             last_active: now,
             queued: None,
+            backend_ended_first: false,
             tried,
             _slot: slot,
         }
@@ -898,11 +903,16 @@ impl<'a> Session<'a> {
                 // takes to read it: the down direction runs on until the
                 // backend's stream ends.
                 log_failure(Side::Backend, &error);
-                self.backend_failed();
+                self.backend_failed(&error);
                 Pumped::Idle
             }
         };
-        let down_ending = if self.up.flow == Flow::Abandoned { Ending::Reset } else { ending(&self.up) };
+        let down_ending = match self.up.flow {
+            // The FIN goes out by itself, as the reset follows.
+            Flow::Abandoned if self.backend_ended_first => Ending::Shutdown,
+            Flow::Abandoned => Ending::Reset,
+            _ => ending(&self.up),
+        };
         let down = match self.down.pump(&mut self.backend, &mut self.client, pools, down_ending) {
             Ok(p) => p,
             Err(Broken { at: End::Source, error }) => return self.abort(Side::Backend, &error),
@@ -951,7 +961,7 @@ impl<'a> Session<'a> {
                             // backend sent before it: reads deliver the
                             // rest, then find the end, and a failed pair
                             // resets the client there.
-                            self.backend_failed();
+                            self.backend_failed(&e);
                             Outcome::Continue
                         }
                         Err(e) => self.abort(Side::Backend, &e),
@@ -971,7 +981,10 @@ impl<'a> Session<'a> {
     /// goes to the client ahead of a reset, however long the client takes
     /// to read it: the down direction runs on until the backend's stream
     /// ends. The client's upload has nowhere to go any more.
-    fn backend_failed(&mut self) {
+    fn backend_failed(&mut self, e: &io::Error) {
+        // A reset that finds the socket in CLOSE_WAIT reports EPIPE, not
+        // ECONNRESET: the backend's FIN came first.
+        self.backend_ended_first = self.down.flow != Flow::Open || e.raw_os_error() == Some(libc::EPIPE);
         // leastconn must not count the backend while the client reads
         // what is left.
         self.lease.release();
@@ -1261,6 +1274,52 @@ mod tests {
         let (got, end) = reader.join().expect("reader");
         assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
         assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
+    }
+
+    #[test]
+    fn a_backend_that_refuses_an_upload_after_its_fin_still_ends_the_client_stream_with_a_fin() {
+        let shared = shared();
+        let pools = test_pools(1024, 0);
+        let (mut s, mut client_far, mut backend_far) = relaying(&shared);
+        let now = Instant::now();
+        fill_queue(&mut s.client.stream);
+        let reply: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        backend_far.write_all(&reply).expect("write");
+        drop(backend_far);
+        // The client's upload reaches a closed socket, which resets.
+        s.backend.stream.write_all(b"late upload").expect("write");
+        wait_for_error(&s.backend.stream);
+        s.backend.hangup = Hangup::Error;
+        s.backend.readable = true;
+        s.client.writable = true;
+        assert!(matches!(s.resume(pools, now), Outcome::Continue));
+        assert_eq!(shared.backends[0].load_key(), 0, "the failed backend is still counted");
+        client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let end = client_far.read_to_end(&mut got).map(|_| ()).map_err(|e| e.kind());
+            (got, end)
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            assert!(Instant::now() < deadline, "the pair never ended");
+            s.client.writable = true;
+            match s.resume(pools, now) {
+                Outcome::Close(_) => break,
+                Outcome::Linger => {
+                    while !matches!(s.linger(now), Outcome::Close(_)) {
+                        assert!(Instant::now() < deadline, "the client never took its last bytes");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        drop(s);
+        let (got, end) = reader.join().expect("reader");
+        assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
+        assert_eq!(end, Ok(()), "the backend's stream ended with a FIN, not a reset");
     }
 
     #[test]

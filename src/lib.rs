@@ -164,9 +164,10 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     let bound = if addrs.is_empty() { config.listen.to_string() } else { addrs.join(" and ") };
     // Checked against the sockets lb really serves: those systemd passed,
     // or the port the kernel chose for -p 0.
-    for listen in per_worker.first().into_iter().flatten().filter_map(listener::local_addr) {
+    let host = listener::host_addresses();
+    for listen in per_worker.first().into_iter().flatten().filter_map(|l| listener::listening(l, &host)) {
         if let Some(b) = config.backends.iter().find(|b| listener::reaches(b.addr, listen)) {
-            return Err(RunError::BackendIsListener { backend: b.name.clone(), listen });
+            return Err(RunError::BackendIsListener { backend: b.name.clone(), listen: listen.addr });
         }
     }
 

@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
@@ -73,24 +73,80 @@ pub fn classify_bind(addr: SocketAddr, step: &'static str, e: io::Error) -> List
     }
 }
 
-/// Whether a connect to `target` would reach a socket listening on
+/// What [`reaches`] needs to know of a listening socket beyond its
+/// address.
+#[derive(Clone, Copy, Debug)]
+pub struct Listening<'a> {
+    pub addr: SocketAddr,
+    /// An IPv6 socket on every address takes IPv4 too unless IPV6_V6ONLY
+    /// is set (by systemd's `BindIPv6Only=ipv6-only`, or the
+    /// net.ipv6.bindv6only sysctl).
+    pub v6only: bool,
+    /// The host's own interface addresses: a listener on every address
+    /// answers on each of them.
+    pub host: &'a [IpAddr],
+}
+
+/// Reads what [`reaches`] needs from a socket lb serves.
+pub fn listening<'a>(l: &std::net::TcpListener, host: &'a [IpAddr]) -> Option<Listening<'a>> {
+    let addr = local_addr(l)?;
+    let v6only = addr.is_ipv6() && SockRef::from(l).only_v6().unwrap_or(false);
+    Some(Listening { addr, v6only, host })
+}
+
+/// Whether a connect to `target` would reach a socket listening at
 /// `listen`: a backend that is lb itself would relay every client to lb
 /// again, and each relayed connection would do the same, until the cap.
-/// Only what needs no look at the host's interfaces is known: the same
-/// address, or loopback (or the unspecified address, which connects to
-/// loopback) for a listener on every address.
-pub fn reaches(target: SocketAddr, listen: SocketAddr) -> bool {
-    use std::net::IpAddr;
-    if target.port() != listen.port() {
+pub fn reaches(target: SocketAddr, listen: Listening) -> bool {
+    if target.port() != listen.addr.port() {
         return false;
     }
-    let local = |ip: IpAddr| ip.is_loopback() || ip.is_unspecified();
-    match (listen.ip(), target.ip()) {
-        // An IPv6 listener on every address takes IPv4 too (dual stack).
-        (IpAddr::V6(l), t) if l.is_unspecified() => local(t),
-        (IpAddr::V4(l), t @ IpAddr::V4(_)) if l.is_unspecified() => local(t),
-        (l, t) => l == t || (t.is_unspecified() && l.is_loopback() && l.is_ipv4() == t.is_ipv4()),
+    // An IPv4-mapped address (::ffff:127.0.0.1) is an IPv4 connect.
+    let t = target.ip().to_canonical();
+    let l = listen.addr.ip().to_canonical();
+    if l.is_unspecified() {
+        let family_taken = t.is_ipv4() == l.is_ipv4() || (l.is_ipv6() && !listen.v6only);
+        // Connecting to the unspecified address reaches loopback.
+        family_taken && (t.is_loopback() || t.is_unspecified() || listen.host.contains(&t))
+    } else {
+        l == t || (t.is_unspecified() && l.is_loopback() && l.is_ipv4() == t.is_ipv4())
     }
+}
+
+/// The addresses of the host's interfaces (getifaddrs(3)); empty if they
+/// cannot be read, which only narrows what [`reaches`] sees.
+pub fn host_addresses() -> Vec<IpAddr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut at = head;
+    while !at.is_null() {
+        // SAFETY: every node of the list is valid until freeifaddrs, and
+        // ifa_addr points at a sockaddr of the family it names.
+        unsafe {
+            let sa = (*at).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*(sa as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(u32::from_be(v4.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*(sa as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(v6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            at = (*at).ifa_next;
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
 }
 
 fn socket_for(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ListenError> {
@@ -301,9 +357,13 @@ mod tests {
         assert!(err.to_string().contains("already in use"));
     }
 
+    fn reaches_with(target: &str, listen: &str, v6only: bool, host: &[&str]) -> bool {
+        let host: Vec<IpAddr> = host.iter().map(|h| h.parse().unwrap()).collect();
+        reaches(target.parse().unwrap(), Listening { addr: listen.parse().unwrap(), v6only, host: &host })
+    }
+
     #[test]
     fn a_target_on_the_listeners_own_address_and_port_reaches_it() {
-        let reaches = |t: &str, l: &str| reaches(t.parse().unwrap(), l.parse().unwrap());
         for (target, listen) in [
             ("127.0.0.1:80", "127.0.0.1:80"),
             ("127.0.0.1:80", "0.0.0.0:80"),
@@ -315,7 +375,7 @@ mod tests {
             ("[::]:80", "[::1]:80"),
             ("10.1.2.3:80", "10.1.2.3:80"),
         ] {
-            assert!(reaches(target, listen), "{target} reaches {listen}");
+            assert!(reaches_with(target, listen, false, &[]), "{target} reaches {listen}");
         }
         for (target, listen) in [
             ("127.0.0.1:81", "127.0.0.1:80"),
@@ -324,8 +384,53 @@ mod tests {
             ("10.1.2.3:80", "0.0.0.0:80"),
             ("0.0.0.0:80", "10.1.2.3:80"),
         ] {
-            assert!(!reaches(target, listen), "{target} does not reach {listen}");
+            assert!(!reaches_with(target, listen, false, &[]), "{target} does not reach {listen}");
         }
+    }
+
+    #[test]
+    fn an_ipv6_listener_on_every_address_set_v6only_takes_no_ipv4_backend() {
+        assert!(!reaches_with("127.0.0.1:80", "[::]:80", true, &[]));
+        assert!(!reaches_with("0.0.0.0:80", "[::]:80", true, &[]));
+        assert!(!reaches_with("[::ffff:127.0.0.1]:80", "[::]:80", true, &[]));
+        assert!(reaches_with("[::1]:80", "[::]:80", true, &[]));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_backend_address_is_the_ipv4_address() {
+        assert!(reaches_with("[::ffff:127.0.0.1]:80", "127.0.0.1:80", false, &[]));
+        assert!(reaches_with("[::ffff:127.0.0.1]:80", "0.0.0.0:80", false, &[]));
+        assert!(!reaches_with("[::ffff:127.0.0.1]:81", "0.0.0.0:80", false, &[]));
+    }
+
+    #[test]
+    fn the_hosts_own_interface_address_reaches_a_listener_on_every_address() {
+        let host = ["10.1.2.3", "fe80::1"];
+        assert!(reaches_with("10.1.2.3:80", "0.0.0.0:80", false, &host));
+        assert!(reaches_with("10.1.2.3:80", "[::]:80", false, &host));
+        assert!(reaches_with("[fe80::1%2]:80", "[::]:80", false, &host));
+        assert!(!reaches_with("10.1.2.4:80", "0.0.0.0:80", false, &host));
+        assert!(!reaches_with("10.1.2.3:80", "[::]:80", true, &host));
+        assert!(!reaches_with("10.1.2.3:80", "10.1.2.4:80", false, &host));
+    }
+
+    #[test]
+    fn a_listening_socket_set_v6only_is_read_as_such() {
+        let host = [];
+        for only in [true, false] {
+            let sock = Socket::new(Domain::IPV6, Type::STREAM, None).expect("IPv6 socket");
+            sock.set_only_v6(only).expect("IPV6_V6ONLY");
+            sock.bind(&"[::]:0".parse::<SocketAddr>().unwrap().into()).expect("bind");
+            sock.listen(1).expect("listen");
+            let l: std::net::TcpListener = sock.into();
+            assert_eq!(listening(&l, &host).expect("bound").v6only, only);
+        }
+    }
+
+    #[test]
+    fn the_hosts_addresses_include_loopback() {
+        let host = host_addresses();
+        assert!(host.contains(&IpAddr::from([127, 0, 0, 1])), "{host:?}");
     }
 
     #[test]

@@ -196,6 +196,7 @@ pub enum ConfigError {
     Port { value: String },
     BindAddress { value: String },
     BindInterface { value: String },
+    BindZoneMissing { value: String },
     BackendFormat { value: String },
     BackendPort { value: String },
     BackendWeight { value: String },
@@ -222,6 +223,10 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::BindInterface { value } => {
                 write!(f, "--bind: '{value}' names no network interface of this host (after the %: a name or index)")
+            }
+            ConfigError::BindZoneMissing { value } => {
+                let bare = value.trim_start_matches('[').trim_end_matches(']');
+                write!(f, "--bind: '{value}' is link-local: name its interface after a % ({bare}%eth0)")
             }
             ConfigError::BackendFormat { value } => {
                 write!(f, "--backends: '{value}' is not host:port or host:port@weight (IPv6 in brackets: [::1]:80)")
@@ -425,6 +430,10 @@ fn parse_bind(s: &str, port: u16) -> Result<SocketAddr, ConfigError> {
             // Brackets belong to IPv6 alone.
             IpAddr::V6(inner.parse().map_err(|_| format())?)
         };
+        // The kernel refuses it with a bare EINVAL: which link is unknown.
+        if matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()) {
+            return Err(ConfigError::BindZoneMissing { value: s.to_string() });
+        }
         return Ok(SocketAddr::new(ip, port));
     };
     // So do zones.
@@ -838,6 +847,14 @@ mod tests {
         for unknown in ["fe80::1%no-such-interface", "fe80::1%", "fe80::1%0"] {
             let e = Config::from_args(&args(&["--bind", unknown])).expect_err(unknown);
             assert_eq!(e, ConfigError::BindInterface { value: unknown.to_string() });
+        }
+        for bare in ["fe80::1", "[fe80::1]"] {
+            let e = Config::from_args(&args(&["--bind", bare])).expect_err(bare);
+            assert_eq!(e, ConfigError::BindZoneMissing { value: bare.to_string() });
+            assert_eq!(
+                e.to_string(),
+                format!("--bind: '{bare}' is link-local: name its interface after a % (fe80::1%eth0)")
+            );
         }
     }
 

@@ -39,6 +39,15 @@ impl fmt::Display for ListenError {
                 f,
                 "cannot listen on {addr}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
             ),
+            ListenError::NotLocal { addr: SocketAddr::V6(a) } if a.scope_id() != 0 => {
+                let link = interface_name(a.scope_id()).unwrap_or_else(|| a.scope_id().to_string());
+                write!(
+                    f,
+                    "cannot listen on [{}%{link}]:{}: interface {link} does not have that address",
+                    a.ip(),
+                    a.port()
+                )
+            }
             ListenError::NotLocal { addr } => {
                 write!(f, "cannot listen on {addr}: no interface of this host has that address")
             }
@@ -56,6 +65,19 @@ impl fmt::Display for ListenError {
 }
 
 impl std::error::Error for ListenError {}
+
+/// An interface's name from its index (if_indextoname(3)).
+fn interface_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes the call may write.
+    let got = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if got.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
 
 /// Most listening sockets one worker serves (each takes a reserved mio
 /// token); more passed by systemd are refused at start-up rather than
@@ -439,6 +461,15 @@ mod tests {
         let err = bind("192.0.2.1:0".parse().unwrap(), 1).expect_err("no interface has it");
         assert!(matches!(err, ListenError::NotLocal { .. }), "{err}");
         assert_eq!(err.to_string(), "cannot listen on 192.0.2.1:0: no interface of this host has that address");
+    }
+
+    #[test]
+    fn a_link_local_address_on_the_wrong_interface_names_that_interface() {
+        let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+        let addr = SocketAddr::V6(std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 0, 0, lo));
+        let err = bind(addr, 1).expect_err("lo has no link-local address");
+        assert!(matches!(err, ListenError::NotLocal { .. }), "{err}");
+        assert_eq!(err.to_string(), "cannot listen on [fe80::1%lo]:0: interface lo does not have that address");
     }
 
     #[test]

@@ -1233,67 +1233,53 @@ mod tests {
     fn a_backend_reset_behind_bytes_a_client_is_not_reading_yet_fails_the_pair_but_keeps_the_bytes() {
         let shared = shared();
         let pools = test_pools(1024, 0);
-        let (mut s, mut client_far, mut backend_far) = relaying(&shared);
+        let (mut s, client_far, backend_far, reply) = replying_to_a_client_not_reading(&shared);
         let now = Instant::now();
-        fill_queue(&mut s.client.stream);
-        let reply: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
-        backend_far.write_all(&reply).expect("write");
         reset(backend_far);
-        wait_for_error(&s.backend.stream);
-        s.backend.hangup = Hangup::Error;
-        s.backend.readable = true;
-        s.client.writable = true;
+        failing(&mut s);
         assert!(matches!(s.resume(pools, now), Outcome::Continue));
         assert!(s.down.pending() > 0, "lb holds bytes for the client");
         assert_eq!(shared.backends[0].load_key(), 0, "the failed backend is still counted");
         assert_eq!(s.idle_limit(None), Some(LINGER_LIMIT), "the pair could wait for its client for ever");
         // The client reads at last: it gets every byte, then the reset.
-        client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            let end = client_far.read_to_end(&mut got).map_err(|e| e.kind());
-            (got, end)
-        });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            assert!(Instant::now() < deadline, "the pair never ended");
-            s.client.writable = true;
-            match s.resume(pools, now) {
-                Outcome::Close(CloseReason::Aborted(Side::Backend)) => break,
-                Outcome::Linger => {
-                    while !matches!(s.linger(now), Outcome::Close(_)) {
-                        assert!(Instant::now() < deadline, "the client never took its last bytes");
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    break;
-                }
-                _ => std::thread::sleep(Duration::from_millis(5)),
-            }
+        let (closed, got, end) = relay_to_the_end(s, pools, client_far, now);
+        if let Some(reason) = closed {
+            assert!(matches!(reason, CloseReason::Aborted(Side::Backend)), "{reason:?}");
         }
-        drop(s);
-        let (got, end) = reader.join().expect("reader");
         assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
         assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
     }
 
-    #[test]
-    fn a_backend_that_refuses_an_upload_after_its_fin_still_ends_the_client_stream_with_a_fin() {
-        let shared = shared();
-        let pools = test_pools(1024, 0);
-        let (mut s, mut client_far, mut backend_far) = relaying(&shared);
-        let now = Instant::now();
+    /// A pair whose client reads nothing (its socket's queues are full)
+    /// while the backend has sent a reply; the reply is returned.
+    fn replying_to_a_client_not_reading(
+        shared: &Shared,
+    ) -> (Session<'_>, std::net::TcpStream, std::net::TcpStream, Vec<u8>) {
+        let (mut s, client_far, mut backend_far) = relaying(shared);
         fill_queue(&mut s.client.stream);
         let reply: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         backend_far.write_all(&reply).expect("write");
-        drop(backend_far);
-        // The client's upload reaches a closed socket, which resets.
-        s.backend.stream.write_all(b"late upload").expect("write");
+        (s, client_far, backend_far, reply)
+    }
+
+    /// Waits for the backend socket's error and reports it as the event
+    /// loop would.
+    fn failing(s: &mut Session) {
         wait_for_error(&s.backend.stream);
         s.backend.hangup = Hangup::Error;
         s.backend.readable = true;
         s.client.writable = true;
-        assert!(matches!(s.resume(pools, now), Outcome::Continue));
-        assert_eq!(shared.backends[0].load_key(), 0, "the failed backend is still counted");
+    }
+
+    /// Runs a pair, its client reading on another thread, until it
+    /// closes; returns why (None when it lingered), what the client got
+    /// and how its stream ended.
+    fn relay_to_the_end<'a>(
+        mut s: Session<'a>,
+        pools: Pools<'a>,
+        mut client_far: std::net::TcpStream,
+        now: Instant,
+    ) -> (Option<CloseReason>, Vec<u8>, Result<(), io::ErrorKind>) {
         client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
@@ -1301,23 +1287,39 @@ mod tests {
             (got, end)
         });
         let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        let closed = loop {
             assert!(Instant::now() < deadline, "the pair never ended");
             s.client.writable = true;
             match s.resume(pools, now) {
-                Outcome::Close(_) => break,
+                Outcome::Close(reason) => break Some(reason),
                 Outcome::Linger => {
                     while !matches!(s.linger(now), Outcome::Close(_)) {
                         assert!(Instant::now() < deadline, "the client never took its last bytes");
                         std::thread::sleep(Duration::from_millis(5));
                     }
-                    break;
+                    break None;
                 }
                 _ => std::thread::sleep(Duration::from_millis(5)),
             }
-        }
+        };
         drop(s);
         let (got, end) = reader.join().expect("reader");
+        (closed, got, end)
+    }
+
+    #[test]
+    fn a_backend_that_refuses_an_upload_after_its_fin_still_ends_the_client_stream_with_a_fin() {
+        let shared = shared();
+        let pools = test_pools(1024, 0);
+        let (mut s, client_far, backend_far, reply) = replying_to_a_client_not_reading(&shared);
+        let now = Instant::now();
+        drop(backend_far);
+        // The client's upload reaches a closed socket, which resets.
+        s.backend.stream.write_all(b"late upload").expect("write");
+        failing(&mut s);
+        assert!(matches!(s.resume(pools, now), Outcome::Continue));
+        assert_eq!(shared.backends[0].load_key(), 0, "the failed backend is still counted");
+        let (_, got, end) = relay_to_the_end(s, pools, client_far, now);
         assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
         assert_eq!(end, Ok(()), "the backend's stream ended with a FIN, not a reset");
     }

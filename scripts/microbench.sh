@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # microbench.sh - runs the criterion micro-benchmarks (benches/) and writes
 # their estimates, judged against issue 5's targets, to
-# bench-results/micro.md. About two minutes on 2 cores; no network use.
+# bench-results/micro.md. About two minutes on 2 cores once built (the
+# first build of the benches adds a few); no network use.
 #
 # Every run measures all of them, so the file never mixes fresh and stale
 # estimates.
@@ -12,7 +13,7 @@ OUT=$REPO_ROOT/bench-results/micro.md
 
 case "${1:-}" in
     "") ;;
-    -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "microbench.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
 esac
 

@@ -9,9 +9,15 @@
 //! [`MAX_HEAD`] bytes (larger, malformed or cut short by a FIN: 400), and
 //! [`DEADLINE`] per connection from accept to close. It has no
 //! authentication: bind it to 127.0.0.1 or a private address.
+//!
+//! It keeps one descriptor in reserve, so that a scrape is still answered
+//! while the workers have taken every other descriptor (an explicit
+//! `--max-connections` past the descriptor limit): that is when an
+//! operator most needs to look.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -158,8 +164,11 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, crate::listener::
 /// Serves the endpoint on its own thread until the process ends.
 pub fn spawn(listener: std::net::TcpListener, shared: Arc<Shared>) -> io::Result<()> {
     let poll = Poll::new()?;
+    // Any descriptor holds the slot; a copy of the listener needs no path.
+    let reserve = listener.as_fd().try_clone_to_owned()?;
     let mut server = Server {
         poll,
+        reserve: Some(reserve),
         listener: TcpListener::from_std(listener),
         listening: false,
         backoff_until: None,
@@ -193,6 +202,9 @@ struct Conn {
 
 struct Server {
     poll: Poll,
+    /// A descriptor given up to accept a client when none is left, and
+    /// taken back from a closing connection.
+    reserve: Option<OwnedFd>,
     listener: TcpListener,
     listening: bool,
     backoff_until: Option<Instant>,
@@ -279,6 +291,12 @@ impl Server {
                 Err(e) => match classify(&e) {
                     IoClass::WouldBlock => return,
                     IoClass::Interrupted | IoClass::Closed => {}
+                    IoClass::Error
+                        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) && self.reserve.is_some() =>
+                    {
+                        debug!("admin endpoint: out of descriptors; accepting with the reserve");
+                        self.reserve = None;
+                    }
                     // Out of descriptors, or any other failure: clients
                     // already queued raise no new edge, and retrying at
                     // once could spin. Step back, then drain the backlog.
@@ -313,10 +331,12 @@ impl Server {
     }
 
     fn close(&mut self, key: usize) {
-        if let Some(mut c) = self.conns.try_remove(key)
-            && let Err(e) = self.poll.registry().deregister(&mut c.stream)
-        {
+        let Some(mut c) = self.conns.try_remove(key) else { return };
+        if let Err(e) = self.poll.registry().deregister(&mut c.stream) {
             debug!("admin endpoint: deregistering a connection: {e}");
+        }
+        if self.reserve.is_none() {
+            self.reserve = reserve_from(c.stream, &self.listener);
         }
     }
 
@@ -334,6 +354,20 @@ impl Server {
             self.close(key);
         }
     }
+}
+
+/// Closes `stream` by putting a copy of `listener` in its descriptor's
+/// slot, in one step: a worker waiting for a descriptor cannot take the
+/// slot in between, as it could after a close.
+fn reserve_from(stream: TcpStream, listener: &TcpListener) -> Option<OwnedFd> {
+    let fd = stream.into_raw_fd();
+    // SAFETY: `fd` was the stream's and is owned here alone; dup3 either
+    // replaces it (closing the socket) or leaves it as it was.
+    let kept = unsafe { libc::dup3(listener.as_raw_fd(), fd, libc::O_CLOEXEC) };
+    // SAFETY: either way `fd` is open and owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // On failure dropping `fd` closes the socket.
+    (kept != -1).then_some(fd)
 }
 
 /// Advances one connection; `Ok(true)` when it is finished.

@@ -274,9 +274,9 @@ const FD_MARGIN: usize = 16;
 /// Descriptors lb holds besides its connections and pipes: stdio, each
 /// worker's epoll and waker, the listeners, signal handling, the health
 /// prober (its epoll and one probe per backend), the admin endpoint (its
-/// listener, epoll and client cap) and a margin.
+/// listener, epoll, reserve and client cap) and a margin.
 pub fn reserved_fds(workers: usize, listeners: usize, backends: usize, admin: bool) -> usize {
-    let admin = if admin { 2 + crate::admin::MAX_CLIENTS } else { 0 };
+    let admin = if admin { 3 + crate::admin::MAX_CLIENTS } else { 0 };
     3 + 2 * workers + listeners + 2 + (1 + backends) + admin + FD_MARGIN
 }
 
@@ -340,7 +340,7 @@ mod tests {
     #[test]
     fn the_reserve_counts_the_admin_endpoint_and_one_probe_per_backend() {
         let without = reserved_fds(2, 2, 3, false);
-        assert_eq!(reserved_fds(2, 2, 3, true), without + 2 + crate::admin::MAX_CLIENTS);
+        assert_eq!(reserved_fds(2, 2, 3, true), without + 3 + crate::admin::MAX_CLIENTS);
         assert_eq!(reserved_fds(2, 2, 4, false), without + 1);
         assert_eq!(reserved_fds(3, 3, 3, false), without + 3, "a worker's epoll, waker and listener");
     }

@@ -354,6 +354,27 @@ fn running_out_of_descriptors_neither_kills_nor_spins_and_recovers() {
     assert!(lb.fd_count() > 0, "lb is alive");
 }
 
+#[test]
+fn the_admin_endpoint_answers_while_the_workers_hold_every_descriptor() {
+    let echo = echo_backend();
+    // A cap given past the limit is kept, so clients take every descriptor.
+    let args = [&ONE_WORKER_PAST_THE_LIMIT[..], &["--admin", "127.0.0.1:0"]].concat();
+    let lb = lb_with_fd_limit(48, &[echo.addr], &args);
+    let admin = common::admin::admin_addr(&lb);
+    let held: Vec<_> = (0..60).filter_map(|_| std::net::TcpStream::connect(lb.addr).ok()).collect();
+    assert!(
+        wait_until(WAIT, || lb.stderr_text().contains("Too many open files")),
+        "lb never ran out of descriptors: {}",
+        lb.stderr_text()
+    );
+    // Twice: the reserve is taken back when the first scrape closes.
+    for scrape in 0..2 {
+        let active = common::admin::scrape(admin).value("lb_connections_active", &[]);
+        assert!(active >= 5.0, "scrape {scrape}: {active} active");
+    }
+    drop(held);
+}
+
 /// `n` clients at once, each sending "hello", reading it back, holding its
 /// connection for `hold` (so that they overlap) and closing; what each
 /// that failed met.

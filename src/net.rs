@@ -87,6 +87,18 @@ pub fn send_queue(s: &impl AsRawFd) -> usize {
     usize::try_from(queued).unwrap_or(0)
 }
 
+/// Whether `s` holds an error it has yet to report, without taking it as
+/// SO_ERROR would: a read still tells whether the peer's FIN came before
+/// it (0) or not (the error).
+pub fn has_pending_error(s: &impl AsRawFd) -> io::Result<bool> {
+    let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: 0, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call; no wait.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pfd.revents & libc::POLLERR != 0)
+}
+
 /// Makes the coming close of `s` send RST instead of FIN: its stream did
 /// not end but was cut, or never began (no backend took the client), and a
 /// FIN would make it look complete.

@@ -17,7 +17,7 @@ use socket2::SockRef;
 
 use crate::backend::Lease;
 use crate::config::{MAX_RETRIES, SpliceMode};
-use crate::net::{IoClass, classify, discard_received, reset_on_close, send_queue, unacknowledged};
+use crate::net::{IoClass, classify, discard_received, has_pending_error, reset_on_close, send_queue, unacknowledged};
 use crate::pipe::{self, Pipe, PipePool};
 use crate::pool::{Buffer, BufferPool};
 use crate::shared::ClientSlot;
@@ -242,6 +242,19 @@ struct Direction<'p> {
     /// written: it ends the direction once they are (an OS error code,
     /// so holding it costs no allocation).
     deferred: Option<std::num::NonZeroI32>,
+}
+
+/// How the stream of a backend that failed ended, which decides how the
+/// client's ends: its FIN came before the failure (it refused bytes sent
+/// after it closed), so the stream is whole and the client gets a FIN
+/// ahead of the reset; or it was cut, and the client is reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BackendEnd {
+    Fin,
+    Cut,
+    /// Told by the read that reaches the end: 0 after the FIN, the error
+    /// (which resets the pair) otherwise.
+    ByRead,
 }
 
 /// Why a pump stopped.
@@ -662,10 +675,8 @@ pub struct Session<'a> {
     /// lb's send queues at the last look of the idle scan
     /// ([`Session::is_idle`]); none before the first.
     queued: Option<Queued>,
-    /// The backend failed after its FIN (it refused bytes sent to a
-    /// closed socket): its stream is whole, so the client gets the FIN
-    /// ahead of the reset.
-    backend_ended_first: bool,
+    /// How the backend's stream ended, once it failed.
+    backend_end: BackendEnd,
     pub tried: Tried,
     _slot: ClientSlot<'a>,
 }
@@ -689,7 +700,7 @@ impl<'a> Session<'a> {
             down: Direction::new(settings.splice),
             last_active: now,
             queued: None,
-            backend_ended_first: false,
+            backend_end: BackendEnd::Cut,
             tried,
             _slot: slot,
         }
@@ -903,14 +914,23 @@ impl<'a> Session<'a> {
                 // takes to read it: the down direction runs on until the
                 // backend's stream ends.
                 log_failure(Side::Backend, &error);
-                self.backend_failed(&error);
+                // A reset that finds the socket in CLOSE_WAIT reports EPIPE,
+                // not ECONNRESET: the backend's FIN came first. (lb writes
+                // no more once it sent its own FIN, so no later state
+                // reaches this.)
+                let ended = if self.down.flow != Flow::Open || error.raw_os_error() == Some(libc::EPIPE) {
+                    BackendEnd::Fin
+                } else {
+                    BackendEnd::Cut
+                };
+                self.backend_failed(ended);
                 Pumped::Idle
             }
         };
-        let down_ending = match self.up.flow {
+        let down_ending = match (self.up.flow, self.backend_end) {
             // The FIN goes out by itself, as the reset follows.
-            Flow::Abandoned if self.backend_ended_first => Ending::Shutdown,
-            Flow::Abandoned => Ending::Reset,
+            (Flow::Abandoned, BackendEnd::Fin | BackendEnd::ByRead) => Ending::Shutdown,
+            (Flow::Abandoned, BackendEnd::Cut) => Ending::Reset,
             _ => ending(&self.up),
         };
         let down = match self.down.pump(&mut self.backend, &mut self.client, pools, down_ending) {
@@ -954,19 +974,23 @@ impl<'a> Session<'a> {
                 // error until they are delivered, nor any write while the
                 // client sends nothing.
                 None if self.backend.hangup == Hangup::Error && self.up.flow != Flow::Abandoned => {
-                    match self.backend.stream.take_error() {
-                        Ok(Some(e)) => {
-                            log_failure(Side::Backend, &e);
-                            // Taken, the error no longer hides what the
-                            // backend sent before it: reads deliver the
-                            // rest, then find the end, and a failed pair
-                            // resets the client there.
-                            self.backend_failed(&e);
+                    match has_pending_error(&self.backend.stream) {
+                        // Left in the socket, the error still tells how the
+                        // backend's stream ended: reads deliver the rest,
+                        // then 0 if its FIN came first, which ends the
+                        // client's stream with a FIN too, or the error,
+                        // which resets the client. Taken, both would read
+                        // as 0, and the error alone cannot tell: past lb's
+                        // own FIN a reset reports ECONNRESET even after the
+                        // backend's FIN.
+                        Ok(true) => {
+                            debug!("relay: the backend failed while bytes it sent wait for the client");
+                            self.backend_failed(BackendEnd::ByRead);
                             Outcome::Continue
                         }
                         Err(e) => self.abort(Side::Backend, &e),
                         // Meant for this token's earlier owner, as above.
-                        Ok(None) => {
+                        Ok(false) => {
                             self.backend.hangup = Hangup::Fin;
                             Outcome::Continue
                         }
@@ -981,10 +1005,8 @@ impl<'a> Session<'a> {
     /// goes to the client ahead of a reset, however long the client takes
     /// to read it: the down direction runs on until the backend's stream
     /// ends. The client's upload has nowhere to go any more.
-    fn backend_failed(&mut self, e: &io::Error) {
-        // A reset that finds the socket in CLOSE_WAIT reports EPIPE, not
-        // ECONNRESET: the backend's FIN came first.
-        self.backend_ended_first = self.down.flow != Flow::Open || e.raw_os_error() == Some(libc::EPIPE);
+    fn backend_failed(&mut self, end: BackendEnd) {
+        self.backend_end = end;
         // leastconn must not count the backend while the client reads
         // what is left.
         self.lease.release();
@@ -1319,6 +1341,38 @@ mod tests {
         failing(&mut s);
         assert!(matches!(s.resume(pools, now), Outcome::Continue));
         assert_eq!(shared.backends[0].load_key(), 0, "the failed backend is still counted");
+        let (_, got, end) = relay_to_the_end(s, pools, client_far, now);
+        assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
+        assert_eq!(end, Ok(()), "the backend's stream ended with a FIN, not a reset");
+    }
+
+    #[test]
+    fn a_backend_that_resets_the_clients_last_bytes_after_both_fins_still_ends_the_client_stream_with_a_fin() {
+        let shared = shared();
+        let pools = test_pools(1024, 0);
+        let (mut s, mut client_far, backend_far, reply) = replying_to_a_client_not_reading(&shared);
+        let now = Instant::now();
+        drop(backend_far);
+        // The client's last bytes follow lb's FIN to a closed socket, which
+        // resets: past lb's FIN the socket reports ECONNRESET, not EPIPE,
+        // although the backend's FIN came first.
+        client_far.write_all(b"late upload").expect("write");
+        client_far.shutdown(Shutdown::Write).expect("shutdown");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.up.flow != Flow::Done {
+            assert!(Instant::now() < deadline, "the upload was never relayed");
+            s.client.readable = true;
+            s.client.hangup = Hangup::Fin;
+            s.backend.writable = true;
+            // The reply stays unread until the reset is in.
+            s.backend.readable = false;
+            assert!(matches!(s.resume(pools, now), Outcome::Continue | Outcome::Again));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The client's queue drained a little meanwhile.
+        fill_queue(&mut s.client.stream);
+        failing(&mut s);
+        assert!(matches!(s.resume(pools, now), Outcome::Continue));
         let (_, got, end) = relay_to_the_end(s, pools, client_far, now);
         assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
         assert_eq!(end, Ok(()), "the backend's stream ended with a FIN, not a reset");

@@ -39,7 +39,10 @@ impl fmt::Display for ListenError {
                 f,
                 "cannot listen on {addr}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
             ),
-            ListenError::NotLocal { addr: SocketAddr::V6(a) } if a.scope_id() != 0 => {
+            // The kernel heeds the zone of link-local addresses alone.
+            ListenError::NotLocal { addr: SocketAddr::V6(a) }
+                if a.ip().is_unicast_link_local() && a.scope_id() != 0 =>
+            {
                 let link = interface_name(a.scope_id()).unwrap_or_else(|| a.scope_id().to_string());
                 write!(
                     f,
@@ -104,13 +107,13 @@ pub struct Listening<'a> {
     /// is set (by systemd's `BindIPv6Only=ipv6-only`, or the
     /// net.ipv6.bindv6only sysctl).
     pub v6only: bool,
-    /// The host's own interface addresses: a listener on every address
-    /// answers on each of them.
-    pub host: &'a [IpAddr],
+    /// The host's own interface addresses (port 0; link-local ones with
+    /// their interface): a listener on every address answers on each.
+    pub host: &'a [SocketAddr],
 }
 
 /// Reads what [`reaches`] needs from a socket lb serves.
-pub fn listening<'a>(l: &std::net::TcpListener, host: &'a [IpAddr]) -> Option<Listening<'a>> {
+pub fn listening<'a>(l: &std::net::TcpListener, host: &'a [SocketAddr]) -> Option<Listening<'a>> {
     let addr = local_addr(l)?;
     let v6only = addr.is_ipv6() && SockRef::from(l).only_v6().unwrap_or(false);
     Some(Listening { addr, v6only, host })
@@ -128,16 +131,30 @@ pub fn reaches(target: SocketAddr, listen: Listening) -> bool {
     let l = listen.addr.ip().to_canonical();
     if l.is_unspecified() {
         let family_taken = t.is_ipv4() == l.is_ipv4() || (l.is_ipv6() && !listen.v6only);
-        // Connecting to the unspecified address reaches loopback.
-        family_taken && (t.is_loopback() || t.is_unspecified() || listen.host.contains(&t))
+        family_taken && (t.is_loopback() || t.is_unspecified() || listen.host.iter().any(|&h| same_address(target, h)))
     } else {
-        l == t || (t.is_unspecified() && l.is_loopback() && l.is_ipv4() == t.is_ipv4())
+        // Connecting to the unspecified address reaches 127.0.0.1 or ::1.
+        let unspecified_reaches = match t {
+            IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        };
+        same_address(target, listen.addr) || (t.is_unspecified() && l == unspecified_reaches)
     }
+}
+
+/// The same address, IPv4-mapped or not; a link-local one on the same
+/// link (fe80::1 on another link is another machine).
+fn same_address(a: SocketAddr, b: SocketAddr) -> bool {
+    let link = |s: SocketAddr| match s {
+        SocketAddr::V6(v6) if v6.ip().is_unicast_link_local() => Some(v6.scope_id()),
+        _ => None,
+    };
+    a.ip().to_canonical() == b.ip().to_canonical() && link(a) == link(b)
 }
 
 /// The addresses of the host's interfaces (getifaddrs(3)); empty if they
 /// cannot be read, which only narrows what [`reaches`] sees.
-pub fn host_addresses() -> Vec<IpAddr> {
+pub fn host_addresses() -> Vec<SocketAddr> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -154,11 +171,12 @@ pub fn host_addresses() -> Vec<IpAddr> {
                 match i32::from((*sa).sa_family) {
                     libc::AF_INET => {
                         let v4 = &*(sa as *const libc::sockaddr_in);
-                        out.push(IpAddr::from(u32::from_be(v4.sin_addr.s_addr).to_be_bytes()));
+                        out.push(SocketAddr::from((u32::from_be(v4.sin_addr.s_addr).to_be_bytes(), 0)));
                     }
                     libc::AF_INET6 => {
                         let v6 = &*(sa as *const libc::sockaddr_in6);
-                        out.push(IpAddr::from(v6.sin6_addr.s6_addr));
+                        let ip = std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr);
+                        out.push(SocketAddr::V6(std::net::SocketAddrV6::new(ip, 0, 0, v6.sin6_scope_id)));
                     }
                     _ => {}
                 }
@@ -380,7 +398,7 @@ mod tests {
     }
 
     fn reaches_with(target: &str, listen: &str, v6only: bool, host: &[&str]) -> bool {
-        let host: Vec<IpAddr> = host.iter().map(|h| h.parse().unwrap()).collect();
+        let host: Vec<SocketAddr> = host.iter().map(|h| h.parse().unwrap()).collect();
         reaches(target.parse().unwrap(), Listening { addr: listen.parse().unwrap(), v6only, host: &host })
     }
 
@@ -411,6 +429,20 @@ mod tests {
     }
 
     #[test]
+    fn the_unspecified_address_reaches_only_127_0_0_1_or_the_ipv6_loopback() {
+        assert!(reaches_with("0.0.0.0:80", "127.0.0.1:80", false, &[]));
+        assert!(!reaches_with("0.0.0.0:80", "127.0.0.5:80", false, &[]));
+        assert!(reaches_with("[::]:80", "[::1]:80", false, &[]));
+        assert!(!reaches_with("[::]:80", "127.0.0.1:80", false, &[]));
+    }
+
+    #[test]
+    fn a_link_local_backend_on_another_link_is_not_a_link_local_listener() {
+        assert!(reaches_with("[fe80::1%2]:80", "[fe80::1%2]:80", false, &[]));
+        assert!(!reaches_with("[fe80::1%3]:80", "[fe80::1%2]:80", false, &[]));
+    }
+
+    #[test]
     fn an_ipv6_listener_on_every_address_set_v6only_takes_no_ipv4_backend() {
         assert!(!reaches_with("127.0.0.1:80", "[::]:80", true, &[]));
         assert!(!reaches_with("0.0.0.0:80", "[::]:80", true, &[]));
@@ -427,10 +459,11 @@ mod tests {
 
     #[test]
     fn the_hosts_own_interface_address_reaches_a_listener_on_every_address() {
-        let host = ["10.1.2.3", "fe80::1"];
+        let host = ["10.1.2.3:0", "[fe80::1%2]:0"];
         assert!(reaches_with("10.1.2.3:80", "0.0.0.0:80", false, &host));
         assert!(reaches_with("10.1.2.3:80", "[::]:80", false, &host));
         assert!(reaches_with("[fe80::1%2]:80", "[::]:80", false, &host));
+        assert!(!reaches_with("[fe80::1%3]:80", "[::]:80", false, &host), "another link, another machine");
         assert!(!reaches_with("10.1.2.4:80", "0.0.0.0:80", false, &host));
         assert!(!reaches_with("10.1.2.3:80", "[::]:80", true, &host));
         assert!(!reaches_with("10.1.2.3:80", "10.1.2.4:80", false, &host));
@@ -452,7 +485,7 @@ mod tests {
     #[test]
     fn the_hosts_addresses_include_loopback() {
         let host = host_addresses();
-        assert!(host.contains(&IpAddr::from([127, 0, 0, 1])), "{host:?}");
+        assert!(host.contains(&SocketAddr::from(([127, 0, 0, 1], 0))), "{host:?}");
     }
 
     #[test]
@@ -470,6 +503,10 @@ mod tests {
         let err = bind(addr, 1).expect_err("lo has no link-local address");
         assert!(matches!(err, ListenError::NotLocal { .. }), "{err}");
         assert_eq!(err.to_string(), "cannot listen on [fe80::1%lo]:0: interface lo does not have that address");
+        // The zone of any other address names no link.
+        let addr = SocketAddr::V6(std::net::SocketAddrV6::new("2001:db8::1".parse().unwrap(), 0, 0, lo));
+        let err = bind(addr, 1).expect_err("no interface has it");
+        assert!(err.to_string().ends_with(": no interface of this host has that address"), "{err}");
     }
 
     #[test]

@@ -1347,6 +1347,35 @@ mod tests {
     }
 
     #[test]
+    fn an_upload_refused_with_epipe_after_the_backends_fin_still_ends_the_client_stream_with_a_fin() {
+        let shared = shared();
+        let pools = test_pools(1024, 0);
+        let (mut s, mut client_far, backend_far, reply) = replying_to_a_client_not_reading(&shared);
+        let now = Instant::now();
+        drop(backend_far);
+        // Bytes to the closed socket bring its reset; the next write of
+        // the upload meets it as EPIPE (the socket is in CLOSE_WAIT).
+        s.backend.stream.write_all(b"first").expect("write");
+        wait_for_error(&s.backend.stream);
+        client_far.write_all(b"late upload").expect("write");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.up.flow != Flow::Abandoned {
+            assert!(Instant::now() < deadline, "the upload never met the reset");
+            s.client.readable = true;
+            s.backend.writable = true;
+            s.backend.readable = false;
+            assert!(matches!(s.resume(pools, now), Outcome::Continue | Outcome::Again));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // As epoll reported the reset meanwhile.
+        s.backend.hangup = Hangup::Error;
+        fill_queue(&mut s.client.stream);
+        let (_, got, end) = relay_to_the_end(s, pools, client_far, now);
+        assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
+        assert_eq!(end, Ok(()), "the backend's stream ended with a FIN, not a reset");
+    }
+
+    #[test]
     fn a_backend_that_resets_the_clients_last_bytes_after_both_fins_still_ends_the_client_stream_with_a_fin() {
         let shared = shared();
         let pools = test_pools(1024, 0);

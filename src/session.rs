@@ -1293,6 +1293,35 @@ mod tests {
         s.client.writable = true;
     }
 
+    /// Relays what the client sent (and its FIN, with `hangup` Fin) until
+    /// the upload reaches `flow`, leaving the backend's reply unread.
+    fn upload_until<'a>(s: &mut Session<'a>, pools: Pools<'a>, now: Instant, hangup: Hangup, flow: Flow) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.up.flow != flow {
+            assert!(Instant::now() < deadline, "the upload never reached {flow:?}");
+            s.client.readable = true;
+            s.client.hangup = hangup;
+            s.backend.writable = true;
+            s.backend.readable = false;
+            assert!(matches!(s.resume(pools, now), Outcome::Continue | Outcome::Again));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Runs the pair to its end and checks that the client got the
+    /// backend's whole reply, then a FIN.
+    fn ends_whole_with_a_fin<'a>(
+        s: Session<'a>,
+        pools: Pools<'a>,
+        client_far: std::net::TcpStream,
+        now: Instant,
+        reply: &[u8],
+    ) {
+        let (_, got, end) = relay_to_the_end(s, pools, client_far, now);
+        assert!(got.ends_with(reply), "the backend's last {} bytes were lost", reply.len());
+        assert_eq!(end, Ok(()), "the backend's stream ended with a FIN, not a reset");
+    }
+
     /// Runs a pair, its client reading on another thread, until it
     /// closes; returns why (None when it lingered), what the client got
     /// and how its stream ended.
@@ -1341,9 +1370,7 @@ mod tests {
         failing(&mut s);
         assert!(matches!(s.resume(pools, now), Outcome::Continue));
         assert_eq!(shared.backends[0].load_key(), 0, "the failed backend is still counted");
-        let (_, got, end) = relay_to_the_end(s, pools, client_far, now);
-        assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
-        assert_eq!(end, Ok(()), "the backend's stream ended with a FIN, not a reset");
+        ends_whole_with_a_fin(s, pools, client_far, now, &reply);
     }
 
     #[test]
@@ -1358,21 +1385,11 @@ mod tests {
         s.backend.stream.write_all(b"first").expect("write");
         wait_for_error(&s.backend.stream);
         client_far.write_all(b"late upload").expect("write");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while s.up.flow != Flow::Abandoned {
-            assert!(Instant::now() < deadline, "the upload never met the reset");
-            s.client.readable = true;
-            s.backend.writable = true;
-            s.backend.readable = false;
-            assert!(matches!(s.resume(pools, now), Outcome::Continue | Outcome::Again));
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        upload_until(&mut s, pools, now, Hangup::None, Flow::Abandoned);
         // As epoll reported the reset meanwhile.
         s.backend.hangup = Hangup::Error;
         fill_queue(&mut s.client.stream);
-        let (_, got, end) = relay_to_the_end(s, pools, client_far, now);
-        assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
-        assert_eq!(end, Ok(()), "the backend's stream ended with a FIN, not a reset");
+        ends_whole_with_a_fin(s, pools, client_far, now, &reply);
     }
 
     #[test]
@@ -1387,24 +1404,12 @@ mod tests {
         // although the backend's FIN came first.
         client_far.write_all(b"late upload").expect("write");
         client_far.shutdown(Shutdown::Write).expect("shutdown");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while s.up.flow != Flow::Done {
-            assert!(Instant::now() < deadline, "the upload was never relayed");
-            s.client.readable = true;
-            s.client.hangup = Hangup::Fin;
-            s.backend.writable = true;
-            // The reply stays unread until the reset is in.
-            s.backend.readable = false;
-            assert!(matches!(s.resume(pools, now), Outcome::Continue | Outcome::Again));
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        upload_until(&mut s, pools, now, Hangup::Fin, Flow::Done);
         // The client's queue drained a little meanwhile.
         fill_queue(&mut s.client.stream);
         failing(&mut s);
         assert!(matches!(s.resume(pools, now), Outcome::Continue));
-        let (_, got, end) = relay_to_the_end(s, pools, client_far, now);
-        assert!(got.ends_with(&reply), "the backend's last {} bytes were lost", reply.len());
-        assert_eq!(end, Ok(()), "the backend's stream ended with a FIN, not a reset");
+        ends_whole_with_a_fin(s, pools, client_far, now, &reply);
     }
 
     #[test]

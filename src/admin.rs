@@ -291,9 +291,10 @@ impl Server {
                 Err(e) => match classify(&e) {
                     IoClass::WouldBlock => return,
                     IoClass::Interrupted | IoClass::Closed => {}
-                    IoClass::Error
-                        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) && self.reserve.is_some() =>
-                    {
+                    // Only for lb's own limit: the reserve shares the
+                    // listener's open file, so giving it up frees no
+                    // system-wide entry (ENFILE).
+                    IoClass::Error if e.raw_os_error() == Some(libc::EMFILE) && self.reserve.is_some() => {
                         debug!("admin endpoint: out of descriptors; accepting with the reserve");
                         self.reserve = None;
                     }

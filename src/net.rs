@@ -92,11 +92,19 @@ pub fn send_queue(s: &impl AsRawFd) -> usize {
 /// it (0) or not (the error).
 pub fn has_pending_error(s: &impl AsRawFd) -> io::Result<bool> {
     let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: 0, revents: 0 };
-    // SAFETY: one valid pollfd for the duration of the call; no wait.
-    if unsafe { libc::poll(&mut pfd, 1, 0) } < 0 {
-        return Err(io::Error::last_os_error());
+    // A signal handled on this thread interrupts even a poll that does not
+    // wait; a second one in a row would need a storm of them.
+    for _ in 0..8 {
+        // SAFETY: one valid pollfd for the duration of the call; no wait.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } >= 0 {
+            return Ok(pfd.revents & libc::POLLERR != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
-    Ok(pfd.revents & libc::POLLERR != 0)
+    Err(io::Error::from(io::ErrorKind::Interrupted))
 }
 
 /// Makes the coming close of `s` send RST instead of FIN: its stream did
@@ -167,6 +175,27 @@ mod tests {
         assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(libc::EMFILE)));
         assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(libc::ENFILE)));
         assert!(!is_resource_exhaustion(&io::Error::from_raw_os_error(libc::ECONNABORTED)));
+    }
+
+    #[test]
+    fn a_pending_error_is_seen_without_being_taken() {
+        use std::net::{TcpListener, TcpStream};
+        use std::time::{Duration, Instant};
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let near = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (far, _) = l.accept().expect("accept");
+        assert!(!has_pending_error(&near).expect("poll"), "a healthy connection");
+        reset_on_close(&far);
+        drop(far);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !has_pending_error(&near).expect("poll") {
+            assert!(Instant::now() < deadline, "the reset never arrived");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Still there for the read, or SO_ERROR, to report.
+        assert!(has_pending_error(&near).expect("poll"));
+        let e = near.take_error().expect("SO_ERROR").expect("an error");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[test]

@@ -490,10 +490,17 @@ mod tests {
 
     #[test]
     fn an_address_no_interface_has_is_reported_as_not_local() {
-        // 192.0.2.0/24 is reserved for documentation: no host has it.
-        let err = bind("192.0.2.1:0".parse().unwrap(), 1).expect_err("no interface has it");
+        // The documentation ranges, which test machines do take for their
+        // own network (this one's eth0 is 192.0.2.2): one the host lacks.
+        let host = host_addresses();
+        let addr = ["192.0.2.1:0", "198.51.100.1:0", "203.0.113.1:0", "192.0.2.254:0"]
+            .iter()
+            .map(|a| a.parse::<SocketAddr>().unwrap())
+            .find(|a| !host.contains(a))
+            .expect("an address the host lacks");
+        let err = bind(addr, 1).expect_err("no interface has it");
         assert!(matches!(err, ListenError::NotLocal { .. }), "{err}");
-        assert_eq!(err.to_string(), "cannot listen on 192.0.2.1:0: no interface of this host has that address");
+        assert_eq!(err.to_string(), format!("cannot listen on {addr}: no interface of this host has that address"));
     }
 
     #[test]

@@ -118,11 +118,59 @@ pub fn init() -> io::Result<Flusher> {
     let dropped = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&dropped);
     thread::Builder::new().name("lb-log".into()).spawn(move || write_lines(&rx, &counted))?;
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .target(env_logger::Target::Pipe(Box::new(Queue { tx: tx.clone(), dropped })))
-        .init();
+    let logger = |spec: &str| {
+        env_logger::Builder::new()
+            .parse_filters(spec)
+            .format_timestamp_millis()
+            .target(env_logger::Target::Pipe(Box::new(Queue { tx: tx.clone(), dropped: Arc::clone(&dropped) })))
+            .build()
+    };
+    let raw = std::env::var("RUST_LOG").ok();
+    let spec = requested(raw.as_deref());
+    let mut installed = logger(spec);
+    let why = rejected(spec, logs_lb_errors(&installed));
+    if why.is_some() {
+        installed = logger(DEFAULT_SPEC);
+    }
+    log::set_max_level(installed.filter());
+    // Fails only if a logger is installed already, which then logs.
+    let _ = log::set_boxed_logger(Box::new(installed));
+    if let Some(why) = why {
+        log::warn!("{why}");
+    }
     Ok(Flusher { tx })
+}
+
+/// Whether `logger` lets an error line of lb's own through.
+fn logs_lb_errors(logger: &impl log::Log) -> bool {
+    logger.enabled(&log::Metadata::builder().level(log::Level::Error).target("lb").build())
+}
+
+/// What lb logs when `RUST_LOG` does not say.
+const DEFAULT_SPEC: &str = "info";
+
+/// The filter `RUST_LOG` asks for: the default when it is unset or blank.
+fn requested(raw: Option<&str>) -> &str {
+    raw.filter(|r| !r.trim().is_empty()).unwrap_or(DEFAULT_SPEC)
+}
+
+/// Why `spec`, parsed, is not kept, when it lets no line of lb's through
+/// (`logs_errors` false) although it does not say `off`: a typo such as
+/// `warning` reads as a module name, and every line, warnings included,
+/// would be lost.
+fn rejected(spec: &str, logs_errors: bool) -> Option<String> {
+    let says_off = spec.split(',').any(|d| {
+        let level = d.split('/').next().unwrap_or(d).rsplit('=').next().unwrap_or(d);
+        level.trim().eq_ignore_ascii_case("off")
+    });
+    if says_off || logs_errors {
+        return None;
+    }
+    Some(format!(
+        "RUST_LOG='{}' lets no line of lb's through (a level is error, warn, info, debug, trace or off, \
+         alone or as lb=LEVEL); logging at {DEFAULT_SPEC}",
+        spec.escape_debug()
+    ))
 }
 
 fn write_lines(rx: &Receiver<Message>, dropped: &AtomicU64) {
@@ -166,6 +214,41 @@ mod tests {
         assert_eq!(t.allow(t0 + WARN_INTERVAL - Duration::from_millis(1)), None);
         assert_eq!(t.allow(t0 + WARN_INTERVAL), Some(HeldBack(2)));
         assert_eq!(t.allow(t0 + 3 * WARN_INTERVAL), Some(HeldBack(0)), "nothing held back since");
+    }
+
+    /// The spec `init` installs for `raw`, and the warning it logs.
+    fn chosen(raw: Option<&str>) -> (String, Option<String>) {
+        let spec = requested(raw);
+        match rejected(spec, logs_lb_errors(&env_logger::Builder::new().parse_filters(spec).build())) {
+            Some(why) => (DEFAULT_SPEC.to_string(), Some(why)),
+            None => (spec.to_string(), None),
+        }
+    }
+
+    #[test]
+    fn a_rust_log_that_lets_no_line_of_lbs_through_falls_back_to_info_with_the_reason() {
+        for typo in ["warning", "garbage", "[", "lb::nosuch=debug", "lbx=info"] {
+            let (spec, why) = chosen(Some(typo));
+            assert_eq!(spec, "info", "{typo}");
+            let why = why.expect("a reason");
+            assert!(why.starts_with(&format!("RUST_LOG='{typo}' lets no line of lb's through")), "{why}");
+        }
+        let (_, why) = chosen(Some("bad\nline"));
+        assert!(!why.expect("a reason").contains('\n'), "one line");
+    }
+
+    #[test]
+    fn a_rust_log_that_names_a_level_or_says_off_is_kept() {
+        for spec in ["warn", "debug", "lb=trace", "lb::worker=debug,info", "off", "lb=off", "error,lb=OFF"] {
+            assert_eq!(chosen(Some(spec)), (spec.to_string(), None), "{spec}");
+        }
+    }
+
+    #[test]
+    fn an_unset_or_blank_rust_log_means_info() {
+        for raw in [None, Some(""), Some("  ")] {
+            assert_eq!(chosen(raw), ("info".to_string(), None), "{raw:?}");
+        }
     }
 
     #[test]

@@ -197,10 +197,13 @@ pub enum ConfigError {
     BindAddress { value: String },
     BindInterface { value: String },
     BindZoneMissing { value: String },
+    BindUnusable { value: String, what: &'static str },
     BackendFormat { value: String },
     BackendPort { value: String },
     BackendWeight { value: String },
     BackendDuplicate { value: String, first: String, addr: SocketAddr },
+    BackendUnusable { value: String, what: &'static str },
+    BackendZoneMissing { value: String },
     Resolve { value: String, reason: String },
     Number { flag: &'static str, value: String, expected: &'static str },
     NumberRange { flag: &'static str, value: String, max: usize },
@@ -227,6 +230,15 @@ impl fmt::Display for ConfigError {
             ConfigError::BindZoneMissing { value } => {
                 let bare = value.trim_start_matches('[').trim_end_matches(']');
                 write!(f, "--bind: '{value}' is link-local: name its interface after a % ({bare}%eth0)")
+            }
+            ConfigError::BindUnusable { value, what } => {
+                write!(f, "--bind: '{value}' is {what}: TCP cannot listen there")
+            }
+            ConfigError::BackendUnusable { value, what } => {
+                write!(f, "--backends: '{value}' is {what}: TCP cannot connect there")
+            }
+            ConfigError::BackendZoneMissing { value } => {
+                write!(f, "--backends: '{value}' is link-local: name its interface after a % ([fe80::1%eth0]:80)")
             }
             ConfigError::BackendFormat { value } => {
                 write!(f, "--backends: '{value}' is not host:port or host:port@weight (IPv6 in brackets: [::1]:80)")
@@ -331,7 +343,7 @@ impl Config {
         // A backend listed twice would get twice its share and, under one
         // name, duplicate series on /metrics that Prometheus rejects.
         for (i, b) in backends.iter().enumerate() {
-            if let Some(first) = backends[..i].iter().find(|f| f.name == b.name || f.addr == b.addr) {
+            if let Some(first) = backends[..i].iter().find(|f| f.name == b.name || same_backend(f.addr, b.addr)) {
                 return Err(ConfigError::BackendDuplicate {
                     value: args.backends[i].clone(),
                     first: first.name.clone(),
@@ -417,6 +429,14 @@ fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
 /// interface (`fe80::1%eth0`, or its index), as `ip` and `ss` print it:
 /// such an address is ambiguous without one.
 fn parse_bind(s: &str, port: u16) -> Result<SocketAddr, ConfigError> {
+    let addr = parse_bind_address(s, port)?;
+    match unusable(addr.ip()) {
+        Some(what) => Err(ConfigError::BindUnusable { value: s.to_string(), what }),
+        None => Ok(addr),
+    }
+}
+
+fn parse_bind_address(s: &str, port: u16) -> Result<SocketAddr, ConfigError> {
     let format = || ConfigError::BindAddress { value: s.to_string() };
     let inner = match s.strip_prefix('[') {
         Some(rest) => rest.strip_suffix(']').ok_or_else(format)?,
@@ -445,7 +465,7 @@ fn parse_bind(s: &str, port: u16) -> Result<SocketAddr, ConfigError> {
 /// An interface's index, from its name or the index itself.
 fn interface_index(zone: &str) -> Option<u32> {
     if let Ok(index) = zone.parse::<u32>() {
-        return (index != 0).then_some(index);
+        return crate::net::interface_name(index).map(|_| index);
     }
     let name = std::ffi::CString::new(zone).ok()?;
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
@@ -582,7 +602,37 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
             .next()
             .ok_or_else(|| ConfigError::Resolve { value: s.to_string(), reason: "no addresses found".to_string() })?
     };
+    if let Some(what) = unusable(addr.ip()) {
+        return Err(ConfigError::BackendUnusable { value: s.to_string(), what });
+    }
+    if let SocketAddr::V6(a) = addr
+        && a.ip().is_unicast_link_local()
+        && a.scope_id() == 0
+    {
+        // connect(2) refuses it with a bare EINVAL: which link is unknown.
+        return Err(ConfigError::BackendZoneMissing { value: s.to_string() });
+    }
     Ok(BackendSpec { name: hostport.to_string(), addr, weight })
+}
+
+/// What makes `ip` unusable at either end of a TCP connection, if
+/// anything: TCP is unicast.
+fn unusable(ip: IpAddr) -> Option<&'static str> {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        ip if ip.is_multicast() => Some("a multicast address"),
+        _ => None,
+    }
+}
+
+/// The same backend under two spellings (`::ffff:127.0.0.1` is
+/// 127.0.0.1).
+fn same_backend(a: SocketAddr, b: SocketAddr) -> bool {
+    let scope = |s: SocketAddr| match s {
+        SocketAddr::V6(v6) => v6.scope_id(),
+        SocketAddr::V4(_) => 0,
+    };
+    a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port() && scope(a) == scope(b)
 }
 
 #[cfg(test)]
@@ -856,6 +906,48 @@ mod tests {
                 format!("--bind: '{bare}' is link-local: name its interface after a % (fe80::1%eth0)")
             );
         }
+    }
+
+    #[test]
+    fn multicast_and_broadcast_addresses_are_refused_for_bind_and_backends() {
+        for (bind, what) in [
+            ("224.0.0.1", "a multicast address"),
+            ("255.255.255.255", "the broadcast address"),
+            ("ff02::1", "a multicast address"),
+        ] {
+            let e = Config::from_args(&args(&["--bind", bind])).expect_err(bind);
+            assert_eq!(e, ConfigError::BindUnusable { value: bind.to_string(), what });
+        }
+        for (backend, what) in [
+            ("224.0.0.1:80", "a multicast address"),
+            ("255.255.255.255:80", "the broadcast address"),
+            ("[ff02::1]:80", "a multicast address"),
+            ("[::ffff:224.0.0.1]:80", "a multicast address"),
+        ] {
+            let e = Config::from_args(&args(&["-b", backend])).expect_err(backend);
+            assert_eq!(e, ConfigError::BackendUnusable { value: backend.to_string(), what });
+            assert!(e.to_string().ends_with(": TCP cannot connect there"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_link_local_backend_needs_its_interface() {
+        let e = Config::from_args(&args(&["-b", "[fe80::1]:80"])).expect_err("no zone");
+        assert_eq!(e, ConfigError::BackendZoneMissing { value: "[fe80::1]:80".to_string() });
+        Config::from_args(&args(&["-b", "[fe80::1%lo]:80"])).expect("with its zone");
+    }
+
+    #[test]
+    fn an_ipv4_mapped_backend_is_the_same_backend_as_its_ipv4_address() {
+        let e = Config::from_args(&args(&["-b", "127.0.0.1:80", "[::ffff:127.0.0.1]:80"])).expect_err("twice");
+        assert!(matches!(e, ConfigError::BackendDuplicate { .. }), "{e}");
+        Config::from_args(&args(&["-b", "127.0.0.1:80", "[::ffff:127.0.0.1]:81"])).expect("another port");
+    }
+
+    #[test]
+    fn a_zone_by_index_must_name_an_interface_that_exists() {
+        let e = Config::from_args(&args(&["--bind", "fe80::1%99999"])).expect_err("no such index");
+        assert_eq!(e, ConfigError::BindInterface { value: "fe80::1%99999".to_string() });
     }
 
     #[test]

@@ -76,6 +76,12 @@ pub enum RunError {
         backend: String,
         listen: std::net::SocketAddr,
     },
+    /// A backend that is lb's own admin endpoint: clients would get its
+    /// HTTP answers.
+    BackendIsAdmin {
+        backend: String,
+        admin: std::net::SocketAddr,
+    },
     /// Event loops that failed or panicked while lb ran (each logged when
     /// it happened); the others kept serving until they stopped too.
     Workers {
@@ -101,6 +107,10 @@ impl fmt::Display for RunError {
             RunError::BackendIsListener { backend, listen } => write!(
                 f,
                 "--backends: '{backend}' is lb's own listening address ({listen}); lb would relay every client to itself"
+            ),
+            RunError::BackendIsAdmin { backend, admin } => write!(
+                f,
+                "--backends: '{backend}' is lb's own admin endpoint ({admin}); clients would be relayed to it"
             ),
             RunError::Admin { addr, source } => write!(f, "--admin: cannot serve on {addr}: {source}"),
             RunError::Workers { failed, of } => write!(f, "{failed} of {of} workers failed (see the log above)"),
@@ -197,6 +207,11 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
         Some(addr) => {
             let admin_listener = admin::bind(addr).map_err(RunError::AdminBind)?;
             let actual = admin_listener.local_addr().unwrap_or(addr);
+            if let Some(listen) = listener::listening(&admin_listener, &host)
+                && let Some(b) = config.backends.iter().find(|b| listener::reaches(b.addr, listen))
+            {
+                return Err(RunError::BackendIsAdmin { backend: b.name.clone(), admin: listen.addr });
+            }
             admin::spawn(admin_listener, Arc::clone(&shared)).map_err(|source| RunError::Admin { addr, source })?;
             Some(actual)
         }
@@ -233,8 +248,9 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
         ),
     }
     info!(
-        "listening on {bound} with {} workers; backends: {}; max connections {}",
+        "listening on {bound} with {} worker{}; backends: {}; max connections {}",
         config.workers,
+        if config.workers == 1 { "" } else { "s" },
         config
             .backends
             .iter()

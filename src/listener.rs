@@ -43,7 +43,7 @@ impl fmt::Display for ListenError {
             ListenError::NotLocal { addr: SocketAddr::V6(a) }
                 if a.ip().is_unicast_link_local() && a.scope_id() != 0 =>
             {
-                let link = interface_name(a.scope_id()).unwrap_or_else(|| a.scope_id().to_string());
+                let link = crate::net::interface_name(a.scope_id()).unwrap_or_else(|| a.scope_id().to_string());
                 write!(
                     f,
                     "cannot listen on [{}%{link}]:{}: interface {link} does not have that address",
@@ -68,19 +68,6 @@ impl fmt::Display for ListenError {
 }
 
 impl std::error::Error for ListenError {}
-
-/// An interface's name from its index (if_indextoname(3)).
-fn interface_name(index: u32) -> Option<String> {
-    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `name` has the IF_NAMESIZE bytes the call may write.
-    let got = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
-    if got.is_null() {
-        return None;
-    }
-    // SAFETY: on success the buffer holds a NUL-terminated name.
-    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
-    Some(name.to_string_lossy().into_owned())
-}
 
 /// Most listening sockets one worker serves (each takes a reserved mio
 /// token); more passed by systemd are refused at start-up rather than

@@ -107,6 +107,19 @@ pub fn has_pending_error(s: &impl AsRawFd) -> io::Result<bool> {
     Err(io::Error::from(io::ErrorKind::Interrupted))
 }
 
+/// An interface's name from its index (if_indextoname(3)).
+pub fn interface_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes the call may write.
+    let got = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if got.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
 /// Makes the coming close of `s` send RST instead of FIN: its stream did
 /// not end but was cut, or never began (no backend took the client), and a
 /// FIN would make it look complete.

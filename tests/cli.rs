@@ -178,3 +178,14 @@ fn a_backend_that_is_lbs_own_listener_is_refused_at_start_up() {
         )
     );
 }
+
+#[test]
+fn a_backend_that_is_lbs_own_admin_endpoint_is_refused_at_start_up() {
+    let admin = format!("127.0.0.1:{}", common::free_port());
+    let (code, err) = lb_output(&["--bind", "127.0.0.1", "-p", "0", "--admin", &admin, "-b", "127.0.0.1:1", &admin]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!("error: --backends: '{admin}' is lb's own admin endpoint ({admin}); clients would be relayed to it")
+    );
+}

@@ -212,6 +212,7 @@ pub enum ConfigError {
     Splice { value: String },
     PipesWithoutSplice { value: String },
     HealthUrl { value: String },
+    HealthUrlLength { length: usize },
     AdminAddress { value: String },
 }
 
@@ -276,9 +277,13 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::HealthUrl { value } => write!(
                 f,
-                "--health-check-url: '{}' is not a path starting with '/' (no spaces or control characters)",
+                "--health-check-url: '{}' is not a path starting with '/' (printable ASCII: no spaces, control \
+                 characters or other scripts; percent-encode them)",
                 value.escape_debug()
             ),
+            ConfigError::HealthUrlLength { length } => {
+                write!(f, "--health-check-url: the path is {length} bytes long; at most {MAX_HEALTH_PATH}")
+            }
             ConfigError::AdminAddress { value } => {
                 write!(f, "--admin: '{value}' is not addr:port (e.g. 127.0.0.1:9100)")
             }
@@ -292,7 +297,8 @@ impl Config {
     /// Validates and resolves everything once, at start-up.
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         let port = parse_port(&args.port).ok_or_else(|| ConfigError::Port { value: args.port.clone() })?;
-        let listen = parse_bind(&args.bind, port)?;
+        // Surrounding blanks are trimmed from every value, as from numbers.
+        let listen = parse_bind(args.bind.trim(), port)?;
         let max_connections = match &args.max_connections {
             Some(m) => parse_count("--max-connections", m, 1)?,
             None => DEFAULT_MAX_CONNECTIONS,
@@ -338,8 +344,8 @@ impl Config {
             Duration::ZERO => Duration::ZERO,
             d => at_least_min_period("--stats-period", &args.stats_period, d)?,
         };
-        let admin = args.admin.as_deref().map(parse_admin).transpose()?;
-        let backends = args.backends.iter().map(|b| parse_backend(b)).collect::<Result<Vec<_>, _>>()?;
+        let admin = args.admin.as_deref().map(|a| parse_admin(a.trim())).transpose()?;
+        let backends = args.backends.iter().map(|b| parse_backend(b.trim())).collect::<Result<Vec<_>, _>>()?;
         // A backend listed twice would get twice its share and, under one
         // name, duplicate series on /metrics that Prometheus rejects.
         for (i, b) in backends.iter().enumerate() {
@@ -389,6 +395,7 @@ fn parse_health(args: &Args, connect_timeout: Duration) -> Result<HealthConfig, 
         None => connect_timeout,
     };
     let url = match &args.health_check_url {
+        Some(u) if u.len() > MAX_HEALTH_PATH => return Err(ConfigError::HealthUrlLength { length: u.len() }),
         Some(u) if is_request_path(u) => Some(u.clone()),
         Some(u) => return Err(ConfigError::HealthUrl { value: u.clone() }),
         None => None,
@@ -406,8 +413,11 @@ fn parse_health(args: &Args, connect_timeout: Duration) -> Result<HealthConfig, 
 /// The path goes verbatim into a request line, so anything that could end
 /// the line or split it into more tokens is refused.
 fn is_request_path(s: &str) -> bool {
-    s.starts_with('/') && s.len() <= 2048 && s.bytes().all(|b| b.is_ascii_graphic())
+    s.starts_with('/') && s.len() <= MAX_HEALTH_PATH && s.bytes().all(|b| b.is_ascii_graphic())
 }
+
+/// Longest `--health-check-url` path, in bytes.
+const MAX_HEALTH_PATH: usize = 2048;
 
 /// `addr:port` with an IP literal (IPv6 in brackets), or `localhost:port`.
 /// Port 0 lets the kernel choose (the log line names the real one).
@@ -526,7 +536,10 @@ pub const MIN_PERIOD: Duration = Duration::from_millis(10);
 pub fn parse_seconds(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
     let err = || ConfigError::Seconds { flag, value: s.to_string() };
     let secs: f64 = s.trim().parse().map_err(|_| err())?;
-    if !secs.is_finite() || secs < 0.0 {
+    // A number too large for f64 (1e400) parses as infinity: out of range,
+    // unlike the words inf and infinity.
+    let spelled_infinite = s.to_ascii_lowercase().contains("inf");
+    if secs.is_nan() || secs < 0.0 || (secs.is_infinite() && spelled_infinite) {
         return Err(err());
     }
     if secs > MAX_SECONDS as f64 {
@@ -906,6 +919,44 @@ mod tests {
                 format!("--bind: '{bare}' is link-local: name its interface after a % (fe80::1%eth0)")
             );
         }
+    }
+
+    #[test]
+    fn a_number_of_seconds_too_large_for_a_float_is_out_of_range_not_unreadable() {
+        let e = Config::from_args(&args(&["--connection-timeout", "1e400"])).expect_err("too large");
+        assert!(matches!(e, ConfigError::SecondsRange { .. }), "{e}");
+        for word in ["inf", "Infinity", "1e400x"] {
+            let e = Config::from_args(&args(&["--connection-timeout", word])).expect_err(word);
+            assert!(matches!(e, ConfigError::Seconds { .. }), "{word}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_health_check_path_is_refused_for_its_length_or_its_characters_by_name() {
+        let long = format!("/{}", "a".repeat(MAX_HEALTH_PATH));
+        let e = Config::from_args(&args(&["--health-check-url", &long])).expect_err("too long");
+        assert_eq!(e.to_string(), format!("--health-check-url: the path is 2049 bytes long; at most 2048"));
+        let e = Config::from_args(&args(&["--health-check-url", "/ü"])).expect_err("not ASCII");
+        assert!(e.to_string().contains("percent-encode"), "{e}");
+        Config::from_args(&args(&["--health-check-url", &long[..MAX_HEALTH_PATH]])).expect("at the limit");
+    }
+
+    #[test]
+    fn blanks_around_addresses_are_trimmed_as_around_numbers() {
+        let c = Config::from_args(&args(&[
+            "--bind",
+            " 127.0.0.1 ",
+            "-p",
+            " 7",
+            "-b",
+            "127.0.0.1:80 ",
+            "--admin",
+            " 127.0.0.1:9",
+        ]))
+        .expect("blanks trimmed");
+        assert_eq!(c.listen, "127.0.0.1:7".parse().unwrap());
+        assert_eq!(c.backends[0].name, "127.0.0.1:80");
+        assert_eq!(c.admin, Some("127.0.0.1:9".parse().unwrap()));
     }
 
     #[test]

@@ -176,8 +176,8 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     // or the port the kernel chose for -p 0.
     let host = listener::host_addresses();
     for listen in per_worker.first().into_iter().flatten().filter_map(|l| listener::listening(l, &host)) {
-        if let Some(b) = config.backends.iter().find(|b| listener::reaches(b.addr, listen)) {
-            return Err(RunError::BackendIsListener { backend: b.name.clone(), listen: listen.addr });
+        if let Some(backend) = reaching(&config.backends, listen) {
+            return Err(RunError::BackendIsListener { backend, listen: listen.addr });
         }
     }
 
@@ -208,9 +208,9 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
             let admin_listener = admin::bind(addr).map_err(RunError::AdminBind)?;
             let actual = admin_listener.local_addr().unwrap_or(addr);
             if let Some(listen) = listener::listening(&admin_listener, &host)
-                && let Some(b) = config.backends.iter().find(|b| listener::reaches(b.addr, listen))
+                && let Some(backend) = reaching(&config.backends, listen)
             {
-                return Err(RunError::BackendIsAdmin { backend: b.name.clone(), admin: listen.addr });
+                return Err(RunError::BackendIsAdmin { backend, admin: listen.addr });
             }
             admin::spawn(admin_listener, Arc::clone(&shared)).map_err(|source| RunError::Admin { addr, source })?;
             Some(actual)
@@ -280,6 +280,11 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
 /// to what fits, so extra clients wait at the cap instead of being accepted
 /// and then closed for want of a descriptor; a cap the operator gave is
 /// kept, and lb then relies on backing off when accept runs out.
+/// The name of the first backend that is lb's own socket `listen`.
+fn reaching(backends: &[config::BackendSpec], listen: listener::Listening) -> Option<String> {
+    backends.iter().find(|b| listener::reaches(b.addr, listen)).map(|b| b.name.clone())
+}
+
 fn fit_fd_limit(config: &mut Config, limit: u64, listeners: usize) -> Result<Option<String>, RunError> {
     let reserved = listener::reserved_fds(config.workers, listeners, config.backends.len(), config.admin.is_some());
     let Some((connections, pipes)) = listener::fit_fd_limit(limit, reserved, config.max_connections, config.max_pipes)

@@ -349,7 +349,9 @@ impl Config {
         // A backend listed twice would get twice its share and, under one
         // name, duplicate series on /metrics that Prometheus rejects.
         for (i, b) in backends.iter().enumerate() {
-            if let Some(first) = backends[..i].iter().find(|f| f.name == b.name || same_backend(f.addr, b.addr)) {
+            if let Some(first) = backends[..i].iter().find(|f| {
+                f.name == b.name || (f.addr.port() == b.addr.port() && crate::net::same_address(f.addr, b.addr))
+            }) {
                 return Err(ConfigError::BackendDuplicate {
                     value: args.backends[i].clone(),
                     first: first.name.clone(),
@@ -636,16 +638,6 @@ fn unusable(ip: IpAddr) -> Option<&'static str> {
         ip if ip.is_multicast() => Some("a multicast address"),
         _ => None,
     }
-}
-
-/// The same backend under two spellings (`::ffff:127.0.0.1` is
-/// 127.0.0.1).
-fn same_backend(a: SocketAddr, b: SocketAddr) -> bool {
-    let scope = |s: SocketAddr| match s {
-        SocketAddr::V6(v6) => v6.scope_id(),
-        SocketAddr::V4(_) => 0,
-    };
-    a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port() && scope(a) == scope(b)
 }
 
 #[cfg(test)]

@@ -118,25 +118,18 @@ pub fn reaches(target: SocketAddr, listen: Listening) -> bool {
     let l = listen.addr.ip().to_canonical();
     if l.is_unspecified() {
         let family_taken = t.is_ipv4() == l.is_ipv4() || (l.is_ipv6() && !listen.v6only);
-        family_taken && (t.is_loopback() || t.is_unspecified() || listen.host.iter().any(|&h| same_address(target, h)))
+        family_taken
+            && (t.is_loopback()
+                || t.is_unspecified()
+                || listen.host.iter().any(|&h| crate::net::same_address(target, h)))
     } else {
         // Connecting to the unspecified address reaches 127.0.0.1 or ::1.
         let unspecified_reaches = match t {
             IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
             IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
         };
-        same_address(target, listen.addr) || (t.is_unspecified() && l == unspecified_reaches)
+        crate::net::same_address(target, listen.addr) || (t.is_unspecified() && l == unspecified_reaches)
     }
-}
-
-/// The same address, IPv4-mapped or not; a link-local one on the same
-/// link (fe80::1 on another link is another machine).
-fn same_address(a: SocketAddr, b: SocketAddr) -> bool {
-    let link = |s: SocketAddr| match s {
-        SocketAddr::V6(v6) if v6.ip().is_unicast_link_local() => Some(v6.scope_id()),
-        _ => None,
-    };
-    a.ip().to_canonical() == b.ip().to_canonical() && link(a) == link(b)
 }
 
 /// The addresses of the host's interfaces (getifaddrs(3)); empty if they

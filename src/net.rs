@@ -1,7 +1,9 @@
 //! Socket-level helpers shared by the relay, the accept path and the health
-//! prober: the one place that decides what an `io::Error` means.
+//! prober: the one place that decides what an `io::Error` means, and when
+//! two addresses are the same endpoint.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
 /// What an I/O error means for the caller.
@@ -105,6 +107,16 @@ pub fn has_pending_error(s: &impl AsRawFd) -> io::Result<bool> {
         }
     }
     Err(io::Error::from(io::ErrorKind::Interrupted))
+}
+
+/// The same address, IPv4-mapped or not; a link-local one on the same
+/// link (fe80::1 on another link is another machine).
+pub fn same_address(a: SocketAddr, b: SocketAddr) -> bool {
+    let link = |s: SocketAddr| match s {
+        SocketAddr::V6(v6) if v6.ip().is_unicast_link_local() => Some(v6.scope_id()),
+        _ => None,
+    };
+    a.ip().to_canonical() == b.ip().to_canonical() && link(a) == link(b)
 }
 
 /// An interface's name from its index (if_indextoname(3)).

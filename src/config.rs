@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::net::{interface_name, same_address};
+
 /// Upper bound for `--retries`: a connect attempt list lives inline in each
 /// session, so the bound keeps sessions fixed-size.
 pub const MAX_RETRIES: u32 = 32;
@@ -214,6 +216,7 @@ pub enum ConfigError {
     HealthUrl { value: String },
     HealthUrlLength { length: usize },
     AdminAddress { value: String },
+    AdminZone { value: String },
 }
 
 impl fmt::Display for ConfigError {
@@ -287,6 +290,10 @@ impl fmt::Display for ConfigError {
             ConfigError::AdminAddress { value } => {
                 write!(f, "--admin: '{value}' is not addr:port (e.g. 127.0.0.1:9100)")
             }
+            ConfigError::AdminZone { value } => write!(
+                f,
+                "--admin: '{value}' is link-local: it needs an interface of this host after a % ([fe80::1%eth0]:9100)"
+            ),
         }
     }
 }
@@ -349,9 +356,10 @@ impl Config {
         // A backend listed twice would get twice its share and, under one
         // name, duplicate series on /metrics that Prometheus rejects.
         for (i, b) in backends.iter().enumerate() {
-            if let Some(first) = backends[..i].iter().find(|f| {
-                f.name == b.name || (f.addr.port() == b.addr.port() && crate::net::same_address(f.addr, b.addr))
-            }) {
+            if let Some(first) = backends[..i]
+                .iter()
+                .find(|f| f.name == b.name || (f.addr.port() == b.addr.port() && same_address(f.addr, b.addr)))
+            {
                 return Err(ConfigError::BackendDuplicate {
                     value: args.backends[i].clone(),
                     first: first.name.clone(),
@@ -425,8 +433,24 @@ const MAX_HEALTH_PATH: usize = 2048;
 /// Port 0 lets the kernel choose (the log line names the real one).
 fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
     let err = || ConfigError::AdminAddress { value: s.to_string() };
+    let zone = || ConfigError::AdminZone { value: s.to_string() };
+    // A link-local address's interface by name too, as --bind takes it.
+    if let Some((address, rest)) = s.split_once('%')
+        && let Some((name, port)) = rest.split_once(']')
+        && name.parse::<u32>().is_err()
+    {
+        let index = interface_index(name).ok_or_else(zone)?;
+        return format!("{address}%{index}]{port}").parse::<SocketAddr>().map_err(|_| err());
+    }
     if let Ok(addr) = s.parse::<SocketAddr>() {
-        return Ok(addr);
+        return match addr {
+            // The kernel refuses a link-local address without its link, or
+            // on a link that does not exist, with a bare EINVAL or ENODEV.
+            SocketAddr::V6(a) if a.ip().is_unicast_link_local() && interface_name(a.scope_id()).is_none() => {
+                Err(zone())
+            }
+            _ => Ok(addr),
+        };
     }
     let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
     let port: u16 = port.parse().map_err(|_| err())?;
@@ -477,7 +501,7 @@ fn parse_bind_address(s: &str, port: u16) -> Result<SocketAddr, ConfigError> {
 /// An interface's index, from its name or the index itself.
 fn interface_index(zone: &str) -> Option<u32> {
     if let Ok(index) = zone.parse::<u32>() {
-        return crate::net::interface_name(index).map(|_| index);
+        return interface_name(index).map(|_| index);
     }
     let name = std::ffi::CString::new(zone).ok()?;
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
@@ -949,6 +973,20 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:7".parse().unwrap());
         assert_eq!(c.backends[0].name, "127.0.0.1:80");
         assert_eq!(c.admin, Some("127.0.0.1:9".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_link_local_admin_address_takes_its_interface_by_name_or_index() {
+        let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+        for admin in ["[fe80::1%lo]:9100", &format!("[fe80::1%{lo}]:9100")] {
+            let c = Config::from_args(&args(&["--admin", admin])).expect(admin);
+            let Some(SocketAddr::V6(a)) = c.admin else { panic!("{admin}: not IPv6") };
+            assert_eq!((*a.ip(), a.port(), a.scope_id()), ("fe80::1".parse().unwrap(), 9100, lo), "{admin}");
+        }
+        for bad in ["[fe80::1]:9100", "[fe80::1%no-such-interface]:9100", "[fe80::1%99999]:9100"] {
+            let e = Config::from_args(&args(&["--admin", bad])).expect_err(bad);
+            assert_eq!(e, ConfigError::AdminZone { value: bad.to_string() });
+        }
     }
 
     #[test]

@@ -217,6 +217,8 @@ pub enum ConfigError {
     HealthUrlLength { length: usize },
     AdminAddress { value: String },
     AdminZone { value: String },
+    AdminUnusable { value: String, what: &'static str },
+    BackendInterface { value: String },
 }
 
 impl fmt::Display for ConfigError {
@@ -290,6 +292,15 @@ impl fmt::Display for ConfigError {
             ConfigError::AdminAddress { value } => {
                 write!(f, "--admin: '{value}' is not addr:port (e.g. 127.0.0.1:9100)")
             }
+            ConfigError::AdminUnusable { value, what } => {
+                write!(f, "--admin: '{value}' is {what}: TCP cannot listen there")
+            }
+            ConfigError::BackendInterface { value } => {
+                write!(
+                    f,
+                    "--backends: '{value}' names no network interface of this host (after the %: a name or index)"
+                )
+            }
             ConfigError::AdminZone { value } => write!(
                 f,
                 "--admin: '{value}' is link-local: it needs an interface of this host after a % ([fe80::1%eth0]:9100)"
@@ -361,7 +372,7 @@ impl Config {
                 .find(|f| f.name == b.name || (f.addr.port() == b.addr.port() && same_address(f.addr, b.addr)))
             {
                 return Err(ConfigError::BackendDuplicate {
-                    value: args.backends[i].clone(),
+                    value: args.backends[i].trim().to_string(),
                     first: first.name.clone(),
                     addr: b.addr,
                 });
@@ -438,6 +449,10 @@ fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
     if let Some((address, rest)) = s.split_once('%')
         && let Some((name, port)) = rest.split_once(']')
         && name.parse::<u32>().is_err()
+        && address
+            .strip_prefix('[')
+            .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+            .is_some_and(|a| a.is_unicast_link_local())
     {
         let index = interface_index(name).ok_or_else(zone)?;
         return format!("{address}%{index}]{port}").parse::<SocketAddr>().map_err(|_| err());
@@ -449,7 +464,10 @@ fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
             SocketAddr::V6(a) if a.ip().is_unicast_link_local() && interface_name(a.scope_id()).is_none() => {
                 Err(zone())
             }
-            _ => Ok(addr),
+            _ => match unusable(addr.ip()) {
+                Some(what) => Err(ConfigError::AdminUnusable { value: s.to_string(), what }),
+                None => Ok(addr),
+            },
         };
     }
     let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
@@ -646,10 +664,15 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
     }
     if let SocketAddr::V6(a) = addr
         && a.ip().is_unicast_link_local()
-        && a.scope_id() == 0
     {
-        // connect(2) refuses it with a bare EINVAL: which link is unknown.
-        return Err(ConfigError::BackendZoneMissing { value: s.to_string() });
+        // connect(2) refuses it with a bare EINVAL (which link is unknown)
+        // or ENETUNREACH (no such link).
+        if a.scope_id() == 0 {
+            return Err(ConfigError::BackendZoneMissing { value: s.to_string() });
+        }
+        if interface_name(a.scope_id()).is_none() {
+            return Err(ConfigError::BackendInterface { value: s.to_string() });
+        }
     }
     Ok(BackendSpec { name: hostport.to_string(), addr, weight })
 }
@@ -987,6 +1010,11 @@ mod tests {
             let e = Config::from_args(&args(&["--admin", bad])).expect_err(bad);
             assert_eq!(e, ConfigError::AdminZone { value: bad.to_string() });
         }
+        // Not link-local: not a zone problem.
+        for bad in ["[::1%nosuch]:9100", "[%]:1"] {
+            let e = Config::from_args(&args(&["--admin", bad])).expect_err(bad);
+            assert_eq!(e, ConfigError::AdminAddress { value: bad.to_string() });
+        }
     }
 
     #[test]
@@ -998,6 +1026,9 @@ mod tests {
         ] {
             let e = Config::from_args(&args(&["--bind", bind])).expect_err(bind);
             assert_eq!(e, ConfigError::BindUnusable { value: bind.to_string(), what });
+            let admin = if bind.contains(':') { format!("[{bind}]:9100") } else { format!("{bind}:9100") };
+            let e = Config::from_args(&args(&["--admin", &admin])).expect_err(&admin);
+            assert_eq!(e, ConfigError::AdminUnusable { value: admin.clone(), what });
         }
         for (backend, what) in [
             ("224.0.0.1:80", "a multicast address"),
@@ -1015,13 +1046,15 @@ mod tests {
     fn a_link_local_backend_needs_its_interface() {
         let e = Config::from_args(&args(&["-b", "[fe80::1]:80"])).expect_err("no zone");
         assert_eq!(e, ConfigError::BackendZoneMissing { value: "[fe80::1]:80".to_string() });
+        let e = Config::from_args(&args(&["-b", "[fe80::1%99999]:80"])).expect_err("no such interface");
+        assert_eq!(e, ConfigError::BackendInterface { value: "[fe80::1%99999]:80".to_string() });
         Config::from_args(&args(&["-b", "[fe80::1%lo]:80"])).expect("with its zone");
     }
 
     #[test]
     fn an_ipv4_mapped_backend_is_the_same_backend_as_its_ipv4_address() {
-        let e = Config::from_args(&args(&["-b", "127.0.0.1:80", "[::ffff:127.0.0.1]:80"])).expect_err("twice");
-        assert!(matches!(e, ConfigError::BackendDuplicate { .. }), "{e}");
+        let e = Config::from_args(&args(&["-b", "127.0.0.1:80", "[::ffff:127.0.0.1]:80 "])).expect_err("twice");
+        assert!(e.to_string().starts_with("--backends: '[::ffff:127.0.0.1]:80' is the same backend"), "{e}");
         Config::from_args(&args(&["-b", "127.0.0.1:80", "[::ffff:127.0.0.1]:81"])).expect("another port");
     }
 

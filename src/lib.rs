@@ -274,17 +274,17 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     Ok(())
 }
 
+/// The name of the first backend that is lb's own socket `listen`.
+fn reaching(backends: &[config::BackendSpec], listen: listener::Listening) -> Option<String> {
+    backends.iter().find(|b| listener::reaches(b.addr, listen)).map(|b| b.name.clone())
+}
+
 /// Makes sure every connection lb accepts can also open its backend socket.
 /// Returns the warning to log when the descriptor limit cannot hold
 /// `--max-connections` and the pipes: with the default cap both are lowered
 /// to what fits, so extra clients wait at the cap instead of being accepted
 /// and then closed for want of a descriptor; a cap the operator gave is
 /// kept, and lb then relies on backing off when accept runs out.
-/// The name of the first backend that is lb's own socket `listen`.
-fn reaching(backends: &[config::BackendSpec], listen: listener::Listening) -> Option<String> {
-    backends.iter().find(|b| listener::reaches(b.addr, listen)).map(|b| b.name.clone())
-}
-
 fn fit_fd_limit(config: &mut Config, limit: u64, listeners: usize) -> Result<Option<String>, RunError> {
     let reserved = listener::reserved_fds(config.workers, listeners, config.backends.len(), config.admin.is_some());
     let Some((connections, pipes)) = listener::fit_fd_limit(limit, reserved, config.max_connections, config.max_pipes)

@@ -118,32 +118,26 @@ pub fn init() -> io::Result<Flusher> {
     let dropped = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&dropped);
     thread::Builder::new().name("lb-log".into()).spawn(move || write_lines(&rx, &counted))?;
-    let logger = |spec: &str| {
-        env_logger::Builder::new()
-            .parse_filters(spec)
-            .format_timestamp_millis()
-            .target(env_logger::Target::Pipe(Box::new(Queue { tx: tx.clone(), dropped: Arc::clone(&dropped) })))
-            .build()
-    };
     let raw = std::env::var("RUST_LOG").ok();
     let spec = requested(raw.as_deref());
-    let mut installed = logger(spec);
-    let why = rejected(spec, logs_lb_errors(&installed));
-    if why.is_some() {
-        installed = logger(DEFAULT_SPEC);
+    let why = rejected(spec);
+    let mut builder = env_logger::Builder::new();
+    // RUST_LOG_STYLE still picks colours.
+    if let Ok(style) = std::env::var("RUST_LOG_STYLE") {
+        builder.parse_write_style(&style);
     }
-    log::set_max_level(installed.filter());
+    let logger = builder
+        .parse_filters(if why.is_some() { DEFAULT_SPEC } else { spec })
+        .format_timestamp_millis()
+        .target(env_logger::Target::Pipe(Box::new(Queue { tx: tx.clone(), dropped })))
+        .build();
+    log::set_max_level(logger.filter());
     // Fails only if a logger is installed already, which then logs.
-    let _ = log::set_boxed_logger(Box::new(installed));
+    let _ = log::set_boxed_logger(Box::new(logger));
     if let Some(why) = why {
         log::warn!("{why}");
     }
     Ok(Flusher { tx })
-}
-
-/// Whether `logger` lets an error line of lb's own through.
-fn logs_lb_errors(logger: &impl log::Log) -> bool {
-    logger.enabled(&log::Metadata::builder().level(log::Level::Error).target("lb").build())
 }
 
 /// What lb logs when `RUST_LOG` does not say.
@@ -154,21 +148,29 @@ fn requested(raw: Option<&str>) -> &str {
     raw.filter(|r| !r.trim().is_empty()).unwrap_or(DEFAULT_SPEC)
 }
 
-/// Why `spec`, parsed, is not kept, when it lets no line of lb's through
-/// (`logs_errors` false) although it does not say `off`: a typo such as
-/// `warning` reads as a module name, and every line, warnings included,
-/// would be lost.
-fn rejected(spec: &str, logs_errors: bool) -> Option<String> {
-    let says_off = spec.split(',').any(|d| {
-        let level = d.split('/').next().unwrap_or(d).rsplit('=').next().unwrap_or(d);
-        level.trim().eq_ignore_ascii_case("off")
+/// Why `spec` is not kept, when none of its directives (before any
+/// `/filter`) is for lb: a level alone, or `lb` or one of its modules
+/// (`lb::health`) with a valid level or none. A typo such as `warning`
+/// reads as a module name, and every line, warnings included, would be
+/// lost. `off` for lb is kept: that silence is asked for.
+fn rejected(spec: &str) -> Option<String> {
+    let is_level =
+        |l: &str| ["off", "error", "warn", "info", "debug", "trace"].iter().any(|v| l.eq_ignore_ascii_case(v));
+    let directives = spec.split('/').next().unwrap_or(spec);
+    let for_lb = directives.split(',').map(str::trim).filter(|d| !d.is_empty()).any(|d| {
+        let (name, level) = match d.split_once('=') {
+            Some((name, level)) => (Some(name.trim()), Some(level.trim())),
+            None if is_level(d) => (None, Some(d)),
+            None => (Some(d), None),
+        };
+        name.is_none_or(|n| n == "lb" || n.starts_with("lb::")) && level.is_none_or(is_level)
     });
-    if says_off || logs_errors {
+    if for_lb {
         return None;
     }
     Some(format!(
         "RUST_LOG='{}' lets no line of lb's through (a level is error, warn, info, debug, trace or off, \
-         alone or as lb=LEVEL); logging at {DEFAULT_SPEC}",
+         alone or as lb=LEVEL or lb::MODULE=LEVEL); logging at {DEFAULT_SPEC}",
         spec.escape_debug()
     ))
 }
@@ -219,7 +221,7 @@ mod tests {
     /// The spec `init` installs for `raw`, and the warning it logs.
     fn chosen(raw: Option<&str>) -> (String, Option<String>) {
         let spec = requested(raw);
-        match rejected(spec, logs_lb_errors(&env_logger::Builder::new().parse_filters(spec).build())) {
+        match rejected(spec) {
             Some(why) => (DEFAULT_SPEC.to_string(), Some(why)),
             None => (spec.to_string(), None),
         }
@@ -227,7 +229,7 @@ mod tests {
 
     #[test]
     fn a_rust_log_that_lets_no_line_of_lbs_through_falls_back_to_info_with_the_reason() {
-        for typo in ["warning", "garbage", "[", "lb::nosuch=debug", "lbx=info"] {
+        for typo in ["warning", "garbage", "[", "lbx=info", "warning,mio=off", ",", "lb=verbose", "mio=debug"] {
             let (spec, why) = chosen(Some(typo));
             assert_eq!(spec, "info", "{typo}");
             let why = why.expect("a reason");
@@ -239,7 +241,19 @@ mod tests {
 
     #[test]
     fn a_rust_log_that_names_a_level_or_says_off_is_kept() {
-        for spec in ["warn", "debug", "lb=trace", "lb::worker=debug,info", "off", "lb=off", "error,lb=OFF"] {
+        for spec in [
+            "warn",
+            "debug",
+            "lb=trace",
+            "lb::worker=debug,info",
+            "lb::health=debug",
+            "lb::worker=trace",
+            "off",
+            "lb=off",
+            "error,lb=OFF",
+            "info/listening",
+            "lb",
+        ] {
             assert_eq!(chosen(Some(spec)), (spec.to_string(), None), "{spec}");
         }
     }

@@ -697,6 +697,14 @@ mod tests {
         Args::try_parse_from(v).expect("test arguments parse")
     }
 
+    /// Each of `values` given to `flag` is refused with `expected(value)`.
+    fn refused(flag: &str, values: &[&str], expected: impl Fn(String) -> ConfigError) {
+        for v in values {
+            let e = Config::from_args(&args(&[flag, v])).expect_err(v);
+            assert_eq!(e, expected(v.to_string()), "{flag} {v}");
+        }
+    }
+
     #[test]
     fn defaults_match_the_documented_values() {
         let c = Config::from_args(&args(&[])).expect("defaults are valid");
@@ -927,10 +935,7 @@ mod tests {
     fn a_bind_address_takes_brackets_only_around_ipv6() {
         let c = Config::from_args(&args(&["--bind", "[::1]", "-p", "0"])).unwrap();
         assert_eq!(c.listen, "[::1]:0".parse().unwrap());
-        for bad in ["[::1", "::1]", "[127.0.0.1]", "[[::1]]"] {
-            let e = Config::from_args(&args(&["--bind", bad])).expect_err(bad);
-            assert_eq!(e, ConfigError::BindAddress { value: bad.to_string() });
-        }
+        refused("--bind", &["[::1", "::1]", "[127.0.0.1]", "[[::1]]"], |value| ConfigError::BindAddress { value });
     }
 
     #[test]
@@ -942,14 +947,10 @@ mod tests {
             let SocketAddr::V6(a) = c.listen else { panic!("{bind}: not IPv6") };
             assert_eq!((*a.ip(), a.port(), a.scope_id()), ("fe80::1".parse().unwrap(), 7, lo), "{bind}");
         }
-        for bad in ["127.0.0.1%lo", "fe80::1%lo]", "nothost%lo"] {
-            let e = Config::from_args(&args(&["--bind", bad])).expect_err(bad);
-            assert_eq!(e, ConfigError::BindAddress { value: bad.to_string() });
-        }
-        for unknown in ["fe80::1%no-such-interface", "fe80::1%", "fe80::1%0"] {
-            let e = Config::from_args(&args(&["--bind", unknown])).expect_err(unknown);
-            assert_eq!(e, ConfigError::BindInterface { value: unknown.to_string() });
-        }
+        refused("--bind", &["127.0.0.1%lo", "fe80::1%lo]", "nothost%lo"], |value| ConfigError::BindAddress { value });
+        refused("--bind", &["fe80::1%no-such-interface", "fe80::1%", "fe80::1%0"], |value| {
+            ConfigError::BindInterface { value }
+        });
         for bare in ["fe80::1", "[fe80::1]"] {
             let e = Config::from_args(&args(&["--bind", bare])).expect_err(bare);
             assert_eq!(e, ConfigError::BindZoneMissing { value: bare.to_string() });
@@ -1006,15 +1007,11 @@ mod tests {
             let Some(SocketAddr::V6(a)) = c.admin else { panic!("{admin}: not IPv6") };
             assert_eq!((*a.ip(), a.port(), a.scope_id()), ("fe80::1".parse().unwrap(), 9100, lo), "{admin}");
         }
-        for bad in ["[fe80::1]:9100", "[fe80::1%no-such-interface]:9100", "[fe80::1%99999]:9100"] {
-            let e = Config::from_args(&args(&["--admin", bad])).expect_err(bad);
-            assert_eq!(e, ConfigError::AdminZone { value: bad.to_string() });
-        }
+        refused("--admin", &["[fe80::1]:9100", "[fe80::1%no-such-interface]:9100", "[fe80::1%99999]:9100"], |value| {
+            ConfigError::AdminZone { value }
+        });
         // Not link-local: not a zone problem.
-        for bad in ["[::1%nosuch]:9100", "[%]:1"] {
-            let e = Config::from_args(&args(&["--admin", bad])).expect_err(bad);
-            assert_eq!(e, ConfigError::AdminAddress { value: bad.to_string() });
-        }
+        refused("--admin", &["[::1%nosuch]:9100", "[%]:1"], |value| ConfigError::AdminAddress { value });
     }
 
     #[test]

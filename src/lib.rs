@@ -90,6 +90,15 @@ pub enum RunError {
     },
 }
 
+impl RunError {
+    /// Whether the command line itself is at fault (exit status 2, as for
+    /// a bad value): its backends are lb's own sockets. That shows only
+    /// once they are bound (-p 0, sockets passed by systemd).
+    pub fn is_command_line(&self) -> bool {
+        matches!(self, RunError::BackendIsListener { .. } | RunError::BackendIsAdmin { .. })
+    }
+}
+
 impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

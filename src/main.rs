@@ -60,8 +60,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(e));
-            ExitCode::FAILURE
+            eprintln!("error: {}", one_line(&e));
+            if e.is_command_line() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }

@@ -170,7 +170,7 @@ fn a_backend_that_is_lbs_own_listener_is_refused_at_start_up() {
     let port = common::free_port();
     let own = format!("127.0.0.1:{port}");
     let (code, err) = lb_output(&["--bind", "127.0.0.1", "-p", &port.to_string(), "-b", "127.0.0.1:1", &own]);
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(2), "a command-line error: {err}");
     assert_eq!(
         err.trim_end(),
         format!(
@@ -183,7 +183,7 @@ fn a_backend_that_is_lbs_own_listener_is_refused_at_start_up() {
 fn a_backend_that_is_lbs_own_admin_endpoint_is_refused_at_start_up() {
     let admin = format!("127.0.0.1:{}", common::free_port());
     let (code, err) = lb_output(&["--bind", "127.0.0.1", "-p", "0", "--admin", &admin, "-b", "127.0.0.1:1", &admin]);
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(2), "a command-line error: {err}");
     assert_eq!(
         err.trim_end(),
         format!("error: --backends: '{admin}' is lb's own admin endpoint ({admin}); clients would be relayed to it")

@@ -461,9 +461,7 @@ fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
         return match addr {
             // The kernel refuses a link-local address without its link, or
             // on a link that does not exist, with a bare EINVAL or ENODEV.
-            SocketAddr::V6(a) if a.ip().is_unicast_link_local() && interface_name(a.scope_id()).is_none() => {
-                Err(zone())
-            }
+            _ if lacks_its_link(addr) => Err(zone()),
             _ => match unusable(addr.ip()) {
                 Some(what) => Err(ConfigError::AdminUnusable { value: s.to_string(), what }),
                 None => Ok(addr),
@@ -662,19 +660,21 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
     if let Some(what) = unusable(addr.ip()) {
         return Err(ConfigError::BackendUnusable { value: s.to_string(), what });
     }
-    if let SocketAddr::V6(a) = addr
-        && a.ip().is_unicast_link_local()
-    {
-        // connect(2) refuses it with a bare EINVAL (which link is unknown)
-        // or ENETUNREACH (no such link).
-        if a.scope_id() == 0 {
-            return Err(ConfigError::BackendZoneMissing { value: s.to_string() });
-        }
-        if interface_name(a.scope_id()).is_none() {
-            return Err(ConfigError::BackendInterface { value: s.to_string() });
-        }
+    // connect(2) refuses it with a bare EINVAL (which link is unknown) or
+    // ENETUNREACH (no such link).
+    if lacks_its_link(addr) {
+        return Err(match addr {
+            SocketAddr::V6(a) if a.scope_id() != 0 => ConfigError::BackendInterface { value: s.to_string() },
+            _ => ConfigError::BackendZoneMissing { value: s.to_string() },
+        });
     }
     Ok(BackendSpec { name: hostport.to_string(), addr, weight })
+}
+
+/// A link-local address without an interface of this host as its zone
+/// (none, or one that does not exist): the kernel cannot tell which link.
+fn lacks_its_link(addr: SocketAddr) -> bool {
+    matches!(addr, SocketAddr::V6(a) if a.ip().is_unicast_link_local() && interface_name(a.scope_id()).is_none())
 }
 
 /// What makes `ip` unusable at either end of a TCP connection, if

@@ -206,6 +206,7 @@ pub enum ConfigError {
     BackendDuplicate { value: String, first: String, addr: SocketAddr },
     BackendUnusable { value: String, what: &'static str },
     BackendZoneMissing { value: String },
+    BackendPartialIpv4 { value: String },
     Resolve { value: String, reason: String },
     Number { flag: &'static str, value: String, expected: &'static str },
     NumberRange { flag: &'static str, value: String, max: usize },
@@ -246,6 +247,11 @@ impl fmt::Display for ConfigError {
             ConfigError::BackendZoneMissing { value } => {
                 write!(f, "--backends: '{value}' is link-local: name its interface after a % ([fe80::1%eth0]:80)")
             }
+            ConfigError::BackendPartialIpv4 { value } => write!(
+                f,
+                "--backends: '{value}' is not an IPv4 address (four numbers from 0 to 255, without leading zeros: \
+                 10.0.0.1) nor a host name (whose last part is never a number)"
+            ),
             ConfigError::BackendFormat { value } => {
                 write!(f, "--backends: '{value}' is not host:port or host:port@weight (IPv6 in brackets: [::1]:80)")
             }
@@ -650,6 +656,11 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
         .ok_or_else(|| ConfigError::BackendPort { value: s.to_string() })?;
     let addr = if let Ok(ip) = host.parse::<IpAddr>() {
         SocketAddr::new(ip, port)
+    } else if is_partial_ipv4(host) {
+        // The resolver would take it as inet_aton(3) does: `10.0.1` as
+        // 10.0.0.1, `010.0.0.1` (octal) as 8.0.0.1, `2130706433` as
+        // 127.0.0.1. A typo must not connect somewhere else.
+        return Err(ConfigError::BackendPartialIpv4 { value: s.to_string() });
     } else {
         (host, port)
             .to_socket_addrs()
@@ -669,6 +680,18 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
         });
     }
     Ok(BackendSpec { name: hostport.to_string(), addr, weight })
+}
+
+/// Whether `host`, not an IP literal, ends in a number: no host name does
+/// (a top-level domain is never numeric), so it is an IPv4 address
+/// written short, in octal or hex, or mistyped.
+fn is_partial_ipv4(host: &str) -> bool {
+    let last = host.strip_suffix('.').unwrap_or(host).rsplit('.').next().unwrap_or_default();
+    let hex = last.strip_prefix("0x").or_else(|| last.strip_prefix("0X"));
+    match hex {
+        Some(digits) => digits.chars().all(|c| c.is_ascii_hexdigit()),
+        None => !last.is_empty() && last.chars().all(|c| c.is_ascii_digit()),
+    }
 }
 
 /// A link-local address without an interface of this host as its zone
@@ -1036,6 +1059,15 @@ mod tests {
             let e = Config::from_args(&args(&["-b", backend])).expect_err(backend);
             assert_eq!(e, ConfigError::BackendUnusable { value: backend.to_string(), what });
             assert!(e.to_string().ends_with(": TCP cannot connect there"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_backend_ipv4_address_written_short_or_in_octal_or_hex_is_refused_not_resolved() {
+        let values = ["10.0.1:80", "127.1:80", "2130706433:80", "0x7f.1:80", "010.0.0.1:80", "1.2.3.4.5:80", "1.2.3.:80"];
+        refused("-b", &values, |value| ConfigError::BackendPartialIpv4 { value });
+        for host in ["localhost", "example.com", "x.0x7g", "db1.internal", "1a.example"] {
+            assert!(!is_partial_ipv4(host), "{host} is a host name");
         }
     }
 

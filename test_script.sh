@@ -454,10 +454,12 @@ test_limits() {
     # Addresses no TCP connection can use, and a backend that is lb itself.
     bad_flag "multicast" --bind 127.0.0.1 -p 0 -b 224.0.0.1:80
     bad_flag "link-local" --bind 127.0.0.1 -p 0 -b '[fe80::1]:80'
+    # The resolver would read it as 127.0.0.1 and connect there.
+    bad_flag "not an IPv4 address" --bind 127.0.0.1 -p 0 -b 127.1:80
     local port
     port=$(free_port) || fail "no free port"
     bad_flag "own listening address" --bind 127.0.0.1 -p "$port" -b "127.0.0.1:$port"
-    note "third client queued at --max-connections 2 and served after a close; 16 bad command lines rejected"
+    note "third client queued at --max-connections 2 and served after a close; 17 bad command lines rejected"
 }
 
 # stats_block FILE: prints the last complete stats block in FILE.

@@ -195,31 +195,100 @@ pub struct BackendSpec {
 /// One variant per way a command line can be wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
-    Port { value: String },
-    BindAddress { value: String },
-    BindInterface { value: String },
-    BindZoneMissing { value: String },
-    BindUnusable { value: String, what: &'static str },
-    BackendFormat { value: String },
-    BackendPort { value: String },
-    BackendWeight { value: String },
-    BackendDuplicate { value: String, first: String, addr: SocketAddr },
-    BackendUnusable { value: String, what: &'static str },
-    BackendZoneMissing { value: String },
-    BackendPartialIpv4 { value: String },
-    Resolve { value: String, reason: String },
-    Number { flag: &'static str, value: String, expected: &'static str },
-    NumberRange { flag: &'static str, value: String, max: usize },
-    Seconds { flag: &'static str, value: String },
-    SecondsRange { flag: &'static str, value: String, expected: &'static str },
-    Splice { value: String },
-    PipesWithoutSplice { value: String },
-    HealthUrl { value: String },
-    HealthUrlLength { length: usize },
-    AdminAddress { value: String },
-    AdminZone { value: String },
-    AdminUnusable { value: String, what: &'static str },
-    BackendInterface { value: String },
+    Port {
+        value: String,
+    },
+    BindAddress {
+        value: String,
+    },
+    BindInterface {
+        value: String,
+    },
+    BindZoneMissing {
+        value: String,
+    },
+    BindUnusable {
+        value: String,
+        what: &'static str,
+    },
+    BackendFormat {
+        value: String,
+    },
+    BackendPort {
+        value: String,
+    },
+    BackendWeight {
+        value: String,
+    },
+    BackendDuplicate {
+        value: String,
+        first: String,
+        addr: SocketAddr,
+    },
+    BackendUnusable {
+        value: String,
+        what: &'static str,
+    },
+    BackendZoneMissing {
+        value: String,
+    },
+    BackendPartialIpv4 {
+        value: String,
+    },
+    Resolve {
+        value: String,
+        reason: String,
+    },
+    Number {
+        flag: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    NumberRange {
+        flag: &'static str,
+        value: String,
+        max: usize,
+    },
+    Seconds {
+        flag: &'static str,
+        value: String,
+    },
+    SecondsRange {
+        flag: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    Splice {
+        value: String,
+    },
+    PipesWithoutSplice {
+        value: String,
+    },
+    HealthUrl {
+        value: String,
+    },
+    HealthUrlLength {
+        length: usize,
+    },
+    AdminAddress {
+        value: String,
+    },
+    AdminZone {
+        value: String,
+    },
+    AdminUnusable {
+        value: String,
+        what: &'static str,
+    },
+    BackendInterface {
+        value: String,
+    },
+    /// A `%zone` on an address that is not link-local, which the kernel
+    /// would ignore.
+    ZoneNotLinkLocal {
+        flag: &'static str,
+        value: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -310,6 +379,10 @@ impl fmt::Display for ConfigError {
             ConfigError::AdminZone { value } => write!(
                 f,
                 "--admin: '{value}' is link-local: it needs an interface of this host after a % ([fe80::1%eth0]:9100)"
+            ),
+            ConfigError::ZoneNotLinkLocal { flag, value } => write!(
+                f,
+                "{flag}: '{value}' is not link-local (fe80::/10): only such an address takes a %interface; drop it"
             ),
         }
     }
@@ -451,6 +524,14 @@ const MAX_HEALTH_PATH: usize = 2048;
 fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
     let err = || ConfigError::AdminAddress { value: s.to_string() };
     let zone = || ConfigError::AdminZone { value: s.to_string() };
+    if let Some((address, _)) = s.split_once('%')
+        && address
+            .strip_prefix('[')
+            .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+            .is_some_and(|a| !a.is_unicast_link_local())
+    {
+        return Err(ConfigError::ZoneNotLinkLocal { flag: "--admin", value: s.to_string() });
+    }
     // A link-local address's interface by name too, as --bind takes it.
     if let Some((address, rest)) = s.split_once('%')
         && let Some((name, port)) = rest.split_once(']')
@@ -516,6 +597,9 @@ fn parse_bind_address(s: &str, port: u16) -> Result<SocketAddr, ConfigError> {
     };
     // So do zones.
     let ip = address.parse::<std::net::Ipv6Addr>().map_err(|_| format())?;
+    if !ip.is_unicast_link_local() {
+        return Err(ConfigError::ZoneNotLinkLocal { flag: "--bind", value: s.to_string() });
+    }
     let scope_id = interface_index(zone).ok_or_else(|| ConfigError::BindInterface { value: s.to_string() })?;
     Ok(SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope_id)))
 }
@@ -642,8 +726,11 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
     let host = match host.strip_prefix('[') {
         Some(inner) => {
             let inner = inner.strip_suffix(']').ok_or_else(format)?;
-            let address = inner.split_once('%').map_or(inner, |(a, _zone)| a);
-            address.parse::<std::net::Ipv6Addr>().map_err(|_| format())?;
+            let (address, zone) = inner.split_once('%').map_or((inner, None), |(a, zone)| (a, Some(zone)));
+            let ip = address.parse::<std::net::Ipv6Addr>().map_err(|_| format())?;
+            if zone.is_some() && !ip.is_unicast_link_local() {
+                return Err(ConfigError::ZoneNotLinkLocal { flag: "--backends", value: s.to_string() });
+            }
             inner
         }
         None if host.is_empty() || host.contains([':', '[', ']']) => return Err(format()),
@@ -1033,8 +1120,9 @@ mod tests {
         refused("--admin", &["[fe80::1]:9100", "[fe80::1%no-such-interface]:9100", "[fe80::1%99999]:9100"], |value| {
             ConfigError::AdminZone { value }
         });
-        // Not link-local: not a zone problem.
-        refused("--admin", &["[::1%nosuch]:9100", "[%]:1"], |value| ConfigError::AdminAddress { value });
+        refused("--admin", &["[%]:1"], |value| ConfigError::AdminAddress { value });
+        // Not link-local: no zone at all.
+        refused("--admin", &["[::1%nosuch]:9100"], |value| ConfigError::ZoneNotLinkLocal { flag: "--admin", value });
     }
 
     #[test]
@@ -1064,11 +1152,28 @@ mod tests {
 
     #[test]
     fn a_backend_ipv4_address_written_short_or_in_octal_or_hex_is_refused_not_resolved() {
-        let values = ["10.0.1:80", "127.1:80", "2130706433:80", "0x7f.1:80", "010.0.0.1:80", "1.2.3.4.5:80", "1.2.3.:80"];
+        let values =
+            ["10.0.1:80", "127.1:80", "2130706433:80", "0x7f.1:80", "010.0.0.1:80", "1.2.3.4.5:80", "1.2.3.:80"];
         refused("-b", &values, |value| ConfigError::BackendPartialIpv4 { value });
         for host in ["localhost", "example.com", "x.0x7g", "db1.internal", "1a.example"] {
             assert!(!is_partial_ipv4(host), "{host} is a host name");
         }
+    }
+
+    #[test]
+    fn a_zone_is_refused_on_an_address_that_is_not_link_local() {
+        refused("--bind", &["2001:db8::1%lo", "[::1%1]"], |value| ConfigError::ZoneNotLinkLocal {
+            flag: "--bind",
+            value,
+        });
+        refused("-b", &["[2001:db8::1%lo]:80", "[::1%1]:80"], |value| ConfigError::ZoneNotLinkLocal {
+            flag: "--backends",
+            value,
+        });
+        refused("--admin", &["[::1%lo]:9100", "[2001:db8::1%1]:9100"], |value| ConfigError::ZoneNotLinkLocal {
+            flag: "--admin",
+            value,
+        });
     }
 
     #[test]

@@ -397,7 +397,14 @@ impl Config {
         // Surrounding blanks are trimmed from every value, as from numbers.
         let listen = parse_bind(args.bind.trim(), port)?;
         let max_connections = match &args.max_connections {
-            Some(m) => parse_count("--max-connections", m, 1)?,
+            Some(m) => match parse_count("--max-connections", m, 1) {
+                Ok(n) if n <= MAX_CONNECTIONS => n,
+                Ok(_) | Err(ConfigError::NumberRange { .. }) => {
+                    let (flag, value) = ("--max-connections", m.to_string());
+                    return Err(ConfigError::NumberRange { flag, value, max: MAX_CONNECTIONS });
+                }
+                Err(e) => return Err(e),
+            },
             None => DEFAULT_MAX_CONNECTIONS,
         };
         let buffer_size = parse_bounded("--buffer-size", &args.buffer_size, 1, 1 << 30, "a size from 1 byte to 1 GiB")?;
@@ -658,6 +665,12 @@ pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
 
 /// `--max-connections` when not given.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+
+/// Most connections `--max-connections` takes: each holds two descriptors,
+/// and Linux lets a process open at most 2,147,483,584 (the ceiling of
+/// fs.nr_open). A larger cap could never be reached, only overflow the
+/// arithmetic that sizes the descriptor budget.
+pub const MAX_CONNECTIONS: usize = 2_147_483_584 / 2;
 
 /// Shortest period between health-check rounds or stats reports: a
 /// shorter one would keep its thread busy doing nothing else.
@@ -1212,11 +1225,12 @@ mod tests {
 
     #[test]
     fn a_count_too_large_for_any_number_is_out_of_range_not_a_non_number() {
-        let e = Config::from_args(&args(&["--max-connections", "99999999999999999999"])).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            format!("--max-connections: '99999999999999999999' is out of range: at most {}", usize::MAX)
-        );
+        for value in ["99999999999999999999", "18446744073709551615", "1073741793"] {
+            let e = Config::from_args(&args(&["--max-connections", value])).unwrap_err();
+            assert_eq!(e.to_string(), format!("--max-connections: '{value}' is out of range: at most 1073741792"));
+        }
+        let c = Config::from_args(&args(&["--max-connections", "1073741792"])).expect("the most Linux allows");
+        assert_eq!(c.max_connections, MAX_CONNECTIONS);
         // A flag with a range of its own states it.
         let e = Config::from_args(&args(&["--workers", "99999999999999999999"])).unwrap_err();
         assert_eq!(e.to_string(), "--workers: '99999999999999999999' is not a whole number from 1 to 1024");

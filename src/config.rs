@@ -531,11 +531,9 @@ const MAX_HEALTH_PATH: usize = 2048;
 fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
     let err = || ConfigError::AdminAddress { value: s.to_string() };
     let zone = || ConfigError::AdminZone { value: s.to_string() };
-    if let Some((address, _)) = s.split_once('%')
-        && address
-            .strip_prefix('[')
-            .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
-            .is_some_and(|a| !a.is_unicast_link_local())
+    if let Some((address, rest)) = s.split_once('%')
+        && rest.contains("]:")
+        && address.strip_prefix('[').and_then(|a| a.parse::<std::net::Ipv6Addr>().ok()).is_some_and(takes_no_zone)
     {
         return Err(ConfigError::ZoneNotLinkLocal { flag: "--admin", value: s.to_string() });
     }
@@ -604,7 +602,7 @@ fn parse_bind_address(s: &str, port: u16) -> Result<SocketAddr, ConfigError> {
     };
     // So do zones.
     let ip = address.parse::<std::net::Ipv6Addr>().map_err(|_| format())?;
-    if !ip.is_unicast_link_local() {
+    if takes_no_zone(ip) {
         return Err(ConfigError::ZoneNotLinkLocal { flag: "--bind", value: s.to_string() });
     }
     let scope_id = interface_index(zone).ok_or_else(|| ConfigError::BindInterface { value: s.to_string() })?;
@@ -741,12 +739,18 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
             let inner = inner.strip_suffix(']').ok_or_else(format)?;
             let (address, zone) = inner.split_once('%').map_or((inner, None), |(a, zone)| (a, Some(zone)));
             let ip = address.parse::<std::net::Ipv6Addr>().map_err(|_| format())?;
-            if zone.is_some() && !ip.is_unicast_link_local() {
+            if zone.is_some() && takes_no_zone(ip) {
                 return Err(ConfigError::ZoneNotLinkLocal { flag: "--backends", value: s.to_string() });
             }
             inner
         }
         None if host.is_empty() || host.contains([':', '[', ']']) => return Err(format()),
+        // The resolver would take it as inet_aton(3) does: `10.0.1` as
+        // 10.0.0.1, `010.0.0.1` (octal) as 8.0.0.1, `2130706433` as
+        // 127.0.0.1. A typo must not connect somewhere else.
+        None if is_partial_ipv4(host) && host.parse::<IpAddr>().is_err() => {
+            return Err(ConfigError::BackendPartialIpv4 { value: s.to_string() });
+        }
         None => host,
     };
     let port = port
@@ -756,11 +760,6 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
         .ok_or_else(|| ConfigError::BackendPort { value: s.to_string() })?;
     let addr = if let Ok(ip) = host.parse::<IpAddr>() {
         SocketAddr::new(ip, port)
-    } else if is_partial_ipv4(host) {
-        // The resolver would take it as inet_aton(3) does: `10.0.1` as
-        // 10.0.0.1, `010.0.0.1` (octal) as 8.0.0.1, `2130706433` as
-        // 127.0.0.1. A typo must not connect somewhere else.
-        return Err(ConfigError::BackendPartialIpv4 { value: s.to_string() });
     } else {
         (host, port)
             .to_socket_addrs()
@@ -782,16 +781,22 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
     Ok(BackendSpec { name: hostport.to_string(), addr, weight })
 }
 
-/// Whether `host`, not an IP literal, ends in a number: no host name does
-/// (a top-level domain is never numeric), so it is an IPv4 address
-/// written short, in octal or hex, or mistyped.
+/// Whether `host` (outside brackets) ends in a number: no host name does
+/// (a top-level domain is never numeric), so unless it is a plain IPv4
+/// address it is one written short, in octal or hex, or mistyped.
 fn is_partial_ipv4(host: &str) -> bool {
     let last = host.strip_suffix('.').unwrap_or(host).rsplit('.').next().unwrap_or_default();
-    let hex = last.strip_prefix("0x").or_else(|| last.strip_prefix("0X"));
-    match hex {
-        Some(digits) => digits.chars().all(|c| c.is_ascii_hexdigit()),
-        None => !last.is_empty() && last.chars().all(|c| c.is_ascii_digit()),
-    }
+    let (digits, radix) = match last.strip_prefix("0x").or_else(|| last.strip_prefix("0X")) {
+        Some(hex) => (hex, 16),
+        None => (last, 10),
+    };
+    !digits.is_empty() && digits.chars().all(|c| c.is_digit(radix))
+}
+
+/// Whether the kernel ignores a zone on `ip`: it heeds one on link-local
+/// addresses alone. (Multicast is refused anyway, as such.)
+fn takes_no_zone(ip: std::net::Ipv6Addr) -> bool {
+    !ip.is_unicast_link_local() && !ip.is_multicast()
 }
 
 /// A link-local address without an interface of this host as its zone
@@ -1168,9 +1173,12 @@ mod tests {
         let values =
             ["10.0.1:80", "127.1:80", "2130706433:80", "0x7f.1:80", "010.0.0.1:80", "1.2.3.4.5:80", "1.2.3.:80"];
         refused("-b", &values, |value| ConfigError::BackendPartialIpv4 { value });
-        for host in ["localhost", "example.com", "x.0x7g", "db1.internal", "1a.example"] {
+        for host in ["localhost", "example.com", "x.0x7g", "db1.internal", "1a.example", "a.0x", "0x"] {
             assert!(!is_partial_ipv4(host), "{host} is a host name");
         }
+        // An interface's name may end in a number after a dot (a VLAN).
+        let e = parse_backend("[fe80::1%eth0.100]:80").expect_err("this host has no eth0.100");
+        assert!(matches!(e, ConfigError::Resolve { .. }), "{e}");
     }
 
     #[test]
@@ -1187,6 +1195,13 @@ mod tests {
             flag: "--admin",
             value,
         });
+        // Other faults first: multicast, a missing bracket.
+        refused("--bind", &["ff02::1%lo"], |value| ConfigError::BindUnusable { value, what: "a multicast address" });
+        refused("-b", &["[ff02::1%lo]:80"], |value| ConfigError::BackendUnusable {
+            value,
+            what: "a multicast address",
+        });
+        refused("--admin", &["[::1%lo"], |value| ConfigError::AdminAddress { value });
     }
 
     #[test]

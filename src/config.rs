@@ -192,6 +192,24 @@ pub struct BackendSpec {
     pub weight: u32,
 }
 
+impl BackendSpec {
+    /// As the start-up line shows it: as written, with its weight, and
+    /// the address a name resolved to. Only that first address is used,
+    /// as HAProxy does, and it is worth seeing: a `localhost` that
+    /// resolves to ::1 first never reaches a backend on 127.0.0.1.
+    pub fn describe(&self) -> String {
+        let mut s = self.name.clone();
+        if self.weight != 1 {
+            s.push_str(&format!("@{}", self.weight));
+        }
+        let addr = self.addr.to_string();
+        if addr != self.name {
+            s.push_str(&format!(" ({addr})"));
+        }
+        s
+    }
+}
+
 /// One variant per way a command line can be wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
@@ -1202,6 +1220,14 @@ mod tests {
             what: "a multicast address",
         });
         refused("--admin", &["[::1%lo"], |value| ConfigError::AdminAddress { value });
+    }
+
+    #[test]
+    fn a_backend_named_by_host_shows_the_address_it_resolved_to() {
+        let c = Config::from_args(&args(&["-b", "localhost:80@3", "127.0.0.1:81", "[::1]:82"])).expect("valid");
+        let shown: Vec<String> = c.backends.iter().map(BackendSpec::describe).collect();
+        let localhost = c.backends[0].addr;
+        assert_eq!(shown, [format!("localhost:80@3 ({localhost})"), "127.0.0.1:81".into(), "[::1]:82".into()]);
     }
 
     #[test]

@@ -260,12 +260,7 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
         "listening on {bound} with {} worker{}; backends: {}; max connections {}",
         config.workers,
         if config.workers == 1 { "" } else { "s" },
-        config
-            .backends
-            .iter()
-            .map(|b| if b.weight == 1 { b.name.clone() } else { format!("{}@{}", b.name, b.weight) })
-            .collect::<Vec<_>>()
-            .join(", "),
+        config.backends.iter().map(config::BackendSpec::describe).collect::<Vec<_>>().join(", "),
         config.max_connections,
     );
 

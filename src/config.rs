@@ -213,100 +213,32 @@ impl BackendSpec {
 /// One variant per way a command line can be wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
-    Port {
-        value: String,
-    },
-    BindAddress {
-        value: String,
-    },
-    BindInterface {
-        value: String,
-    },
-    BindZoneMissing {
-        value: String,
-    },
-    BindUnusable {
-        value: String,
-        what: &'static str,
-    },
-    BackendFormat {
-        value: String,
-    },
-    BackendPort {
-        value: String,
-    },
-    BackendWeight {
-        value: String,
-    },
-    BackendDuplicate {
-        value: String,
-        first: String,
-        addr: SocketAddr,
-    },
-    BackendUnusable {
-        value: String,
-        what: &'static str,
-    },
-    BackendZoneMissing {
-        value: String,
-    },
-    BackendPartialIpv4 {
-        value: String,
-    },
-    Resolve {
-        value: String,
-        reason: String,
-    },
-    Number {
-        flag: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-    NumberRange {
-        flag: &'static str,
-        value: String,
-        max: usize,
-    },
-    Seconds {
-        flag: &'static str,
-        value: String,
-    },
-    SecondsRange {
-        flag: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-    Splice {
-        value: String,
-    },
-    PipesWithoutSplice {
-        value: String,
-    },
-    HealthUrl {
-        value: String,
-    },
-    HealthUrlLength {
-        length: usize,
-    },
-    AdminAddress {
-        value: String,
-    },
-    AdminZone {
-        value: String,
-    },
-    AdminUnusable {
-        value: String,
-        what: &'static str,
-    },
-    BackendInterface {
-        value: String,
-    },
-    /// A `%zone` on an address that is not link-local, which the kernel
-    /// would ignore.
-    ZoneNotLinkLocal {
-        flag: &'static str,
-        value: String,
-    },
+    Port { value: String },
+    BindAddress { value: String },
+    BindInterface { value: String },
+    BindZoneMissing { value: String },
+    BindUnusable { value: String, what: &'static str },
+    BackendFormat { value: String },
+    BackendPort { value: String },
+    BackendWeight { value: String },
+    BackendDuplicate { value: String, first: String, addr: SocketAddr },
+    BackendUnusable { value: String, what: &'static str },
+    BackendZoneMissing { value: String },
+    BackendPartialIpv4 { value: String },
+    Resolve { value: String, reason: String },
+    Number { flag: &'static str, value: String, expected: &'static str },
+    NumberRange { flag: &'static str, value: String, max: usize },
+    Seconds { flag: &'static str, value: String },
+    SecondsRange { flag: &'static str, value: String, expected: &'static str },
+    Splice { value: String },
+    PipesWithoutSplice { value: String },
+    HealthUrl { value: String },
+    HealthUrlLength { length: usize },
+    AdminAddress { value: String },
+    AdminZone { value: String },
+    AdminUnusable { value: String, what: &'static str },
+    BackendInterface { value: String },
+    ZoneNotLinkLocal { flag: &'static str, value: String },
 }
 
 impl fmt::Display for ConfigError {

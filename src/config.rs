@@ -166,6 +166,9 @@ pub struct Config {
     pub stats_period: Option<Duration>,
     /// Where the admin endpoint listens, if anywhere.
     pub admin: Option<SocketAddr>,
+    /// Warnings for the start-up log: the command line is valid, but
+    /// perhaps not what was meant.
+    pub notes: Vec<String>,
 }
 
 /// How backends are checked, actively and passively.
@@ -399,7 +402,13 @@ impl Config {
             d => at_least_min_period("--stats-period", &args.stats_period, d)?,
         };
         let admin = args.admin.as_deref().map(|a| parse_admin(a.trim())).transpose()?;
-        let backends = args.backends.iter().map(|b| parse_backend(b.trim())).collect::<Result<Vec<_>, _>>()?;
+        let mut notes = Vec::new();
+        let mut backends = Vec::with_capacity(args.backends.len());
+        for b in &args.backends {
+            let (spec, found) = resolve_backend(b.trim())?;
+            notes.extend(several_addresses(&spec, found));
+            backends.push(spec);
+        }
         // A backend listed twice would get twice its share and, under one
         // name, duplicate series on /metrics that Prometheus rejects.
         for (i, b) in backends.iter().enumerate() {
@@ -430,6 +439,7 @@ impl Config {
             health,
             stats_period: (!stats_period.is_zero()).then_some(stats_period),
             admin,
+            notes,
         })
     }
 }
@@ -666,6 +676,23 @@ fn at_least_min_period(flag: &'static str, s: &str, d: Duration) -> Result<Durat
 
 /// `host:port` or `host:port@weight`; IPv6 literals go in brackets.
 pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
+    resolve_backend(s).map(|(spec, _)| spec)
+}
+
+/// The note for a backend whose name resolved to `found` addresses, when
+/// that is more than the one lb uses.
+fn several_addresses(spec: &BackendSpec, found: usize) -> Option<String> {
+    (found > 1).then(|| {
+        format!(
+            "backend {} resolves to {found} addresses; lb connects to the first, {}, alone (as HAProxy does): \
+             give an address to choose another",
+            spec.name, spec.addr
+        )
+    })
+}
+
+/// [`parse_backend`], and how many addresses its host resolved to.
+fn resolve_backend(s: &str) -> Result<(BackendSpec, usize), ConfigError> {
     let (hostport, weight) = match s.rsplit_once('@') {
         Some((hp, w)) => {
             let weight = w
@@ -708,14 +735,16 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| ConfigError::BackendPort { value: s.to_string() })?;
-    let addr = if let Ok(ip) = host.parse::<IpAddr>() {
-        SocketAddr::new(ip, port)
+    let (addr, found) = if let Ok(ip) = host.parse::<IpAddr>() {
+        (SocketAddr::new(ip, port), 1)
     } else {
-        (host, port)
+        let mut all = (host, port)
             .to_socket_addrs()
-            .map_err(|e| ConfigError::Resolve { value: s.to_string(), reason: e.to_string() })?
+            .map_err(|e| ConfigError::Resolve { value: s.to_string(), reason: e.to_string() })?;
+        let first = all
             .next()
-            .ok_or_else(|| ConfigError::Resolve { value: s.to_string(), reason: "no addresses found".to_string() })?
+            .ok_or_else(|| ConfigError::Resolve { value: s.to_string(), reason: "no addresses found".to_string() })?;
+        (first, 1 + all.count())
     };
     if let Some(what) = unusable(addr.ip()) {
         return Err(ConfigError::BackendUnusable { value: s.to_string(), what });
@@ -728,7 +757,7 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, ConfigError> {
             _ => ConfigError::BackendZoneMissing { value: s.to_string() },
         });
     }
-    Ok(BackendSpec { name: hostport.to_string(), addr, weight })
+    Ok((BackendSpec { name: hostport.to_string(), addr, weight }, found))
 }
 
 /// Whether `host` (outside brackets) ends in a number: no host name does
@@ -1160,6 +1189,16 @@ mod tests {
         let shown: Vec<String> = c.backends.iter().map(BackendSpec::describe).collect();
         let localhost = c.backends[0].addr;
         assert_eq!(shown, [format!("localhost:80@3 ({localhost})"), "127.0.0.1:81".into(), "[::1]:82".into()]);
+    }
+
+    #[test]
+    fn a_backend_name_with_several_addresses_is_noted_with_the_one_used() {
+        let spec = BackendSpec { name: "db:5432".into(), addr: "[::1]:5432".parse().unwrap(), weight: 1 };
+        assert_eq!(several_addresses(&spec, 1), None);
+        let note = several_addresses(&spec, 2).expect("two addresses");
+        assert!(note.starts_with("backend db:5432 resolves to 2 addresses; lb connects to the first, [::1]:5432,"));
+        let c = Config::from_args(&args(&["-b", "127.0.0.1:80", "[::1]:81"])).expect("valid");
+        assert!(c.notes.is_empty(), "addresses resolve to themselves: {:?}", c.notes);
     }
 
     #[test]

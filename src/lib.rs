@@ -247,6 +247,9 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     if let Some(note) = fd_note {
         warn!("{note}");
     }
+    for note in &config.notes {
+        warn!("{note}");
+    }
     match config.splice {
         config::SpliceMode::Never => info!("splice: never (every byte is copied)"),
         mode => info!(

@@ -492,22 +492,19 @@ fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
     let err = || ConfigError::AdminAddress { value: s.to_string() };
     let zone = || ConfigError::AdminZone { value: s.to_string() };
     if let Some((address, rest)) = s.split_once('%')
-        && rest.contains("]:")
-        && address.strip_prefix('[').and_then(|a| a.parse::<std::net::Ipv6Addr>().ok()).is_some_and(takes_no_zone)
+        && let Some(ip) = address.strip_prefix('[').and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
     {
-        return Err(ConfigError::ZoneNotLinkLocal { flag: "--admin", value: s.to_string() });
-    }
-    // A link-local address's interface by name too, as --bind takes it.
-    if let Some((address, rest)) = s.split_once('%')
-        && let Some((name, port)) = rest.split_once(']')
-        && name.parse::<u32>().is_err()
-        && address
-            .strip_prefix('[')
-            .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
-            .is_some_and(|a| a.is_unicast_link_local())
-    {
-        let index = interface_index(name).ok_or_else(zone)?;
-        return format!("{address}%{index}]{port}").parse::<SocketAddr>().map_err(|_| err());
+        if takes_no_zone(ip) && rest.contains("]:") {
+            return Err(ConfigError::ZoneNotLinkLocal { flag: "--admin", value: s.to_string() });
+        }
+        // A link-local address's interface by name too, as --bind takes it.
+        if let Some((name, port)) = rest.split_once(']')
+            && name.parse::<u32>().is_err()
+            && ip.is_unicast_link_local()
+        {
+            let index = interface_index(name).ok_or_else(zone)?;
+            return format!("{address}%{index}]{port}").parse::<SocketAddr>().map_err(|_| err());
+        }
     }
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return match addr {

@@ -127,6 +127,23 @@ pub struct Args {
     /// at most two per connection; only 0 goes with --splice never).
     #[arg(long = "max-pipes")]
     pub max_pipes: Option<String>,
+
+    /// Send each new client to the worker holding the fewest, by an eBPF
+    /// program the kernel runs per connection: auto (when lb may load it:
+    /// root or CAP_BPF), always (or exit) or never (the kernel's hash).
+    #[arg(long = "steer", default_value = "auto")]
+    pub steer: String,
+}
+
+/// How new clients are spread over the workers' listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteerMode {
+    /// To the least-loaded worker when the program loads, else by hash.
+    Auto,
+    /// To the least-loaded worker; failing to load the program is an error.
+    Always,
+    /// By the kernel's hash of each client's address and port.
+    Never,
 }
 
 /// When a direction moves bytes with splice(2) instead of a user-space copy.
@@ -158,6 +175,7 @@ pub struct Config {
     pub retries: u32,
     pub drain_timeout: Duration,
     pub splice: SpliceMode,
+    pub steer: SteerMode,
     /// Pipes open at once across all workers (0 = none, so splice always
     /// falls back to copying).
     pub max_pipes: usize,
@@ -234,6 +252,7 @@ pub enum ConfigError {
     Seconds { flag: &'static str, value: String },
     SecondsRange { flag: &'static str, value: String, expected: &'static str },
     Splice { value: String },
+    Steer { value: String },
     PipesWithoutSplice { value: String },
     HealthUrl { value: String },
     HealthUrlLength { length: usize },
@@ -305,6 +324,7 @@ impl fmt::Display for ConfigError {
             ConfigError::Splice { value } => {
                 write!(f, "--splice: '{value}' is not one of auto, always, never")
             }
+            ConfigError::Steer { value } => write!(f, "--steer: '{value}' is not one of auto, always, never"),
             ConfigError::PipesWithoutSplice { value } => {
                 write!(f, "--max-pipes: '{value}' pipes would never be used with --splice never (drop one of the two)")
             }
@@ -376,6 +396,12 @@ impl Config {
             "never" => SpliceMode::Never,
             _ => return Err(ConfigError::Splice { value: args.splice.clone() }),
         };
+        let steer = match args.steer.trim() {
+            "auto" => SteerMode::Auto,
+            "always" => SteerMode::Always,
+            "never" => SteerMode::Never,
+            _ => return Err(ConfigError::Steer { value: args.steer.clone() }),
+        };
         // HAProxy's default ratio: bulk flows are a minority of connections.
         // No connection holds more than two (one per direction): more
         // could never be used, and would take descriptors from connections
@@ -435,6 +461,7 @@ impl Config {
             retries: retries as u32,
             drain_timeout,
             splice,
+            steer,
             max_pipes,
             health,
             stats_period: (!stats_period.is_zero()).then_some(stats_period),
@@ -823,6 +850,7 @@ mod tests {
         assert_eq!(c.retries, 2);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.splice, SpliceMode::Auto);
+        assert_eq!(c.steer, SteerMode::Auto);
         assert_eq!(c.max_pipes, 250);
         assert_eq!(
             c.health,
@@ -890,6 +918,15 @@ mod tests {
         assert!(!c.fit_to_fd_limit, "a cap the operator gave is kept");
         assert_eq!(c.splice, SpliceMode::Always);
         assert_eq!(c.max_pipes, 10, "defaults to a quarter of --max-connections");
+    }
+
+    #[test]
+    fn steer_modes_are_parsed() {
+        for (value, mode) in [("auto", SteerMode::Auto), ("always", SteerMode::Always), ("never", SteerMode::Never)] {
+            assert_eq!(Config::from_args(&args(&["--steer", value])).unwrap().steer, mode);
+        }
+        let e = Config::from_args(&args(&["--steer", "hash"])).unwrap_err();
+        assert_eq!(e.to_string(), "--steer: 'hash' is not one of auto, always, never");
     }
 
     #[test]
@@ -973,6 +1010,7 @@ mod tests {
             (&["--bind", "not-an-ip"], "--bind"),
             (&["--splice", "sometimes"], "--splice"),
             (&["--splice", ""], "--splice"),
+            (&["--steer", "least"], "--steer"),
             (&["--max-pipes", "-1"], "--max-pipes"),
             (&["--max-pipes", "many"], "--max-pipes"),
             (&["--health-check-period", "0"], "--health-check-period"),

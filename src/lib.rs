@@ -27,12 +27,13 @@ pub mod shared;
 pub mod signals;
 pub mod splice;
 pub mod stats;
+pub mod steer;
 pub mod systemd;
 pub mod worker;
 
 use std::fmt;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
@@ -59,6 +60,8 @@ pub enum RunError {
     Spawn(io::Error),
     Stats(io::Error),
     Health(io::Error),
+    /// `--steer always`, and the steering program cannot be loaded.
+    Steer(io::Error),
     /// The descriptor limit leaves no room for a single connection.
     FdLimit {
         limit: u64,
@@ -108,6 +111,10 @@ impl fmt::Display for RunError {
             RunError::Spawn(e) => write!(f, "cannot start a worker thread: {e}"),
             RunError::Stats(e) => write!(f, "cannot start the stats reporter thread: {e}"),
             RunError::Health(e) => write!(f, "cannot start health checks: {e}"),
+            RunError::Steer(e) => write!(
+                f,
+                "--steer always: cannot load the eBPF program that steers clients to workers: {e} (it needs root or CAP_BPF)"
+            ),
             RunError::FdLimit { limit, needed } => write!(
                 f,
                 "the descriptor limit ({limit}) leaves no room for a connection; raise it (ulimit -n, LimitNOFILE=) to {needed} or more"
@@ -197,8 +204,9 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
         wakers.push(Waker::new(poll.registry(), WAKER).map_err(RunError::Poll)?);
         polls.push(poll);
     }
+    let (steering, steer_note) = steer_workers(&config, &per_worker, inherited_count)?;
     let backends = backend::table(&config.backends);
-    let shared = Arc::new(Shared::new(backends, config.max_connections, wakers));
+    let shared = Arc::new(Shared::new(backends, config.max_connections, wakers).steered_by(steering));
 
     let (tx, rx) = mpsc::channel::<Event>();
     signals::forward(tx.clone()).map_err(RunError::Signals)?;
@@ -237,6 +245,9 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     }
     // May warn about an unusable NOTIFY_SOCKET.
     let notifier = systemd::Notifier::from_env();
+    if let Some(note) = steer_note {
+        info!("{note}");
+    }
     if let Some(actual) = admin_addr {
         info!("admin endpoint on http://{actual} (/metrics, /stats, /health)");
     }
@@ -279,6 +290,32 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
         return Err(RunError::Workers { failed, of: config.workers });
     }
     Ok(())
+}
+
+/// Loads the program that sends each new client to the least-loaded
+/// worker, as `--steer` asks. Returns it, if loaded, and the line to log
+/// once serving. Sockets passed by systemd need none: each worker has a
+/// copy of the same socket, so they share its one queue already; and one
+/// worker has nothing to choose between.
+fn steer_workers(
+    config: &Config,
+    per_worker: &[Vec<std::net::TcpListener>],
+    inherited: usize,
+) -> Result<(Option<steer::Steering>, Option<String>), RunError> {
+    if config.steer == config::SteerMode::Never || inherited > 0 || per_worker.len() < 2 {
+        return Ok((None, None));
+    }
+    let fds: Vec<_> = per_worker.iter().filter_map(|ls| ls.first()).map(AsRawFd::as_raw_fd).collect();
+    match steer::Steering::attach(&fds) {
+        Ok(s) => Ok((Some(s), Some("steering: each new client goes to the worker holding the fewest".to_string()))),
+        Err(e) if config.steer == config::SteerMode::Always => Err(RunError::Steer(e)),
+        Err(e) => Ok((
+            None,
+            Some(format!(
+                "steering: cannot load the eBPF program ({e}); new clients go to workers by the kernel's hash (it needs root or CAP_BPF; --steer never skips it)"
+            )),
+        )),
+    }
 }
 
 /// The name of the first backend that is lb's own socket `listen`.

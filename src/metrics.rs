@@ -167,6 +167,17 @@ pub fn render_prometheus(s: &Snapshot) -> String {
     );
     let _ = writeln!(out, "lb_splice_fallbacks_total{{reason=\"no_pipe\"}} {}", r.pipes_exhausted);
     let _ = writeln!(out, "lb_splice_fallbacks_total{{reason=\"unsupported\"}} {}", r.splice_unsupported);
+    if !s.worker_loads.is_empty() {
+        family(
+            &mut out,
+            "lb_worker_load",
+            "gauge",
+            "Clients each worker holds or has in its listen queue, as --steer counts them to pick the worker for the next.",
+        );
+        for (i, load) in s.worker_loads.iter().enumerate() {
+            let _ = writeln!(out, "lb_worker_load{{worker=\"{i}\"}} {load}");
+        }
+    }
 
     per_backend(
         &mut out,
@@ -292,7 +303,7 @@ pub fn render_json(s: &Snapshot) -> String {
 \"no_backend\":{},\"gave_up\":{},\"descriptor_wait_timeouts\":{},\"idle_closed\":{}}},\"accept_errors\":{},\"buffer_pool_exhausted\":{},\
 \"relay\":{{\"spliced_bytes\":{},\"copied_bytes\":{},\"buffers_in_use\":{},\"buffers_allocated\":{},\
 \"pipes_in_use\":{},\"pipes_open\":{},\
-\"splice_fallbacks\":{{\"no_pipe\":{},\"unsupported\":{}}}}},\"backends\":[",
+\"splice_fallbacks\":{{\"no_pipe\":{},\"unsupported\":{}}}}},\"worker_loads\":[",
         s.draining,
         s.active,
         s.max_connections,
@@ -313,6 +324,10 @@ pub fn render_json(s: &Snapshot) -> String {
         s.relay.pipes_exhausted,
         s.relay.splice_unsupported,
     );
+    for (i, load) in s.worker_loads.iter().enumerate() {
+        let _ = write!(out, "{}{load}", if i > 0 { "," } else { "" });
+    }
+    out.push_str("],\"backends\":[");
     for (i, b) in s.backends.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -401,6 +416,16 @@ mod tests {
     }
 
     #[test]
+    fn worker_loads_are_exposed_only_while_steering() {
+        let mut s = sample_snapshot();
+        let text = render_prometheus(&s);
+        assert!(text.contains("\nlb_worker_load{worker=\"0\"} 3\nlb_worker_load{worker=\"1\"} 4\n"), "{text}");
+        s.worker_loads.clear();
+        assert!(!render_prometheus(&s).contains("lb_worker_load"));
+        assert!(render_json(&s).contains("\"worker_loads\":[],\"backends\""));
+    }
+
+    #[test]
     fn relay_methods_buffers_pipes_and_fallbacks_are_exposed() {
         let text = render_prometheus(&sample_snapshot());
         for line in [
@@ -420,7 +445,7 @@ mod tests {
             json.contains(
                 "\"relay\":{\"spliced_bytes\":7000000,\"copied_bytes\":21000,\"buffers_in_use\":2,\"buffers_allocated\":12,\
 \"pipes_in_use\":3,\"pipes_open\":6,\
-\"splice_fallbacks\":{\"no_pipe\":9,\"unsupported\":1}},\"backends\":["
+\"splice_fallbacks\":{\"no_pipe\":9,\"unsupported\":1}},\"worker_loads\":[3,4],\"backends\":["
             ),
             "{json}"
         );

@@ -27,6 +27,9 @@ pub struct Shared {
     pub backends: Vec<Backend>,
     pub counters: Counters,
     pub workers: Vec<WorkerControl>,
+    /// The table that steers new clients to the least-loaded worker, when
+    /// the kernel let lb load the program.
+    pub steering: Option<crate::steer::Steering>,
     max_connections: usize,
     active_clients: AtomicUsize,
     /// Clients waiting in any worker for a descriptor for their backend
@@ -49,12 +52,18 @@ impl Shared {
                     held_for_parked: AtomicBool::new(false),
                 })
                 .collect(),
+            steering: None,
             max_connections,
             active_clients: AtomicUsize::new(0),
             parked_clients: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
         }
+    }
+
+    pub fn steered_by(mut self, steering: Option<crate::steer::Steering>) -> Shared {
+        self.steering = steering;
+        self
     }
 
     pub fn max_connections(&self) -> usize {

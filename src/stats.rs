@@ -178,6 +178,9 @@ pub struct Snapshot {
     pub accept_errors: u64,
     pub idle_closed: u64,
     pub relay: RelaySnapshot,
+    /// Each worker's clients, held and queued, as the steering program
+    /// counts them; empty when the kernel's hash spreads clients.
+    pub worker_loads: Vec<i64>,
     pub backends: Vec<BackendSnapshot>,
 }
 
@@ -228,6 +231,11 @@ impl Snapshot {
                 pipes_exhausted: load(&c.pipes_exhausted),
                 splice_unsupported: load(&c.splice_unsupported),
             },
+            worker_loads: shared
+                .steering
+                .as_ref()
+                .map(|st| (0..shared.workers.len()).map(|i| st.slot(i).clients()).collect())
+                .unwrap_or_default(),
             backends: shared
                 .backends
                 .iter()
@@ -431,6 +439,7 @@ pub(crate) mod tests {
                 pipes_exhausted: 9,
                 splice_unsupported: 1,
             },
+            worker_loads: vec![3, 4],
             backends: vec![a, b],
         }
     }

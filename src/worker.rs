@@ -22,6 +22,7 @@ use crate::logging::Throttle;
 use crate::net::{IoClass, classify, is_local_port_shortage, is_resource_exhaustion, reset_on_close};
 use crate::session::{CloseReason, Cut, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
 use crate::shared::Shared;
+use crate::steer::Tracker;
 
 /// Reserved tokens sit at the top of the token space, away from sessions.
 pub const WAKER: Token = Token(usize::MAX - 1);
@@ -172,6 +173,8 @@ pub struct Worker<'a> {
     /// accept() failures (out of descriptors, most likely): one every
     /// back-off while the shortage lasts is too many.
     accept_warnings: Throttle,
+    /// This worker's load as the kernel's steering program sees it.
+    steer: Option<Tracker<'a>>,
 }
 
 impl<'a> Worker<'a> {
@@ -210,6 +213,7 @@ impl<'a> Worker<'a> {
             next_scan: Instant::now() + SCAN_INTERVAL,
             shortage_warnings: Throttle::default(),
             accept_warnings: Throttle::default(),
+            steer: shared.steering.as_ref().map(|s| Tracker::new(s.slot(id))),
         };
         w.register_listeners()?;
         w.accepting = Accepting::Active;
@@ -262,6 +266,9 @@ impl<'a> Worker<'a> {
             }
             self.run_deferred(now);
             self.check_timers(now);
+            if let Some(t) = &mut self.steer {
+                t.settle(self.sessions.len() + self.parked.len());
+            }
             if self.shared.is_stopping() {
                 break Ok(());
             }
@@ -274,6 +281,9 @@ impl<'a> Worker<'a> {
     }
 
     fn finish(&mut self) {
+        if let Some(t) = &mut self.steer {
+            t.retire(0);
+        }
         // Parked clients are connections still open too.
         let left = self.sessions.len() + self.parked.len();
         if left > 0 {
@@ -344,6 +354,9 @@ impl<'a> Worker<'a> {
         }
         // Dropping them closes the sockets: new clients are refused.
         self.listeners.clear();
+        if let Some(t) = &mut self.steer {
+            t.retire(self.sessions.len() + self.parked.len());
+        }
         self.accepting = Accepting::Closed;
         self.accept_pending = false;
     }
@@ -436,6 +449,9 @@ impl<'a> Worker<'a> {
                 match self.listeners[i].accept() {
                     Ok((stream, peer)) => {
                         self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                        if let Some(t) = &mut self.steer {
+                            t.accepted();
+                        }
                         debug!("accepted {peer}");
                         self.start_session(Unpaired::new(stream, slot, Tried::default()), now);
                         if self.accepting != Accepting::Active {
@@ -445,7 +461,12 @@ impl<'a> Worker<'a> {
                     Err(e) => {
                         drop(slot);
                         match classify(&e) {
-                            IoClass::WouldBlock => break,
+                            IoClass::WouldBlock => {
+                                if let Some(t) = &mut self.steer {
+                                    t.queue_empty(self.sessions.len() + self.parked.len());
+                                }
+                                break;
+                            }
                             // ECONNABORTED, EPROTO and friends: that client is
                             // gone, the next may not be.
                             IoClass::Interrupted | IoClass::Closed => continue,

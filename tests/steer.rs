@@ -1,0 +1,182 @@
+//! How lb spreads new clients over its workers (`--steer`): with the
+//! eBPF program loaded, each client goes to the worker holding the fewest,
+//! as `/metrics` shows; without the privilege to load it, `auto` falls
+//! back to the kernel's hash and `always` refuses to start.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::admin::{admin_addr, scrape};
+use common::*;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// One small message through the echo backend on a held connection.
+fn echo_on(c: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    c.write_all(data).expect("send");
+    let mut back = vec![0; data.len()];
+    c.read_exact(&mut back).expect("echo");
+    back
+}
+
+/// Each worker's load as lb's /metrics gives it.
+fn loads(admin: std::net::SocketAddr, workers: usize) -> Vec<i64> {
+    let e = scrape(admin);
+    (0..workers).map(|i| e.value("lb_worker_load", &[("worker", &i.to_string())]) as i64).collect()
+}
+
+#[test]
+fn each_new_client_goes_to_the_worker_holding_the_fewest() {
+    if !is_root() {
+        eprintln!("skipped: loading the steering program needs root or CAP_BPF");
+        return;
+    }
+    let backend = echo_backend();
+    let lb = lb(&[backend.addr], &["--workers", "3", "--admin", "127.0.0.1:0", "--steer", "always"]);
+    let admin = admin_addr(&lb);
+    assert_eq!(loads(admin, 3), [0, 0, 0]);
+
+    // Clients held open, with the worker each went to: the one whose load
+    // rose. They take turns, so the loads never drift more than one apart.
+    let mut held: Vec<(usize, TcpStream)> = Vec::new();
+    for k in 0..12u64 {
+        let before = loads(admin, 3);
+        let mut c = connect(lb.addr);
+        assert_eq!(echo_on(&mut c, &k.to_be_bytes()), k.to_be_bytes());
+        let after = loads(admin, 3);
+        let rose: Vec<usize> = (0..3).filter(|&i| after[i] == before[i] + 1).collect();
+        assert_eq!(rose.len(), 1, "one worker took client {k}: {before:?} -> {after:?}");
+        assert_eq!(after.iter().sum::<i64>(), k as i64 + 1, "{after:?}");
+        assert!(after.iter().max().unwrap() - after.iter().min().unwrap() <= 1, "uneven after client {k}: {after:?}");
+        held.push((rose[0], c));
+    }
+
+    // Worker 1's clients leave: the next four all go there, where the
+    // hash would send each to any of the three.
+    held.retain(|(w, _)| *w != 1);
+    assert!(
+        wait_until(WAIT, || loads(admin, 3) == [4, 0, 4]),
+        "worker 1 still counts its clients: {:?}",
+        loads(admin, 3)
+    );
+    for k in 0..4u64 {
+        let mut c = connect(lb.addr);
+        assert_eq!(echo_on(&mut c, &k.to_be_bytes()), k.to_be_bytes());
+        held.push((1, c));
+    }
+    assert_eq!(loads(admin, 3), [4, 4, 4]);
+}
+
+#[test]
+fn with_steer_never_the_kernel_hash_spreads_clients_and_no_loads_are_shown() {
+    let backend = echo_backend();
+    let lb = lb(&[backend.addr], &["--admin", "127.0.0.1:0", "--steer", "never"]);
+    let mut c = connect(lb.addr);
+    assert_eq!(echo_on(&mut c, b"hello"), b"hello");
+    let text = common::admin::get(admin_addr(&lb), "/metrics").body;
+    assert!(!text.contains("lb_worker_load"), "{text}");
+    assert!(!lb.stderr_text().contains("steering"), "{}", lb.stderr_text());
+}
+
+/// lb with CAP_BPF and CAP_SYS_ADMIN out of reach (root keeps the rest).
+fn lb_without_bpf(args: &[&str]) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set", "-bpf,-sys_admin", "--inh-caps", "-bpf,-sys_admin", lb_bin()]).args(args);
+    cmd
+}
+
+#[test]
+fn steer_always_without_the_privilege_is_a_one_line_start_up_error() {
+    if !is_root() {
+        eprintln!("skipped: setpriv can drop capabilities only as root");
+        return;
+    }
+    let backend = echo_backend();
+    let b = backend.addr.to_string();
+    let (code, err) = output_within_wait(lb_without_bpf(&[
+        "-p",
+        "0",
+        "--bind",
+        "127.0.0.1",
+        "--workers",
+        "2",
+        "-b",
+        &b,
+        "--steer",
+        "always",
+    ]));
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: --steer always: cannot load the eBPF program"), "{err}");
+    assert!(err.contains("Operation not permitted") && err.contains("CAP_BPF"), "{err}");
+}
+
+#[test]
+fn steer_auto_without_the_privilege_says_so_and_serves() {
+    if !is_root() {
+        eprintln!("skipped: setpriv can drop capabilities only as root");
+        return;
+    }
+    let backend = echo_backend();
+    let b = backend.addr.to_string();
+    let lb = spawn_listening_cmd(lb_without_bpf(&["-p", "0", "--bind", "127.0.0.1", "--workers", "2", "-b", &b]));
+    let mut c = connect(lb.addr);
+    assert_eq!(echo_on(&mut c, b"hello"), b"hello");
+    let log = lb.stderr_text();
+    assert!(log.contains("steering: cannot load the eBPF program"), "{log}");
+    assert!(log.contains("kernel's hash"), "{log}");
+}
+
+#[test]
+fn cap_bpf_alone_is_enough_to_steer() {
+    if !is_root() {
+        eprintln!("skipped: setpriv can change user and capabilities only as root");
+        return;
+    }
+    // A copy that user nobody can run, wherever the checkout is.
+    let dir = std::env::temp_dir().join(format!("lb-steer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bin = dir.join("lb");
+    std::fs::copy(lb_bin(), &bin).expect("copy lb");
+    for p in [&dir, &bin] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let backend = echo_backend();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        "--inh-caps",
+        "+bpf",
+        "--ambient-caps",
+        "+bpf",
+    ])
+    .arg(&bin)
+    .args([
+        "-p",
+        "0",
+        "--bind",
+        "127.0.0.1",
+        "--workers",
+        "2",
+        "-b",
+        &backend.addr.to_string(),
+        "--steer",
+        "always",
+    ]);
+    let lb = spawn_listening_cmd(cmd);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut c = connect(lb.addr);
+    assert_eq!(echo_on(&mut c, b"hello"), b"hello");
+    assert!(lb.stderr_text().contains("steering: each new client goes to the worker holding the fewest"));
+}

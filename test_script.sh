@@ -447,6 +447,7 @@ test_limits() {
     bad_flag --connection-timeout "${l[@]}" -p 0 --connection-timeout -1
     bad_flag --workers "${l[@]}" -p 0 --workers 0
     bad_flag --buffer-size "${l[@]}" -p 0 --buffer-size 0
+    bad_flag --steer "${l[@]}" -p 0 --steer sometimes
     bad_flag --bind -p 0 -b "$A" --bind not-an-address
     bad_flag --no-such-flag "${l[@]}" -p 0 --no-such-flag
     # A port someone else holds: one line naming the address.
@@ -459,7 +460,7 @@ test_limits() {
     local port
     port=$(free_port) || fail "no free port"
     bad_flag "own listening address" --bind 127.0.0.1 -p "$port" -b "127.0.0.1:$port"
-    note "third client queued at --max-connections 2 and served after a close; 17 bad command lines rejected"
+    note "third client queued at --max-connections 2 and served after a close; 18 bad command lines rejected"
 }
 
 # stats_block FILE: prints the last complete stats block in FILE.

@@ -12,6 +12,7 @@ use std::cell::Cell;
 use std::hint::black_box;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
@@ -110,7 +111,12 @@ impl InProcess {
         let poll = Poll::new().expect("poll");
         let waker = Waker::new(poll.registry(), WAKER).expect("waker");
         let specs: Vec<BackendSpec> = backends.iter().map(|a| spec(*a, 1)).collect();
-        let shared = Arc::new(Shared::new(backend::table(&specs), 64, vec![waker]));
+        // As lb runs by default where it may load the program: the worker
+        // then also keeps its count in the steering table.
+        // SAFETY: geteuid has no preconditions.
+        let steering = (unsafe { libc::geteuid() } == 0)
+            .then(|| lb::steer::Steering::attach(&[listeners[0].as_raw_fd()]).expect("load the steering program"));
+        let shared = Arc::new(Shared::new(backend::table(&specs), 64, vec![waker]).steered_by(steering));
         let settings =
             WorkerSettings { connect_timeout: common::WAIT, idle_timeout: None, retries: 1, fall: 0, splice };
         let s = Arc::clone(&shared);

@@ -390,6 +390,11 @@ fn spawn_workers(
                     Ok(w) => w.run().is_ok(),
                     Err(e) => {
                         error!("worker {id} could not start: {e}");
+                        // Its listener is closed: keep the steering program
+                        // from choosing it.
+                        if let Some(s) = &shared.steering {
+                            steer::Tracker::new(s.slot(id)).retire(0);
+                        }
                         false
                     }
                 };

@@ -5,8 +5,12 @@
 //! the worker holding the fewest clients, queued ones included. The
 //! workers keep their counts in a table shared with the program (an
 //! mmap'ed BPF array), so publishing a count is a plain store, never a
-//! syscall. Loading the program needs `CAP_BPF` (or root); without it lb
-//! keeps the kernel's hash.
+//! syscall. The program counts each SYN it steers; a worker takes its
+//! closed clients off and, whenever accept() finds its queue empty (which
+//! it checks at least once a second), resets its load to the clients it
+//! holds, so a handshake that never completed is not counted for long.
+//! Loading the program needs `CAP_BPF` (or root); without it lb keeps the
+//! kernel's hash.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -131,6 +135,7 @@ impl Steering {
         let value_size = (workers * SLOT_SIZE) as u32;
         let loads = map_create(BPF_MAP_TYPE_ARRAY, 4, value_size, 1, BPF_F_MMAPABLE)?;
         let sockets = map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, workers as u32, 0)?;
+        let program = prog_load(&program(workers, loads.as_raw_fd(), sockets.as_raw_fd()))?;
         let table_len = (value_size as usize).next_multiple_of(page_size());
         // SAFETY: mapping a BPF array map's values, as BPF_F_MMAPABLE allows.
         let table = unsafe {
@@ -146,10 +151,15 @@ impl Steering {
         if table == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let table = table.cast::<Slot>();
-        let code = program(workers, loads.as_raw_fd(), sockets.as_raw_fd());
-        let steering =
-            Steering { table, table_len, workers, _loads: loads, _program: prog_load(&code)?, _sockets: sockets };
+        // Built at once, so that any failure from here on unmaps the table.
+        let steering = Steering {
+            table: table.cast::<Slot>(),
+            table_len,
+            workers,
+            _loads: loads,
+            _program: program,
+            _sockets: sockets,
+        };
         for (i, &fd) in listeners.iter().enumerate() {
             map_update(steering._sockets.as_raw_fd(), i as u32, fd as u64)?;
         }
@@ -276,7 +286,10 @@ pub struct Insn {
 }
 
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn { code, regs: (src << 4) | dst, off, imm }
+    // `dst_reg:4, src_reg:4` bit-fields: dst takes the low nibble on a
+    // little-endian machine, the high one on a big-endian one.
+    let regs = if cfg!(target_endian = "little") { (src << 4) | dst } else { (dst << 4) | src };
+    Insn { code, regs, off, imm }
 }
 
 // Registers: r0 return, r1-r5 arguments (clobbered by calls), r6-r9 kept,
@@ -326,6 +339,12 @@ fn arsh_imm(dst: u8, imm: i32) -> Insn {
 fn load64(dst: u8, src: u8, off: i16) -> Insn {
     insn(0x79, dst, src, off, 0) // LDX | MEM | DW
 }
+fn load8(dst: u8, src: u8, off: i16) -> Insn {
+    insn(0x71, dst, src, off, 0) // LDX | MEM | B
+}
+fn and_imm(dst: u8, imm: i32) -> Insn {
+    insn(0x57, dst, 0, 0, imm)
+}
 fn store32_imm(dst: u8, off: i16, imm: i32) -> Insn {
     insn(0x62, dst, 0, off, imm) // ST | MEM | W
 }
@@ -342,8 +361,11 @@ fn load_map(dst: u8, map: RawFd) -> [Insn; 2] {
 fn jump_if_zero(reg: u8, off: i16) -> Insn {
     insn(0x15, reg, 0, off, 0) // JMP | JEQ | K
 }
-fn jump_if_nonzero(reg: u8, off: i16) -> Insn {
-    insn(0x55, reg, 0, off, 0) // JMP | JNE | K
+fn jump_if_not(reg: u8, imm: i32, off: i16) -> Insn {
+    insn(0x55, reg, 0, off, imm) // JMP | JNE | K
+}
+fn jump_if_beyond(reg: u8, limit: u8, off: i16) -> Insn {
+    insn(0x2d, reg, limit, off, 0) // JMP | JGT | X
 }
 fn jump_if_above(reg: u8, imm: i32, off: i16) -> Insn {
     insn(0x25, reg, 0, off, imm) // JMP | JGT | K
@@ -359,14 +381,39 @@ const MAP_LOOKUP_ELEM: i32 = 1;
 const SK_SELECT_REUSEPORT: i32 = 82;
 const SK_PASS: i32 = 1;
 
-/// The program for `workers` slots. It picks the lowest load (the first
-/// on a tie, so equal workers take turns), without branches: with a
-/// branch per worker the verifier would walk every path, 2^workers of
-/// them. It counts the client on that slot only once the kernel took the
-/// choice; on any failure it returns `SK_PASS` with nothing chosen, and
-/// the kernel falls back to its hash.
+/// Offsets in `struct sk_reuseport_md`: `data` and `data_end` frame the
+/// packet from its TCP header on.
+const MD_DATA: i16 = 0;
+const MD_DATA_END: i16 = 8;
+/// The TCP header's flags byte, and the two flags looked at.
+const TCP_FLAGS_AT: i16 = 13;
+const TCP_SYN: i32 = 0x02;
+const TCP_ACK: i32 = 0x10;
+
+/// The program for `workers` slots. The kernel runs it for every packet
+/// that finds no connection of its own and so looks up the listener: a
+/// client's SYN, but also the ACK of a cookie or a segment that arrives
+/// after its connection closed. Only a SYN is steered and counted; the
+/// rest is left to the hash, counted nowhere. It picks the lowest load
+/// (the first on a tie, so equal workers take turns), without branches:
+/// with a branch per worker the verifier would walk every path,
+/// 2^workers of them. It counts the client on that slot only once the
+/// kernel took the choice; on any failure it returns `SK_PASS` with
+/// nothing chosen, and the kernel falls back to its hash.
 pub fn program(workers: usize, loads: RawFd, sockets: RawFd) -> Vec<Insn> {
-    let mut p = Vec::with_capacity(32 + workers * 11);
+    let mut p = Vec::with_capacity(40 + workers * 13);
+    let mut to_pass = Vec::with_capacity(5);
+    // A SYN without ACK, or pass.
+    p.push(load64(R2, R1, MD_DATA));
+    p.push(load64(R3, R1, MD_DATA_END));
+    p.push(mov(R4, R2));
+    p.push(add_imm(R4, i32::from(TCP_FLAGS_AT) + 1));
+    to_pass.push(p.len());
+    p.push(jump_if_beyond(R4, R3, 0));
+    p.push(load8(R4, R2, TCP_FLAGS_AT));
+    p.push(and_imm(R4, TCP_SYN | TCP_ACK));
+    to_pass.push(p.len());
+    p.push(jump_if_not(R4, TCP_SYN, 0));
     // r6 = ctx; r7 = the table (entry 0 of the loads map).
     p.push(mov(R6, R1));
     p.push(store32_imm(FP, -4, 0));
@@ -374,7 +421,7 @@ pub fn program(workers: usize, loads: RawFd, sockets: RawFd) -> Vec<Insn> {
     p.push(add_imm(R2, -4));
     p.extend(load_map(R1, loads));
     p.push(call(MAP_LOOKUP_ELEM));
-    let to_pass_1 = p.len();
+    to_pass.push(p.len());
     p.push(jump_if_zero(R0, 0));
     p.push(mov(R7, R0));
     // r9 = the lowest load so far, r8 = its slot.
@@ -399,7 +446,7 @@ pub fn program(workers: usize, loads: RawFd, sockets: RawFd) -> Vec<Insn> {
         p.push(xor(R8, R5)); // slot = lower ? i : slot
     }
     // Bounds the slot for the verifier (it cannot see the masks' effect).
-    let to_pass_2 = p.len();
+    to_pass.push(p.len());
     p.push(jump_if_above(R8, workers as i32 - 1, 0));
     p.push(mov(R1, R8));
     p.push(lsh_imm(R1, SLOT_SIZE.trailing_zeros() as i32));
@@ -411,14 +458,14 @@ pub fn program(workers: usize, loads: RawFd, sockets: RawFd) -> Vec<Insn> {
     p.push(add_imm(R3, -8));
     p.push(mov_imm(R4, 0));
     p.push(call(SK_SELECT_REUSEPORT));
-    let to_pass_3 = p.len();
-    p.push(jump_if_nonzero(R0, 0));
+    to_pass.push(p.len());
+    p.push(jump_if_not(R0, 0, 0));
     p.push(mov_imm(R1, 1));
     p.push(atomic_add64(R7, R1, 0)); // table[slot].steered += 1
     let pass = p.len();
     p.push(mov_imm(R0, SK_PASS));
     p.push(exit());
-    for at in [to_pass_1, to_pass_2, to_pass_3] {
+    for at in to_pass {
         p[at].off = (pass - at - 1) as i16;
     }
     p
@@ -435,7 +482,7 @@ mod tests {
     fn the_program_reads_every_slot_once() {
         let p = program(4, 3, 4);
         let loads = p.iter().filter(|i| i.code == 0x79).count();
-        assert_eq!(loads, 8, "steered and base of each of 4 slots");
+        assert_eq!(loads, 2 + 8, "the packet's bounds, then steered and base of each of 4 slots");
         assert_eq!(p.last().map(|i| i.code), Some(0x95), "ends with exit");
     }
 
@@ -444,7 +491,7 @@ mod tests {
         let p = program(3, 3, 4);
         let pass = p.len() - 2;
         for (at, i) in p.iter().enumerate() {
-            if matches!(i.code, 0x15 | 0x55 | 0x25) {
+            if matches!(i.code, 0x15 | 0x55 | 0x25 | 0x2d) {
                 assert_eq!(at + 1 + i.off as usize, pass, "jump at {at}");
             }
         }

@@ -745,6 +745,14 @@ impl<'a> Worker<'a> {
         if now >= self.next_scan {
             self.next_scan = now + SCAN_INTERVAL;
             self.scan(now);
+            // A SYN the steering program counted whose handshake never
+            // completed (a scan, a flood, a client that gave up) leaves
+            // this worker looking busier than it is, and a worker that
+            // gets no clients would never find its queue empty to correct
+            // that: look once a scan. Costs one accept() a second.
+            if self.steer.is_some() && self.accepting == Accepting::Active {
+                self.accept_pending = true;
+            }
         }
     }
 

@@ -74,6 +74,89 @@ fn each_new_client_goes_to_the_worker_holding_the_fewest() {
     assert_eq!(loads(admin, 3), [4, 4, 4]);
 }
 
+/// Sends bare TCP segments with `flags` to `port` on 127.0.0.1 from
+/// `count` source ports nothing listens on, through a raw socket (root).
+fn raw_segments(port: u16, flags: u8, count: u16) {
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a new descriptor owned by no one else.
+    let _owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+        sin_zero: [0; 8],
+    };
+    for i in 0..count {
+        let mut h = [0u8; 20];
+        h[0..2].copy_from_slice(&(61000 + i).to_be_bytes());
+        h[2..4].copy_from_slice(&port.to_be_bytes());
+        h[4..8].copy_from_slice(&(0x1000_0000u32 + u32::from(i)).to_be_bytes());
+        if flags & 0x10 != 0 {
+            h[8..12].copy_from_slice(&0x2000_0000u32.to_be_bytes());
+        }
+        h[12] = 5 << 4;
+        h[13] = flags;
+        h[14..16].copy_from_slice(&65535u16.to_be_bytes());
+        // The checksum over the pseudo-header (both addresses, protocol,
+        // length) and the header.
+        let mut sum: u32 = 0x7f00 + 0x0001 + 0x7f00 + 0x0001 + 6 + 20;
+        for w in h.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        h[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        // SAFETY: sending a local buffer to a valid sockaddr_in.
+        let sent = unsafe {
+            libc::sendto(
+                fd,
+                h.as_ptr().cast(),
+                h.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(sent, 20, "sendto: {}", std::io::Error::last_os_error());
+    }
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+
+#[test]
+fn segments_that_open_no_connection_leave_the_loads_as_they_were() {
+    if !is_root() {
+        eprintln!("skipped: raw sockets and the steering program need root");
+        return;
+    }
+    let backend = echo_backend();
+    let lb = lb(&[backend.addr], &["--admin", "127.0.0.1:0", "--steer", "always"]);
+    let admin = admin_addr(&lb);
+    // Stray ACKs and FINs (a closed connection's last segments) reach the
+    // listener too; the program must not count them as clients.
+    raw_segments(lb.addr.port(), ACK, 40);
+    raw_segments(lb.addr.port(), FIN | ACK, 40);
+    let mut c = connect(lb.addr);
+    assert_eq!(echo_on(&mut c, b"one"), b"one");
+    assert_eq!(loads(admin, 2).iter().sum::<i64>(), 1, "only the real client counts: {:?}", loads(admin, 2));
+    // A SYN whose handshake never completes (a scan, a flood) counts at
+    // first, and each worker forgets it within a scan even if no client
+    // comes its way.
+    raw_segments(lb.addr.port(), SYN, 20);
+    assert!(wait_until(WAIT, || loads(admin, 2).iter().sum::<i64>() == 21), "{:?}", loads(admin, 2));
+    assert!(
+        wait_until(WAIT, || loads(admin, 2).iter().sum::<i64>() == 1),
+        "SYNs never forgotten: {:?}",
+        loads(admin, 2)
+    );
+    assert_eq!(echo_on(&mut c, b"two"), b"two");
+}
+
 #[test]
 fn with_steer_never_the_kernel_hash_spreads_clients_and_no_loads_are_shown() {
     let backend = echo_backend();

@@ -32,15 +32,23 @@ fn loads(admin: std::net::SocketAddr, workers: usize) -> Vec<i64> {
     (0..workers).map(|i| e.value("lb_worker_load", &[("worker", &i.to_string())]) as i64).collect()
 }
 
-#[test]
-fn each_new_client_goes_to_the_worker_holding_the_fewest() {
+/// lb steering clients over `workers` workers, in front of a new echo
+/// backend, and its admin address; `None` (the test is skipped) unless
+/// this runs as root, which `what` needs.
+fn steering_lb(workers: &str, what: &str) -> Option<(Backend, Proc, std::net::SocketAddr)> {
     if !is_root() {
-        eprintln!("skipped: loading the steering program needs root or CAP_BPF");
-        return;
+        eprintln!("skipped: {what} needs root");
+        return None;
     }
     let backend = echo_backend();
-    let lb = lb(&[backend.addr], &["--workers", "3", "--admin", "127.0.0.1:0", "--steer", "always"]);
+    let lb = lb(&[backend.addr], &["--workers", workers, "--admin", "127.0.0.1:0", "--steer", "always"]);
     let admin = admin_addr(&lb);
+    Some((backend, lb, admin))
+}
+
+#[test]
+fn each_new_client_goes_to_the_worker_holding_the_fewest() {
+    let Some((_backend, lb, admin)) = steering_lb("3", "loading the steering program") else { return };
     assert_eq!(loads(admin, 3), [0, 0, 0]);
 
     // Clients held open, with the worker each went to: the one whose load
@@ -130,13 +138,7 @@ const FIN: u8 = 0x01;
 
 #[test]
 fn segments_that_open_no_connection_leave_the_loads_as_they_were() {
-    if !is_root() {
-        eprintln!("skipped: raw sockets and the steering program need root");
-        return;
-    }
-    let backend = echo_backend();
-    let lb = lb(&[backend.addr], &["--admin", "127.0.0.1:0", "--steer", "always"]);
-    let admin = admin_addr(&lb);
+    let Some((_backend, lb, admin)) = steering_lb("2", "sending raw segments") else { return };
     // Stray ACKs and FINs (a closed connection's last segments) reach the
     // listener too; the program must not count them as clients.
     raw_segments(lb.addr.port(), ACK, 40);
@@ -168,11 +170,15 @@ fn with_steer_never_the_kernel_hash_spreads_clients_and_no_loads_are_shown() {
     assert!(!lb.stderr_text().contains("steering"), "{}", lb.stderr_text());
 }
 
-/// lb with CAP_BPF and CAP_SYS_ADMIN out of reach (root keeps the rest).
-fn lb_without_bpf(args: &[&str]) -> Command {
+/// lb with two workers in front of a new echo backend, CAP_BPF and
+/// CAP_SYS_ADMIN out of its reach (root keeps the rest), and `extra`.
+fn lb_without_bpf(extra: &[&str]) -> (Backend, Command) {
+    let backend = echo_backend();
     let mut cmd = Command::new("setpriv");
-    cmd.args(["--bounding-set", "-bpf,-sys_admin", "--inh-caps", "-bpf,-sys_admin", lb_bin()]).args(args);
-    cmd
+    cmd.args(["--bounding-set", "-bpf,-sys_admin", "--inh-caps", "-bpf,-sys_admin", lb_bin()])
+        .args(["-p", "0", "--bind", "127.0.0.1", "--workers", "2", "-b", &backend.addr.to_string()])
+        .args(extra);
+    (backend, cmd)
 }
 
 #[test]
@@ -181,20 +187,8 @@ fn steer_always_without_the_privilege_is_a_one_line_start_up_error() {
         eprintln!("skipped: setpriv can drop capabilities only as root");
         return;
     }
-    let backend = echo_backend();
-    let b = backend.addr.to_string();
-    let (code, err) = output_within_wait(lb_without_bpf(&[
-        "-p",
-        "0",
-        "--bind",
-        "127.0.0.1",
-        "--workers",
-        "2",
-        "-b",
-        &b,
-        "--steer",
-        "always",
-    ]));
+    let (_backend, cmd) = lb_without_bpf(&["--steer", "always"]);
+    let (code, err) = output_within_wait(cmd);
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("error: --steer always: cannot load the eBPF program"), "{err}");
@@ -207,9 +201,8 @@ fn steer_auto_without_the_privilege_says_so_and_serves() {
         eprintln!("skipped: setpriv can drop capabilities only as root");
         return;
     }
-    let backend = echo_backend();
-    let b = backend.addr.to_string();
-    let lb = spawn_listening_cmd(lb_without_bpf(&["-p", "0", "--bind", "127.0.0.1", "--workers", "2", "-b", &b]));
+    let (_backend, cmd) = lb_without_bpf(&[]);
+    let lb = spawn_listening_cmd(cmd);
     let mut c = connect(lb.addr);
     assert_eq!(echo_on(&mut c, b"hello"), b"hello");
     let log = lb.stderr_text();

@@ -487,18 +487,12 @@ impl<'p> Direction<'p> {
                                 Hangup::None if !src.urgent => src.readable = false,
                                 // Maybe stopped at an urgent mark: read on.
                                 Hangup::None => {}
-                                // The FIN is queued behind these bytes. TCP
-                                // queues it behind everything sent before
-                                // it, and a read stops short only at the end
-                                // of the queue or at an urgent mark, which
-                                // this peer never sent: so the read took the
-                                // last bytes, and the one that would return
-                                // 0 is skipped. They leave with the FIN
+                                // The FIN is queued behind these bytes, or
+                                // behind urgent data, where a read also
+                                // stops short. Reading on into the rest of
+                                // the buffer tells which; at the EOF, bytes
+                                // known to be the last leave with the FIN
                                 // (`flush`).
-                                Hangup::Fin if !src.urgent => self.flow = Flow::Draining,
-                                // Behind urgent data a read also stops
-                                // short. Reading on into the rest of the
-                                // buffer tells which.
                                 Hangup::Fin => match src.stream.read(&mut b[n..]) {
                                     Ok(0) => self.flow = Flow::Draining,
                                     Ok(more) => *end += more,
@@ -1199,18 +1193,13 @@ mod tests {
         Shared::new(backend::table(&[BackendSpec { name: "b".into(), addr, weight: 1 }]), 4, Vec::new())
     }
 
-    /// Waits (up to 5 s) until `s` reports `what` (POLLERR: an error
-    /// queued, POLLRDHUP: the peer's FIN in); poll(2), unlike a read,
-    /// leaves both for lb to find.
-    fn wait_for(s: &TcpStream, what: i16, never: &str) {
-        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: what, revents: 0 };
+    /// Waits (up to 5 s) until `s` has an error queued; poll(2), unlike a
+    /// read, leaves it for lb to find.
+    fn wait_for_error(s: &TcpStream) {
+        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: 0, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
         let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
-        assert!(ready == 1 && pfd.revents & what != 0, "{never}");
-    }
-
-    fn wait_for_error(s: &TcpStream) {
-        wait_for(s, libc::POLLERR, "the reset never arrived");
+        assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the reset never arrived");
     }
 
     /// A buffer pool and a pipe pool (`max_pipes` of `pipe_size`) for one
@@ -1248,10 +1237,9 @@ mod tests {
         backend_far.write_all(b"reply").expect("write");
         reset(backend_far);
         wait_for_error(&s.backend.stream);
-        // As a FIN noted earlier leaves a peer that sent urgent data: the
-        // short read is followed by a second one, which meets the reset.
+        // As a FIN noted earlier leaves it: the short read is followed by
+        // a second one, which meets the reset.
         s.backend.hangup = Hangup::Fin;
-        s.backend.urgent = true;
         s.backend.readable = true;
         s.client.writable = true;
         assert!(matches!(s.resume(pools, now), Outcome::Close(CloseReason::Aborted(Side::Backend)) | Outcome::Linger));
@@ -1261,26 +1249,6 @@ mod tests {
         let end = client_far.read_to_end(&mut got).map_err(|e| e.kind());
         assert_eq!(got, b"reply", "the stream ended with {end:?}");
         assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
-    }
-
-    #[test]
-    fn a_short_read_behind_a_noted_fin_ends_the_direction_with_the_bytes() {
-        let shared = shared();
-        let pools = test_pools(1024, 0);
-        let (mut s, mut client_far, backend_far) = relaying(&shared);
-        let now = Instant::now();
-        (&backend_far).write_all(b"reply").expect("write");
-        backend_far.shutdown(std::net::Shutdown::Write).expect("FIN");
-        wait_for(&s.backend.stream, libc::POLLRDHUP, "the FIN never arrived");
-        s.backend.hangup = Hangup::Fin;
-        s.backend.readable = true;
-        s.client.writable = true;
-        assert!(matches!(s.resume(pools, now), Outcome::Continue));
-        assert_eq!(s.down.flow, Flow::Done, "the end is known without a read returning 0");
-        client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        let mut got = Vec::new();
-        client_far.read_to_end(&mut got).expect("the reply, then a clean end");
-        assert_eq!(got, b"reply");
     }
 
     #[test]

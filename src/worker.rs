@@ -220,6 +220,12 @@ impl<'a> Worker<'a> {
         Ok(w)
     }
 
+    /// Clients this worker holds: paired, or parked waiting for a
+    /// descriptor.
+    fn clients_held(&self) -> usize {
+        self.sessions.len() + self.parked.len()
+    }
+
     /// Registers every listener, or none: a retry must not find some of
     /// them registered already (EEXIST for good).
     fn register_listeners(&mut self) -> io::Result<()> {
@@ -266,8 +272,9 @@ impl<'a> Worker<'a> {
             }
             self.run_deferred(now);
             self.check_timers(now);
+            let held = self.clients_held();
             if let Some(t) = &mut self.steer {
-                t.settle(self.sessions.len() + self.parked.len());
+                t.settle(held);
             }
             if self.shared.is_stopping() {
                 break Ok(());
@@ -285,7 +292,7 @@ impl<'a> Worker<'a> {
             t.retire(0);
         }
         // Parked clients are connections still open too.
-        let left = self.sessions.len() + self.parked.len();
+        let left = self.clients_held();
         if left > 0 {
             info!("worker {}: closing {left} connections still open", self.id);
         }
@@ -332,7 +339,7 @@ impl<'a> Worker<'a> {
     fn on_wake(&mut self, now: Instant) {
         if self.shared.is_draining() {
             if self.accepting != Accepting::Closed {
-                info!("worker {}: draining {} connections", self.id, self.sessions.len() + self.parked.len());
+                info!("worker {}: draining {} connections", self.id, self.clients_held());
                 self.close_listeners();
             }
             return;
@@ -354,8 +361,9 @@ impl<'a> Worker<'a> {
         }
         // Dropping them closes the sockets: new clients are refused.
         self.listeners.clear();
+        let held = self.clients_held();
         if let Some(t) = &mut self.steer {
-            t.retire(self.sessions.len() + self.parked.len());
+            t.retire(held);
         }
         self.accepting = Accepting::Closed;
         self.accept_pending = false;
@@ -462,8 +470,9 @@ impl<'a> Worker<'a> {
                         drop(slot);
                         match classify(&e) {
                             IoClass::WouldBlock => {
+                                let held = self.clients_held();
                                 if let Some(t) = &mut self.steer {
-                                    t.queue_empty(self.sessions.len() + self.parked.len());
+                                    t.queue_empty(held);
                                 }
                                 break;
                             }

@@ -850,6 +850,12 @@ main() {
     done
     ROUND=0 ROW=""
     printf 'load average at end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$META"
+    # Whether lb steered clients to its workers: --steer needs root or
+    # CAP_BPF, so a run without them measures the kernel's hash instead.
+    if [[ -f $TMP/lb-http.log ]]; then
+        steering=$(grep -m1 -o 'steering: .*' "$TMP/lb-http.log" || echo 'steering: not reported by this lb')
+        printf 'lb steering\t%s\n' "${steering#steering: }" >>"$META"
+    fi
     make_report
 }
 

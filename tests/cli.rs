@@ -135,7 +135,7 @@ fn a_privileged_port_without_permission_is_a_one_line_error() {
 /// the bind succeeds and lb serves: output_within_wait then fails the test
 /// instead of hanging it.
 fn unprivileged(args: &[&str]) -> Command {
-    let as_root = unsafe { libc::geteuid() } == 0;
+    let as_root = is_root();
     let mut cmd = if as_root {
         let have_setpriv = Command::new("setpriv").arg("--version").output().is_ok_and(|o| o.status.success());
         assert!(have_setpriv, "setpriv (util-linux) is needed to drop privileges in this test");

@@ -68,7 +68,7 @@ impl Drop for Isolated {
 /// otherwise inside a user namespace where we are root.
 fn unshare() -> Command {
     let mut cmd = Command::new("unshare");
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         cmd.arg("--map-root-user");
     }
     cmd.args(["--net", "--pid", "--fork", "--kill-child"]);

@@ -13,11 +13,6 @@ use std::process::Command;
 use common::admin::{admin_addr, scrape};
 use common::*;
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// One small message through the echo backend on a held connection.
 fn echo_on(c: &mut TcpStream, data: &[u8]) -> Vec<u8> {
     c.write_all(data).expect("send");

@@ -137,6 +137,12 @@ pub fn spawn_listening_cmd(mut cmd: Command) -> Proc {
     Proc { child, addr, stderr, stdout }
 }
 
+/// Whether the tests run as root (raw sockets, setpriv, eBPF).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 pub fn lb_bin() -> &'static str {
     env!("CARGO_BIN_EXE_lb")
 }

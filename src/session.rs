@@ -677,6 +677,9 @@ pub struct Session<'a> {
     queued: Option<Queued>,
     /// How the backend's stream ended, once it failed.
     backend_end: BackendEnd,
+    /// Carried in both sockets' tokens, so that an event the kernel
+    /// reported for the pair that held this slab key before is told apart.
+    generation: u32,
     pub tried: Tried,
     _slot: ClientSlot<'a>,
 }
@@ -701,6 +704,7 @@ impl<'a> Session<'a> {
             last_active: now,
             queued: None,
             backend_end: BackendEnd::Cut,
+            generation: 0,
             tried,
             _slot: slot,
         }
@@ -731,6 +735,16 @@ impl<'a> Session<'a> {
 
     pub fn stage(&self) -> Stage {
         self.stage
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Tags the pair with the generation its sockets' tokens carry.
+    pub fn in_generation(mut self, generation: u32) -> Session<'a> {
+        self.generation = generation;
+        self
     }
 
     /// Handles readiness on one of the two sockets.

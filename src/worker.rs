@@ -124,8 +124,37 @@ impl<'a> Unpaired<'a> {
     }
 }
 
-fn session_token(key: usize, side: Side) -> Token {
-    Token(key * 2 + usize::from(side == Side::Backend))
+/// Session tokens: the side in bit 0, the slab key above it, and the
+/// pair's generation above the key. The generation is what keeps an event
+/// for a closed pair away from the next pair in its slab key: one epoll
+/// batch can hold a closed pair's last reports behind the accept that
+/// reuses its key, and on the new pair they would read as its own FIN or
+/// error.
+const KEY_BITS: u32 = 30;
+const GENERATION_SHIFT: u32 = 1 + KEY_BITS;
+/// What the word leaves above the key, short of the two top bits, where
+/// the reserved tokens are. None on a 32-bit target: its tokens carry no
+/// generation.
+const GENERATION_BITS: u32 = usize::BITS.saturating_sub(GENERATION_SHIFT + 2);
+const GENERATION_MASK: u32 = ((1u64 << GENERATION_BITS) - 1) as u32;
+
+// `--max-connections` stays below 2^30, and with it every slab key.
+const _: () = assert!(crate::config::MAX_CONNECTIONS < 1 << KEY_BITS);
+const _: () = assert!(
+    (GENERATION_MASK as usize) << GENERATION_SHIFT | ((1 << GENERATION_SHIFT) - 1) < LISTENER_BASE - MAX_LISTENERS
+);
+
+fn session_token(key: usize, side: Side, generation: u32) -> Token {
+    debug_assert!(key < 1 << KEY_BITS);
+    let generation = (generation & GENERATION_MASK) as usize;
+    Token(generation << GENERATION_SHIFT | key << 1 | usize::from(side == Side::Backend))
+}
+
+/// The slab key, side and generation a session token carries.
+fn parse_session_token(token: usize) -> (usize, Side, u32) {
+    let side = if token & 1 == 0 { Side::Client } else { Side::Backend };
+    let key = (token >> 1) & ((1 << KEY_BITS) - 1);
+    (key, side, (token >> GENERATION_SHIFT) as u32)
 }
 
 fn listener_token(i: usize) -> Token {
@@ -144,6 +173,8 @@ pub struct Worker<'a> {
     settings: WorkerSettings,
     tally: Tally,
     sessions: Slab<Session<'a>>,
+    /// The generation the next session's tokens carry.
+    next_generation: u32,
     /// Rotates ties in backend selection.
     cursor: usize,
     /// Sessions that stopped at the per-wakeup bound.
@@ -201,6 +232,7 @@ impl<'a> Worker<'a> {
             tally: Tally::default(),
             // Grows on demand past this; the capacity is kept once reached.
             sessions: Slab::with_capacity(capacity.min(4096)),
+            next_generation: 0,
             cursor: id,
             again: Vec::with_capacity(capacity.min(4096)),
             again_spare: Vec::with_capacity(capacity.min(4096)),
@@ -524,14 +556,18 @@ impl<'a> Worker<'a> {
             }
         };
         let Unpaired { stream, slot, tried, .. } = client;
+        let generation = self.next_generation;
+        self.next_generation = generation.wrapping_add(1) & GENERATION_MASK;
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        let session = entry.insert(Session::new(stream, backend, lease, slot, tried, now, &self.settings));
+        let session = entry
+            .insert(Session::new(stream, backend, lease, slot, tried, now, &self.settings).in_generation(generation));
+        let (client_token, backend_token) =
+            (session_token(key, Side::Client, generation), session_token(key, Side::Backend, generation));
         let registry = self.poll.registry();
-        let registered =
-            registry.register(session.client_stream(), session_token(key, Side::Client), SOCKET_INTEREST).and_then(
-                |()| registry.register(session.backend_stream(), session_token(key, Side::Backend), SOCKET_INTEREST),
-            );
+        let registered = registry
+            .register(session.client_stream(), client_token, SOCKET_INTEREST)
+            .and_then(|()| registry.register(session.backend_stream(), backend_token, SOCKET_INTEREST));
         if let Err(e) = registered {
             warn!("worker {}: cannot register a new connection: {e}", self.id);
             session.reset_both();
@@ -634,9 +670,8 @@ impl<'a> Worker<'a> {
     }
 
     fn on_session_event(&mut self, token: usize, ev: &Event, now: Instant) {
-        let key = token / 2;
-        let side = if token.is_multiple_of(2) { Side::Client } else { Side::Backend };
-        let Some(session) = self.sessions.get_mut(key) else {
+        let (key, side, generation) = parse_session_token(token);
+        let Some(session) = self.sessions.get_mut(key).filter(|s| s.generation() == generation) else {
             return; // A stale event for a pair already closed.
         };
         let outcome = session.on_event(side, ev, self.pools, now);
@@ -855,5 +890,29 @@ fn publish_bytes(s: &mut Session<'_>, tally: &mut Tally) {
     }
     if down != 0 {
         b.bytes_out.fetch_add(down, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_token_gives_back_its_key_side_and_generation() {
+        for (key, side, generation) in
+            [(0, Side::Client, 0), (7, Side::Backend, 1), ((1 << KEY_BITS) - 1, Side::Backend, GENERATION_MASK)]
+        {
+            let Token(token) = session_token(key, side, generation);
+            assert_eq!(parse_session_token(token), (key, side, generation));
+        }
+    }
+
+    #[test]
+    fn the_same_slab_key_in_the_next_generation_has_other_tokens() {
+        for side in [Side::Client, Side::Backend] {
+            assert_ne!(session_token(3, side, 4), session_token(3, side, 5));
+        }
+        // Generations wrap within the bits a token has for them.
+        assert_eq!(session_token(3, Side::Client, GENERATION_MASK + 1), session_token(3, Side::Client, 0));
     }
 }

@@ -126,9 +126,13 @@ enum Hangup {
     /// Nothing reported: a short read means the queue is empty for now.
     None,
     /// The peer's FIN arrived. TCP queues it behind all the data sent
-    /// before it, so after a short read the next read finds it unless
-    /// urgent data cut the first one short.
+    /// before it, so a short read took the last bytes, unless urgent data
+    /// cut it short.
     Fin,
+    /// An error was reported that the socket no longer holds: a read took
+    /// it and keeps it for the next fill. Whether a FIN came too is not
+    /// known, so short reads are followed by another, as after urgent data.
+    Unsure,
     /// An error arrived; the next read or write surfaces it.
     Error,
 }
@@ -487,13 +491,17 @@ impl<'p> Direction<'p> {
                                 Hangup::None if !src.urgent => src.readable = false,
                                 // Maybe stopped at an urgent mark: read on.
                                 Hangup::None => {}
-                                // The FIN is queued behind these bytes, or
-                                // behind urgent data, where a read also
-                                // stops short. Reading on into the rest of
-                                // the buffer tells which; at the EOF, bytes
-                                // known to be the last leave with the FIN
-                                // (`flush`).
-                                Hangup::Fin => match src.stream.read(&mut b[n..]) {
+                                // The FIN is queued behind these bytes: a
+                                // read stops short only at the end of the
+                                // queue or at an urgent mark, which this
+                                // peer never sent. So the read that would
+                                // return 0 is skipped, and the bytes leave
+                                // with the FIN (`flush`).
+                                Hangup::Fin if !src.urgent => self.flow = Flow::Draining,
+                                // Maybe at an urgent mark, maybe at the end:
+                                // reading on into the rest of the buffer
+                                // tells which.
+                                Hangup::Fin | Hangup::Unsure => match src.stream.read(&mut b[n..]) {
                                     Ok(0) => self.flow = Flow::Draining,
                                     Ok(more) => *end += more,
                                     Err(e) => match classify(&e) {
@@ -768,9 +776,11 @@ impl<'a> Session<'a> {
                 }
                 return match self.client.stream.take_error() {
                     Ok(Some(e)) | Err(e) => self.abort(Side::Client, &e),
-                    // Stale: meant for the socket that had this token before.
+                    // Nothing reads the client while connecting, so no
+                    // read took the error; should the report prove empty
+                    // all the same, reads go on to the end.
                     Ok(None) => {
-                        self.client.hangup = Hangup::Fin;
+                        self.client.hangup = Hangup::Unsure;
                         Outcome::Continue
                     }
                 };
@@ -972,13 +982,12 @@ impl<'a> Session<'a> {
                     };
                     match peer.stream.take_error() {
                         Ok(Some(e)) | Err(e) => self.abort(side, &e),
-                        // The socket has no error: the report was meant for
-                        // the one that had this token before (a closed
-                        // pair's event later in the same batch). Keep
-                        // reading on after short reads, as for a FIN, in
-                        // case one was noted before.
+                        // The socket has no error left: a read took it
+                        // and keeps it for the next fill. Keep reading on
+                        // after short reads, in case a FIN was noted
+                        // before the error.
                         Ok(None) => {
-                            peer.hangup = Hangup::Fin;
+                            peer.hangup = Hangup::Unsure;
                             Outcome::Continue
                         }
                     }
@@ -1003,9 +1012,9 @@ impl<'a> Session<'a> {
                             Outcome::Continue
                         }
                         Err(e) => self.abort(Side::Backend, &e),
-                        // Meant for this token's earlier owner, as above.
+                        // Taken by a read, as above.
                         Ok(false) => {
-                            self.backend.hangup = Hangup::Fin;
+                            self.backend.hangup = Hangup::Unsure;
                             Outcome::Continue
                         }
                     }
@@ -1207,13 +1216,18 @@ mod tests {
         Shared::new(backend::table(&[BackendSpec { name: "b".into(), addr, weight: 1 }]), 4, Vec::new())
     }
 
-    /// Waits (up to 5 s) until `s` has an error queued; poll(2), unlike a
-    /// read, leaves it for lb to find.
-    fn wait_for_error(s: &TcpStream) {
-        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: 0, revents: 0 };
+    /// Waits (up to 5 s) until `s` reports `what` (POLLERR: an error
+    /// queued, POLLRDHUP: the peer's FIN in); poll(2), unlike a read,
+    /// leaves both for lb to find.
+    fn wait_for(s: &TcpStream, what: i16, never: &str) {
+        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: what, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
         let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
-        assert!(ready == 1 && pfd.revents & libc::POLLERR != 0, "the reset never arrived");
+        assert!(ready == 1 && pfd.revents & what != 0, "{never}");
+    }
+
+    fn wait_for_error(s: &TcpStream) {
+        wait_for(s, libc::POLLERR, "the reset never arrived");
     }
 
     /// A buffer pool and a pipe pool (`max_pipes` of `pipe_size`) for one
@@ -1251,9 +1265,10 @@ mod tests {
         backend_far.write_all(b"reply").expect("write");
         reset(backend_far);
         wait_for_error(&s.backend.stream);
-        // As a FIN noted earlier leaves it: the short read is followed by
-        // a second one, which meets the reset.
-        s.backend.hangup = Hangup::Fin;
+        // As an error a read took leaves it, with no telling whether a FIN
+        // came first: the short read is followed by a second one, which
+        // meets the reset.
+        s.backend.hangup = Hangup::Unsure;
         s.backend.readable = true;
         s.client.writable = true;
         assert!(matches!(s.resume(pools, now), Outcome::Close(CloseReason::Aborted(Side::Backend)) | Outcome::Linger));
@@ -1263,6 +1278,60 @@ mod tests {
         let end = client_far.read_to_end(&mut got).map_err(|e| e.kind());
         assert_eq!(got, b"reply", "the stream ended with {end:?}");
         assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
+    }
+
+    /// A relaying pair whose backend sent what `send` sends, then its FIN,
+    /// noted as an event would, with the client ready to take bytes.
+    fn after_the_backends_fin<'a>(
+        shared: &'a Shared,
+        send: impl FnOnce(&std::net::TcpStream),
+    ) -> (Session<'a>, std::net::TcpStream) {
+        let (mut s, client_far, backend_far) = relaying(shared);
+        send(&backend_far);
+        backend_far.shutdown(std::net::Shutdown::Write).expect("FIN");
+        wait_for(&s.backend.stream, libc::POLLRDHUP, "the FIN never arrived");
+        s.backend.hangup = Hangup::Fin;
+        s.backend.readable = true;
+        s.client.writable = true;
+        (s, client_far)
+    }
+
+    fn read_to_the_end(mut far: std::net::TcpStream) -> Vec<u8> {
+        far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut got = Vec::new();
+        far.read_to_end(&mut got).expect("the reply, then a clean end");
+        got
+    }
+
+    #[test]
+    fn a_short_read_behind_a_noted_fin_ends_the_direction_without_another_read() {
+        let shared = shared();
+        let pools = test_pools(1024, 0);
+        let (mut s, client_far) = after_the_backends_fin(&shared, |b| {
+            let mut b = b;
+            b.write_all(b"reply").expect("write");
+        });
+        assert!(matches!(s.resume(pools, Instant::now()), Outcome::Continue));
+        assert_eq!(s.down.flow, Flow::Done, "the end is known without a read returning 0");
+        assert_eq!(read_to_the_end(client_far), b"reply");
+    }
+
+    #[test]
+    fn a_read_cut_short_at_an_urgent_mark_ahead_of_the_fin_is_not_taken_for_the_end() {
+        let shared = shared();
+        let pools = test_pools(1024, 0);
+        let (mut s, client_far) = after_the_backends_fin(&shared, |b| {
+            let mut b = b;
+            b.write_all(b"before ").expect("write");
+            socket2::SockRef::from(b).send_with_flags(b"!", libc::MSG_OOB).expect("send urgent");
+            b.write_all(b"after").expect("write");
+        });
+        // As the event that reported the urgent data leaves it.
+        s.backend.urgent = true;
+        assert!(matches!(s.resume(pools, Instant::now()), Outcome::Continue));
+        assert_eq!(s.down.flow, Flow::Done);
+        // lb does not read out-of-band bytes: the urgent one drops out.
+        assert_eq!(read_to_the_end(client_far), b"before after");
     }
 
     #[test]

@@ -717,3 +717,62 @@ fn a_client_that_stops_reading_stalls_the_backend_instead_of_growing_lb() {
     assert_eq!(got.len(), TOTAL);
     assert!(got == random_bytes(TOTAL, 11), "bytes differ after the stall");
 }
+
+/// The next connection `l` (non-blocking) takes, within [`WAIT`].
+fn accept_within(l: &std::net::TcpListener) -> TcpStream {
+    let mut got = None;
+    assert!(
+        wait_until(WAIT, || {
+            got = l.accept().ok().map(|(s, _)| s);
+            got.is_some()
+        }),
+        "lb never connected"
+    );
+    let s = got.expect("accepted");
+    s.set_nonblocking(false).expect("blocking");
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    s
+}
+
+/// Whether every thread of `pid` is stopped by a signal.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+    })
+}
+
+#[test]
+fn a_closed_pairs_last_events_do_not_reach_the_pair_that_takes_its_slab_key() {
+    // One epoll batch can report a closed pair's sockets after the accept
+    // that gave its slab key to a new pair. Stopping lb lines such a batch
+    // up: client A's reset (which closes pair A), client C's connect, then
+    // the FIN of A's backend. Taken for C's backend's FIN, it would make lb
+    // end C's reply at the first short read.
+    let backends = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    backends.set_nonblocking(true).expect("non-blocking");
+    let lb = lb(&[backends.local_addr().expect("addr")], &["--workers", "1", "--no-health-check"]);
+    let mut a = connect(lb.addr);
+    a.write_all(b"a").expect("write");
+    let mut a_backend = accept_within(&backends);
+    assert_eq!(read_n(&mut a_backend, 1), b"a");
+
+    lb.signal(libc::SIGSTOP);
+    assert!(wait_until(WAIT, || all_threads_stopped(lb.pid())), "lb never stopped");
+    socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO)).expect("linger");
+    drop(a);
+    let mut c = connect(lb.addr);
+    a_backend.shutdown(Shutdown::Write).expect("FIN");
+    lb.signal(libc::SIGCONT);
+
+    let mut c_backend = accept_within(&backends);
+    c_backend.write_all(b"first part").expect("write");
+    assert_eq!(read_n(&mut c, 10), b"first part");
+    c_backend.write_all(b", then the rest").expect("write");
+    c_backend.shutdown(Shutdown::Write).expect("FIN");
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).expect("the rest, then the end");
+    assert_eq!(String::from_utf8_lossy(&got), ", then the rest");
+}

@@ -1304,15 +1304,17 @@ mod tests {
     }
 
     #[test]
-    fn a_short_read_behind_a_noted_fin_ends_the_direction_without_another_read() {
+    fn a_short_read_behind_a_noted_fin_ends_the_direction_with_the_bytes_and_a_fin() {
+        // Whether the read that would return 0 is made shows only in a
+        // syscall count (measured, not tested): either way the direction
+        // ends in this one pass.
         let shared = shared();
         let pools = test_pools(1024, 0);
-        let (mut s, client_far) = after_the_backends_fin(&shared, |b| {
-            let mut b = b;
+        let (mut s, client_far) = after_the_backends_fin(&shared, |mut b| {
             b.write_all(b"reply").expect("write");
         });
         assert!(matches!(s.resume(pools, Instant::now()), Outcome::Continue));
-        assert_eq!(s.down.flow, Flow::Done, "the end is known without a read returning 0");
+        assert_eq!(s.down.flow, Flow::Done);
         assert_eq!(read_to_the_end(client_far), b"reply");
     }
 
@@ -1320,8 +1322,7 @@ mod tests {
     fn a_read_cut_short_at_an_urgent_mark_ahead_of_the_fin_is_not_taken_for_the_end() {
         let shared = shared();
         let pools = test_pools(1024, 0);
-        let (mut s, client_far) = after_the_backends_fin(&shared, |b| {
-            let mut b = b;
+        let (mut s, client_far) = after_the_backends_fin(&shared, |mut b| {
             b.write_all(b"before ").expect("write");
             socket2::SockRef::from(b).send_with_flags(b"!", libc::MSG_OOB).expect("send urgent");
             b.write_all(b"after").expect("write");

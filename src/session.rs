@@ -22,7 +22,7 @@ use crate::pipe::{self, Pipe, PipePool};
 use crate::pool::{Buffer, BufferPool};
 use crate::shared::ClientSlot;
 use crate::splice::SplicePolicy;
-use crate::worker::WorkerSettings;
+use crate::worker::{EVENTS_ARE_THE_SESSIONS_OWN, WorkerSettings};
 
 /// Chunks moved per direction per wakeup before yielding to other sessions;
 /// the worker re-runs a session that stopped here.
@@ -130,8 +130,11 @@ enum Hangup {
     /// cut it short.
     Fin,
     /// An error was reported that the socket no longer holds: a read took
-    /// it and keeps it for the next fill. Whether a FIN came too is not
-    /// known, so short reads are followed by another, as after urgent data.
+    /// it and keeps it for the next fill. Or a FIN was reported on a
+    /// 32-bit target, whose tokens cannot tell this pair's events from
+    /// those of the closed pair that had its slab key. Whether a FIN came
+    /// is not known, so short reads are followed by another, as after
+    /// urgent data.
     Unsure,
     /// An error arrived; the next read or write surfaces it.
     Error,
@@ -162,7 +165,7 @@ impl Peer {
         if ev.is_error() {
             self.hangup = Hangup::Error;
         } else if ev.is_read_closed() && self.hangup == Hangup::None {
-            self.hangup = Hangup::Fin;
+            self.hangup = if EVENTS_ARE_THE_SESSIONS_OWN { Hangup::Fin } else { Hangup::Unsure };
         }
         self.urgent |= ev.is_priority();
         self.readable |= ev.is_readable() || fault;

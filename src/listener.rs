@@ -235,6 +235,8 @@ pub fn local_addr(l: &std::net::TcpListener) -> Option<SocketAddr> {
 /// Raises the soft descriptor limit to the hard limit: every client costs
 /// two descriptors and the default soft limit (1024) is far too low.
 /// Returns the limit now in force.
+// The casts are no-ops where rlim_t is u64; it is u32 on 32-bit targets.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_fd_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct we own.
@@ -242,16 +244,16 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok());
-    match fd_limit_plan(lim.rlim_cur, lim.rlim_max, nr_open) {
+    match fd_limit_plan(lim.rlim_cur as u64, lim.rlim_max as u64, nr_open) {
         Some((cur, max)) => {
-            let want = libc::rlimit { rlim_cur: cur, rlim_max: max };
+            let want = libc::rlimit { rlim_cur: cur as libc::rlim_t, rlim_max: max as libc::rlim_t };
             // SAFETY: setrlimit only reads the struct.
             if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(cur)
         }
-        None => Ok(lim.rlim_cur),
+        None => Ok(lim.rlim_cur as u64),
     }
 }
 
@@ -346,7 +348,7 @@ mod tests {
     #[test]
     fn the_soft_fd_limit_rises_to_the_hard_one_capped_at_nr_open() {
         assert_eq!(fd_limit_plan(1024, 524_288, Some(1_048_576)), Some((524_288, 524_288)));
-        assert_eq!(fd_limit_plan(1024, libc::RLIM_INFINITY, Some(1_048_576)), Some((1_048_576, 1_048_576)));
+        assert_eq!(fd_limit_plan(1024, u64::MAX, Some(1_048_576)), Some((1_048_576, 1_048_576)));
         assert_eq!(fd_limit_plan(1024, 4096, None), Some((4096, 4096)));
         assert_eq!(fd_limit_plan(4096, 4096, Some(1_048_576)), None);
         assert_eq!(fd_limit_plan(2_000_000, 2_000_000, Some(1_048_576)), None, "never lowered");

@@ -445,6 +445,7 @@ test_limits() {
     bad_flag --backends --bind 127.0.0.1 -p 0 -b 127.0.0.1:0
     bad_flag --backends --bind 127.0.0.1 -p 0 -b no-port-here
     bad_flag --connection-timeout "${l[@]}" -p 0 --connection-timeout -1
+    bad_flag --idle-timeout "${l[@]}" -p 0 --idle-timeout -3s
     bad_flag --workers "${l[@]}" -p 0 --workers 0
     bad_flag --buffer-size "${l[@]}" -p 0 --buffer-size 0
     bad_flag --steer "${l[@]}" -p 0 --steer sometimes
@@ -460,7 +461,7 @@ test_limits() {
     local port
     port=$(free_port) || fail "no free port"
     bad_flag "own listening address" --bind 127.0.0.1 -p "$port" -b "127.0.0.1:$port"
-    note "third client queued at --max-connections 2 and served after a close; 18 bad command lines rejected"
+    note "third client queued at --max-connections 2 and served after a close; 19 bad command lines rejected"
 }
 
 # stats_block FILE: prints the last complete stats block in FILE.

@@ -15,7 +15,10 @@ use crate::net::{interface_name, same_address};
 /// session, so the bound keeps sessions fixed-size.
 pub const MAX_RETRIES: u32 = 32;
 
-/// Raw arguments exactly as the operator typed them.
+/// Raw arguments exactly as the operator typed them. The flags that take
+/// one number accept a value starting with `-` (`-3s`, `-inf`), so that
+/// it reaches the flag's own check and its message, not clap's "unexpected
+/// argument".
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "lb",
@@ -33,7 +36,7 @@ command line, 1 for a start-up failure or a failed event loop."
 )]
 pub struct Args {
     /// Listen port.
-    #[arg(short = 'p', long = "port", default_value = "80")]
+    #[arg(short = 'p', long = "port", allow_hyphen_values = true, default_value = "80")]
     pub port: String,
 
     /// Listen address (IPv4 or IPv6, e.g. 0.0.0.0 or ::1; a link-local one
@@ -52,51 +55,51 @@ pub struct Args {
 
     /// Global cap on concurrent client connections [default: 1000, or
     /// fewer if the descriptor limit cannot hold that many].
-    #[arg(long = "max-connections")]
+    #[arg(long = "max-connections", allow_hyphen_values = true)]
     pub max_connections: Option<String>,
 
     /// Backend connect timeout in seconds (fractions allowed).
-    #[arg(long = "connection-timeout", default_value = "3")]
+    #[arg(long = "connection-timeout", allow_hyphen_values = true, default_value = "3")]
     pub connection_timeout: String,
 
     /// Relay buffer size in bytes.
-    #[arg(long = "buffer-size", default_value = "32768")]
+    #[arg(long = "buffer-size", allow_hyphen_values = true, default_value = "32768")]
     pub buffer_size: String,
 
     /// Number of event loops (default: available cores).
-    #[arg(long = "workers")]
+    #[arg(long = "workers", allow_hyphen_values = true)]
     pub workers: Option<String>,
 
     /// Close a pair idle in both directions for this many seconds (0 = never).
-    #[arg(long = "idle-timeout", default_value = "3600")]
+    #[arg(long = "idle-timeout", allow_hyphen_values = true, default_value = "3600")]
     pub idle_timeout: String,
 
     /// Other backends tried when a connect fails.
-    #[arg(long = "retries", default_value = "2")]
+    #[arg(long = "retries", allow_hyphen_values = true, default_value = "2")]
     pub retries: String,
 
     /// Seconds SIGTERM/SIGINT waits for in-flight connections.
-    #[arg(long = "drain-timeout", default_value = "30")]
+    #[arg(long = "drain-timeout", allow_hyphen_values = true, default_value = "30")]
     pub drain_timeout: String,
 
     /// Seconds between health probes of each backend (fractions allowed).
     /// With --no-health-check: how long a backend marked down by failed
     /// client connects stays out before real traffic tries it again.
-    #[arg(long = "health-check-period", default_value = "5")]
+    #[arg(long = "health-check-period", allow_hyphen_values = true, default_value = "5")]
     pub health_check_period: String,
 
     /// Seconds a probe may take before it counts as failed
     /// [default: --connection-timeout].
-    #[arg(long = "health-check-timeout", conflicts_with = "no_health_check")]
+    #[arg(long = "health-check-timeout", allow_hyphen_values = true, conflicts_with = "no_health_check")]
     pub health_check_timeout: Option<String>,
 
     /// Consecutive successful probes that bring a down backend back up.
-    #[arg(long = "rise", default_value = "2", conflicts_with = "no_health_check")]
+    #[arg(long = "rise", allow_hyphen_values = true, default_value = "2", conflicts_with = "no_health_check")]
     pub rise: String,
 
     /// Consecutive failed probes, or failed client connects, that take a
     /// backend down.
-    #[arg(long = "fall", default_value = "3")]
+    #[arg(long = "fall", allow_hyphen_values = true, default_value = "3")]
     pub fall: String,
 
     /// Probe with `GET <path>` over HTTP/1.1 (up on 2xx/3xx) instead of a
@@ -111,7 +114,7 @@ pub struct Args {
     pub no_health_check: bool,
 
     /// Seconds between stats reports on stdout (0 = only on SIGUSR1 or SIGHUP).
-    #[arg(long = "stats-period", default_value = "30")]
+    #[arg(long = "stats-period", allow_hyphen_values = true, default_value = "30")]
     pub stats_period: String,
 
     /// Serve /metrics, /stats and /health on this IP address or localhost
@@ -125,7 +128,7 @@ pub struct Args {
 
     /// Pipes that may exist at once for splicing (default: --max-connections / 4;
     /// at most two per connection; only 0 goes with --splice never).
-    #[arg(long = "max-pipes")]
+    #[arg(long = "max-pipes", allow_hyphen_values = true)]
     pub max_pipes: Option<String>,
 
     /// Send each new client to the worker holding the fewest, by an eBPF
@@ -1040,6 +1043,13 @@ mod tests {
             (&["--health-check-period", "1e19"], "--health-check-period"),
             (&["--health-check-period", "1e-9"], "--health-check-period"),
             (&["--health-check-timeout", "1e19"], "--health-check-timeout"),
+            // A leading `-` that is not a plain negative number.
+            (&["--workers", "-inf"], "--workers"),
+            (&["--idle-timeout", "-3s"], "--idle-timeout"),
+            (&["-p", "-80x"], "--port"),
+            (&["--max-connections", "-1e3"], "--max-connections"),
+            (&["--buffer-size", "-32k"], "--buffer-size"),
+            (&["--max-pipes", "-x"], "--max-pipes"),
         ];
         for (argv, flag) in cases {
             let err = Config::from_args(&args(argv)).expect_err("value must be rejected");

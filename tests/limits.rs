@@ -43,6 +43,33 @@ fn the_cap_bounds_concurrent_backend_connections_and_waiting_clients_are_served(
 }
 
 #[test]
+fn a_client_queued_at_the_cap_is_served_once_a_slot_frees_whichever_worker_holds_it() {
+    // With --max-connections 1, the worker that takes the first client
+    // stops accepting at once, and the one the second client is queued on
+    // (the idle one, when lb steers) stops when it finds the cap reached.
+    // Neither accepts again until the first client's close wakes it.
+    let echo = echo_backend();
+    let lb = lb(&[echo.addr], &["--workers", "2", "--max-connections", "1", "--no-health-check"]);
+    let mut first = connect(lb.addr);
+    first.write_all(b"first").expect("write");
+    assert_eq!(read_n(&mut first, 5), b"first");
+    let mut second = connect(lb.addr);
+    second.write_all(b"again").expect("write");
+    second.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let mut b = [0u8; 5];
+    let early = second.read(&mut b).map_err(|e| e.kind());
+    assert!(
+        matches!(early, Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the second client was served past the cap: {early:?}"
+    );
+    first.shutdown(Shutdown::Write).expect("FIN");
+    let mut rest = Vec::new();
+    first.read_to_end(&mut rest).expect("the first client's end");
+    second.set_read_timeout(Some(WAIT)).expect("timeout");
+    assert_eq!(read_n(&mut second, 5), b"again", "the queued client was never served");
+}
+
+#[test]
 fn sigterm_lets_a_transfer_finish_refuses_new_clients_and_exits_zero() {
     // The backend trickles a 2 MiB reply so the transfer outlives the signal.
     const REPLY: usize = 2 << 20;

@@ -1263,7 +1263,7 @@ mod tests {
     fn bytes_read_just_ahead_of_a_reset_still_reach_the_other_side() {
         let shared = shared();
         let pools = test_pools(1024, 0);
-        let (mut s, mut client_far, mut backend_far) = relaying(&shared);
+        let (mut s, client_far, mut backend_far) = relaying(&shared);
         let now = Instant::now();
         backend_far.write_all(b"reply").expect("write");
         reset(backend_far);
@@ -1276,9 +1276,7 @@ mod tests {
         s.client.writable = true;
         assert!(matches!(s.resume(pools, now), Outcome::Close(CloseReason::Aborted(Side::Backend)) | Outcome::Linger));
         drop(s);
-        client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        let mut got = Vec::new();
-        let end = client_far.read_to_end(&mut got).map_err(|e| e.kind());
+        let (got, end) = read_to_the_end(client_far);
         assert_eq!(got, b"reply", "the stream ended with {end:?}");
         assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
     }
@@ -1299,11 +1297,12 @@ mod tests {
         (s, client_far)
     }
 
-    fn read_to_the_end(mut far: std::net::TcpStream) -> Vec<u8> {
+    /// Reads `far` to its end (within 5 s): what came, and how it ended.
+    fn read_to_the_end(mut far: std::net::TcpStream) -> (Vec<u8>, Result<(), io::ErrorKind>) {
         far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         let mut got = Vec::new();
-        far.read_to_end(&mut got).expect("the reply, then a clean end");
-        got
+        let end = far.read_to_end(&mut got).map(|_| ()).map_err(|e| e.kind());
+        (got, end)
     }
 
     #[test]
@@ -1318,7 +1317,7 @@ mod tests {
         });
         assert!(matches!(s.resume(pools, Instant::now()), Outcome::Continue));
         assert_eq!(s.down.flow, Flow::Done);
-        assert_eq!(read_to_the_end(client_far), b"reply");
+        assert_eq!(read_to_the_end(client_far), (b"reply".to_vec(), Ok(())));
     }
 
     #[test]
@@ -1335,7 +1334,7 @@ mod tests {
         assert!(matches!(s.resume(pools, Instant::now()), Outcome::Continue));
         assert_eq!(s.down.flow, Flow::Done);
         // lb does not read out-of-band bytes: the urgent one drops out.
-        assert_eq!(read_to_the_end(client_far), b"before after");
+        assert_eq!(read_to_the_end(client_far), (b"before after".to_vec(), Ok(())));
     }
 
     #[test]
@@ -1415,15 +1414,10 @@ mod tests {
     fn relay_to_the_end<'a>(
         mut s: Session<'a>,
         pools: Pools<'a>,
-        mut client_far: std::net::TcpStream,
+        client_far: std::net::TcpStream,
         now: Instant,
     ) -> (Option<CloseReason>, Vec<u8>, Result<(), io::ErrorKind>) {
-        client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            let end = client_far.read_to_end(&mut got).map(|_| ()).map_err(|e| e.kind());
-            (got, end)
-        });
+        let reader = std::thread::spawn(move || read_to_the_end(client_far));
         let deadline = Instant::now() + Duration::from_secs(5);
         let closed = loop {
             assert!(Instant::now() < deadline, "the pair never ended");
@@ -1639,10 +1633,7 @@ mod tests {
         s.up = Direction::new(SpliceMode::Always);
         socket2::SockRef::from(&client_far).send_with_flags(b"!", libc::MSG_OOB).expect("send urgent");
         client_far.shutdown(Shutdown::Write).expect("shutdown");
-        let mut pfd = libc::pollfd { fd: s.client.stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
-        assert!(ready == 1 && pfd.revents & libc::POLLRDHUP != 0, "the FIN never arrived");
+        wait_for(&s.client.stream, libc::POLLRDHUP, "the FIN never arrived");
         s.client.readable = true;
         s.client.hangup = Hangup::Fin;
         s.backend.writable = true;

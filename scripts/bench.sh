@@ -15,6 +15,9 @@
 #   rev   bulk Gbit/s server->client                 (iperf3 -J -R)
 #   hold  proxy RSS idle and holding 5,000 idle client connections
 #   cpu   proxy user+system CPU per request / per GB (/proc/PID/stat)
+#   kernel  per request / per GB: TCP segments sent on loopback, context
+#         switches of the proxy and of the whole machine (/proc); with
+#         --counts also the proxy's syscalls, epoll waits and splices (perf)
 # and writes bench-results/results.md (medians, ratios, the targets of issues 5 and 6),
 # bench-results/chart.png and bench-results/raw-<timestamp>.tsv (every sample).
 #
@@ -85,6 +88,8 @@ LB_BIN_DEFAULT=1
 LB_CMP_BIN=""             # --compare: a second lb binary, run as row lb-compare
 KEEP_TMP=0
 QUICK=0
+COUNTS=0                  # --counts: count the proxy's syscalls with perf
+PERF_EVENTS=""            # the tracepoints --counts found usable
 
 usage() {
     cat <<EOF
@@ -109,6 +114,11 @@ options:
                    --rows only lb and lb-compare run. Writes
                    bench-results/compare-<timestamp>.md and .png, not
                    results.md; the lb/lb-compare ratios judge the change
+  --counts         also count each proxy's syscalls, epoll waits and splices
+                   with perf (installs linux-perf; needs root or tracepoint
+                   access). Counting slows every syscall a little, more so
+                   for the proxies that make more of them, so such a run
+                   writes bench-results/counts.md instead of results.md
   --keep-tmp       keep the temp dir with configs and logs
   -h, --help       this help
 
@@ -116,7 +126,8 @@ rows: $(row_names | tr '\n' ' ')
   (lb-splice-* need an lb with --splice; without it they are skipped)
 
 Outputs: bench-results/results.md, bench-results/chart.png,
-         bench-results/raw-<timestamp>.tsv (every sample; not committed)
+         bench-results/raw-<timestamp>.tsv (every sample; not committed);
+         with --counts bench-results/counts.md and counts.png instead
 EOF
 }
 
@@ -137,6 +148,7 @@ parse_args() {
             --rows) [[ -n ${2:-} ]] || die "--rows needs a comma-separated list"; ROWS_ARG=$2; shift ;;
             --lb) [[ -n ${2:-} ]] || die "--lb needs a path"; LB_BIN=$2; LB_BIN_DEFAULT=0; shift ;;
             --compare) [[ -n ${2:-} ]] || die "--compare needs a path"; LB_CMP_BIN=$2; shift ;;
+            --counts) COUNTS=1 ;;
             --keep-tmp) KEEP_TMP=1 ;;
             -h|--help) usage; exit 0 ;;
             *) usage >&2; die "unknown option: $1" ;;
@@ -189,6 +201,7 @@ install_deps() {
     command -v wrk >/dev/null || need+=(wrk)
     command -v iperf3 >/dev/null || need+=(iperf3)
     command -v gnuplot >/dev/null || need+=(gnuplot-nox)
+    ((COUNTS)) && ! command -v perf >/dev/null && need+=(linux-perf)
     ((${#need[@]})) || return 0
 
     local sudo=()
@@ -204,6 +217,20 @@ install_deps() {
     if ! nginx_stream_builtin && [[ ! -e $NGINX_STREAM_MODULE ]]; then
         die "nginx has no stream module (looked for $NGINX_STREAM_MODULE)"
     fi
+}
+
+# check_perf: with --counts, the syscall tracepoints perf can count here.
+# epoll_wait and epoll_pwait are both asked for: which one a proxy calls
+# depends on its libc, and some architectures have only the second.
+check_perf() {
+    ((COUNTS)) || return 0
+    local ev ok=()
+    perf stat -x, -o /dev/null -e raw_syscalls:sys_enter -- true >/dev/null 2>&1 \
+        || die "--counts: perf cannot count syscalls here (run as root, or lower kernel.perf_event_paranoid and make tracefs readable)"
+    for ev in raw_syscalls:sys_enter syscalls:sys_enter_epoll_wait syscalls:sys_enter_epoll_pwait syscalls:sys_enter_splice; do
+        perf stat -x, -o /dev/null -e "$ev" -- true >/dev/null 2>&1 && ok+=("$ev")
+    done
+    PERF_EVENTS=$(IFS=,; echo "${ok[*]}")
 }
 
 ensure_lb() {
@@ -261,8 +288,8 @@ drop_unsupported_lb_rows() {
 # fit_durations: unless --duration was given, the longest wrk duration up to
 # DURATION_MAX whose estimated total stays within the budget.
 estimate_seconds() {
-    local d=$1 b=$(($1 / 2 < 2 ? 2 : $1 / 2))
-    echo $((FIXED_OVERHEAD + ROUNDS * ${#ROWS[@]} * (2 * d + 2 * b + ROW_OVERHEAD)))
+    local d=$1 b=$(($1 / 2 < 2 ? 2 : $1 / 2)) perf=$((COUNTS ? 2 : 0))
+    echo $((FIXED_OVERHEAD + ROUNDS * ${#ROWS[@]} * (2 * d + 2 * b + ROW_OVERHEAD + perf)))
 }
 
 fit_durations() {
@@ -631,10 +658,109 @@ cpu_ticks() {
     CPU=$S_CPU
 }
 
+# kernel_sample: kernel work so far, read from /proc without forking.
+#   K_SEGS    TCP segments sent (OutSegs of /proc/net/snmp): on loopback every
+#             segment of the client, the proxy and the backends
+#   K_SYS_CS  context switches of the whole machine (ctxt of /proc/stat)
+#   K_CS      the proxy's own, voluntary and involuntary, over every thread
+#             of its process tree (0 for direct)
+kernel_sample() {
+    local row=() hdr=() i p t k v
+    K_SEGS=0 K_SYS_CS=0 K_CS=0
+    while read -r -a row; do
+        [[ ${row[0]} == Tcp: ]] || continue
+        if ((${#hdr[@]} == 0)); then
+            hdr=("${row[@]}")
+            continue
+        fi
+        for i in "${!hdr[@]}"; do [[ ${hdr[i]} == OutSegs ]] && K_SEGS=${row[i]}; done
+        break
+    done </proc/net/snmp
+    while read -r k v _; do
+        if [[ $k == ctxt ]]; then K_SYS_CS=$v; break; fi
+    done </proc/stat
+    [[ -n $PROXY_PID ]] || return 0
+    proc_tree "$PROXY_PID"
+    for p in "${TREE[@]}"; do
+        for t in "/proc/$p/task/"*/status; do
+            while read -r k v _; do
+                [[ $k == voluntary_ctxt_switches: || $k == nonvoluntary_ctxt_switches: ]] && K_CS=$((K_CS + v))
+            done 2>/dev/null <"$t" || true
+        done
+    done
+    return 0
+}
+
+# counts_start LABEL / counts_stop: with --counts, perf counts the proxy's
+# syscalls in between (every thread of every process in its tree). Sets
+# N_SYSCALLS, N_EPOLL_WAITS and N_SPLICES ("" when not counted).
+counts_start() {
+    PERF_PID="" N_SYSCALLS="" N_EPOLL_WAITS="" N_SPLICES=""
+    ((COUNTS)) && [[ -n $PROXY_PID ]] || return 0
+    proc_tree "$PROXY_PID"
+    PERF_OUT=$TMP/perf-$ROUND-$ROW-$1.csv
+    perf stat -x, -o "$PERF_OUT" -e "$PERF_EVENTS" -p "$(IFS=,; echo "${TREE[*]}")" >"$PERF_OUT.err" 2>&1 &
+    PERF_PID=$!
+    LIVE[$PERF_PID]=perf
+    # perf prints nothing until it stops, so there is no sign that it has
+    # attached; it takes a few milliseconds.
+    sleep 0.3
+    proc_alive "$PERF_PID" || die "perf stat failed on $ROW: $(cat "$PERF_OUT.err")"
+}
+
+counts_stop() {
+    [[ -n $PERF_PID ]] || return 0
+    local value event
+    kill -INT "$PERF_PID" 2>/dev/null || true
+    wait "$PERF_PID" 2>/dev/null || true
+    unset "LIVE[$PERF_PID]"
+    N_SYSCALLS=0 N_EPOLL_WAITS=0 N_SPLICES=0
+    while IFS=, read -r value _ event _; do
+        [[ $value =~ ^[0-9]+$ ]] || continue
+        case $event in
+            raw_syscalls:sys_enter) N_SYSCALLS=$value ;;
+            syscalls:sys_enter_epoll_wait | syscalls:sys_enter_epoll_pwait) N_EPOLL_WAITS=$((N_EPOLL_WAITS + value)) ;;
+            syscalls:sys_enter_splice) N_SPLICES=$value ;;
+        esac
+    done <"$PERF_OUT"
+}
+
+# record_kernel LABEL UNITS PER: kernel work between kernel_sample/counts
+# calls around a measurement, per request (UNITS requests, PER=req) or per
+# GB (UNITS GB, PER=gb). K0_* hold the samples taken before.
+record_kernel() {
+    local label=$1 units=$2 per=$3
+    record "${label}_segs_per_$per" "$(calc "($K_SEGS - $K0_SEGS) / $units")"
+    record "${label}_sys_cs_per_$per" "$(calc "($K_SYS_CS - $K0_SYS_CS) / $units")"
+    [[ -n $PROXY_PID ]] || return 0
+    record "${label}_cs_per_$per" "$(calc "($K_CS - $K0_CS) / $units")"
+    [[ -n $N_SYSCALLS ]] || return 0
+    record "${label}_syscalls_per_$per" "$(calc "$N_SYSCALLS / $units")"
+    record "${label}_epoll_waits_per_$per" "$(calc "$N_EPOLL_WAITS / $units")"
+    # Small requests never reach a splice, so only bulk records them.
+    [[ $per == gb ]] && record "${label}_splices_per_$per" "$(calc "$N_SPLICES / $units")"
+    return 0
+}
+
+# kernel_before LABEL: the samples record_kernel compares with.
+kernel_before() {
+    counts_start "$1"
+    kernel_sample
+    K0_SEGS=$K_SEGS K0_SYS_CS=$K_SYS_CS K0_CS=$K_CS
+}
+
+# kernel_after: samples after a measurement, stopping perf first so that its
+# own exit is not counted.
+kernel_after() {
+    counts_stop
+    kernel_sample
+}
+
 # measure_wrk ka|cc: keep-alive or one connection per request.
 measure_wrk() {
     local label=$1 out=$TMP/wrk-$ROUND-$ROW-$1.txt hdr=() c0 c1 rps reqs p50 p99 errs
     [[ $label == cc ]] && hdr=(-H 'Connection: close')
+    kernel_before "$label"
     cpu_ticks
     c0=$CPU
     run_client "$out" "$out.err" timeout $((DURATION + 30)) wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" \
@@ -642,9 +768,11 @@ measure_wrk() {
 $(cat "$out" "$out.err")"
     cpu_ticks
     c1=$CPU
+    kernel_after
     read -r rps reqs p50 p99 errs < <("${PY[@]}" "$HELPERS/parse.py" wrk "$out") \
         || die "cannot parse wrk output $out"
     ((reqs > 0)) || die "wrk made no requests through $ROW ($label): $out"
+    record_kernel "$label" "$reqs" req
     record "${label}_rps" "$rps"
     record "${label}_p50_ms" "$p50"
     record "${label}_p99_ms" "$p99"
@@ -657,6 +785,7 @@ $(cat "$out" "$out.err")"
 measure_bulk() {
     local label=$1 out=$TMP/iperf-$ROUND-$ROW-$1.json rev=() c0 c1 gbps bytes
     [[ $label == rev ]] && rev=(-R)
+    kernel_before "$label"
     cpu_ticks
     c0=$CPU
     run_client "$out" "$out.err" timeout $((BULK_DURATION + 30)) \
@@ -664,7 +793,9 @@ measure_bulk() {
 $(cat "$out.err"; "${PY[@]}" "$HELPERS/parse.py" iperf "$out" 2>&1)"
     cpu_ticks
     c1=$CPU
+    kernel_after
     read -r gbps bytes < <("${PY[@]}" "$HELPERS/parse.py" iperf "$out") || die "cannot parse iperf3 output $out"
+    record_kernel "$label" "($bytes / 1e9)" gb
     record "${label}_gbps" "$gbps"
     [[ -n $PROXY_PID ]] && record "${label}_cpu_ms_per_gb" "$(calc "($c1 - $c0) * 1000 / $CLK_TCK / ($bytes / 1e9)")"
     log "  $ROW $label: $gbps Gbit/s"
@@ -785,6 +916,7 @@ write_meta() {
         printf 'iperf3 args\t-t %s -J, forward and -R\n' "$BULK_DURATION"
         printf 'settings\tworkers/nbthread/worker_processes %s, buffer and pipe %s B, connect timeout %ss, idle timeout %ss, maxconn %s, held connections %s\n' \
             "$WORKERS" "$BUFSIZE" "$CONNECT_TIMEOUT" "$IDLE_TIMEOUT" "$MAXCONN" "$HOLD_CONNS"
+        ((COUNTS)) && printf 'perf\t%s, counting %s\n' "$(first_line perf --version)" "$PERF_EVENTS"
         printf 'command\tscripts/bench.sh %s\n' "$ARGS_STR"
         printf 'raw\t%s\n' "$(basename "$RAW")"
     } >"$META"
@@ -796,6 +928,10 @@ make_report() {
     local md=$OUT_DIR/results.md png=$OUT_DIR/chart.png
     if [[ -n $LB_CMP_BIN ]]; then
         md=$OUT_DIR/compare-$STAMP.md png=$OUT_DIR/compare-$STAMP.png
+    elif ((COUNTS)); then
+        # perf's counting slowed the rows unevenly: not the run to publish
+        # as the results, but the latest counts.
+        md=$OUT_DIR/counts.md png=$OUT_DIR/counts.png
     fi
     "${PY[@]}" "$HELPERS/report.py" --raw "$RAW" --meta "$META" --md "$md" \
         --chart-data "$TMP/chart.dat" --chart-script "$TMP/chart.gp" --chart-png "$png" \
@@ -811,6 +947,7 @@ main() {
     ARGS_STR="$*"
     parse_args "$@"
     install_deps
+    check_perf
     # The helpers need only the stdlib: run the interpreter itself (not a
     # version-manager shim) without site-packages, so each call starts fast.
     PY=("$(python3 -c 'import sys; print(sys.executable)')" -S)

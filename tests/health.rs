@@ -93,7 +93,7 @@ fn a_killed_backend_is_reported_down_and_avoided_then_returns_when_restarted() {
     let line = format!("{a_addr}: Status=UNHEALTHY");
     assert!(lb.wait_stdout(|l| l.contains(&line), WAIT), "{}", lb.stdout_text());
     assert!(
-        lb.stderr_text().contains(&format!("backend {a_addr} is DOWN: connection refused")),
+        lb.wait_stderr(|l| l.contains(&format!("backend {a_addr} is DOWN: connection refused")), WAIT),
         "{}",
         lb.stderr_text()
     );
@@ -120,6 +120,9 @@ fn a_killed_backend_is_reported_down_and_avoided_then_returns_when_restarted() {
     assert!(lb.wait_stdout(|l| l.contains(&line), WAIT), "{}", lb.stdout_text());
     let served_by_a = (0..20).map(|_| who_answers(lb.addr)).any(|s| s == "Server A");
     assert!(served_by_a, "A gets traffic again");
+    // The lines are written by lb's logging thread and collected by the
+    // test's reader: once a flip shows, its line may still be on the way.
+    assert!(lb.wait_stderr(|l| l.contains(&format!("backend {a_addr} is UP")), WAIT), "{}", lb.stderr_text());
     assert_eq!(count_lines(&lb, &format!("backend {a_addr} is DOWN")), 1, "one line per flip");
     assert_eq!(count_lines(&lb, &format!("backend {a_addr} is UP")), 1, "one line per flip");
     assert_eq!(count_lines(&lb, &format!("backend {b_addr} is")), 0, "B never flipped");
@@ -134,8 +137,10 @@ fn the_http_probe_marks_a_503_backend_down_and_a_200_backend_up() {
     let admin = admin_addr(&lb);
     assert!(wait_backend(admin, sick_addr, false, WAIT), "{}", lb.stderr_text());
     assert!(
-        lb.stderr_text()
-            .contains(&format!("backend {sick_addr} is DOWN: HTTP 503 ({FALL} consecutive failed health checks)")),
+        lb.wait_stderr(
+            |l| l.contains(&format!("backend {sick_addr} is DOWN: HTTP 503 ({FALL} consecutive failed health checks)")),
+            WAIT
+        ),
         "{}",
         lb.stderr_text()
     );
@@ -156,8 +161,12 @@ fn the_http_probe_marks_a_503_backend_down_and_a_200_backend_up() {
     let healed = be_on(sick_addr, "Server A", &[]);
     assert!(wait_backend(admin, healed.addr, true, WAIT), "{}", lb.stderr_text());
     assert!(
-        lb.stderr_text()
-            .contains(&format!("backend {sick_addr} is UP: HTTP 200 ({RISE} consecutive successful health checks)")),
+        lb.wait_stderr(
+            |l| l.contains(&format!(
+                "backend {sick_addr} is UP: HTTP 200 ({RISE} consecutive successful health checks)"
+            )),
+            WAIT
+        ),
         "{}",
         lb.stderr_text()
     );
@@ -208,7 +217,11 @@ fn a_backend_that_never_answers_goes_down_after_the_probe_timeout() {
     let lb = lb_probing_http(&[silent_addr, fine.addr], "1");
     let admin = admin_addr(&lb);
     assert!(wait_backend(admin, silent_addr, false, secs(1.0 * 2.0 + 0.4) + SLACK), "{}", lb.stderr_text());
-    assert!(lb.stderr_text().contains(&format!("backend {silent_addr} is DOWN: timed out")), "{}", lb.stderr_text());
+    assert!(
+        lb.wait_stderr(|l| l.contains(&format!("backend {silent_addr} is DOWN: timed out")), WAIT),
+        "{}",
+        lb.stderr_text()
+    );
     assert_eq!(who_answers(lb.addr), "Server F");
     drop(silent);
 }
@@ -244,8 +257,12 @@ fn with_probes_off_a_refusing_backend_is_marked_down_after_fall_failed_connects(
     assert_eq!(m.backend("lb_backend_connect_failures_total", dead), 2.0, "down after exactly --fall failures");
     assert_eq!(m.sum("lb_backend_health_checks_total"), 0.0, "no probes were sent");
     assert!(
-        lb.stderr_text()
-            .contains(&format!("backend {dead} is DOWN: connection refused (2 consecutive failed client connects)")),
+        lb.wait_stderr(
+            |l| l.contains(&format!(
+                "backend {dead} is DOWN: connection refused (2 consecutive failed client connects)"
+            )),
+            WAIT
+        ),
         "{}",
         lb.stderr_text()
     );
@@ -280,7 +297,7 @@ fn with_probes_off_a_passively_downed_backend_is_retried_after_one_period() {
         assert!(wait_backend(admin, dead, true, secs(0.3 * 1.25) + SLACK), "{}", lb.stderr_text());
     }
     assert!(
-        lb.stderr_text().contains(&format!("backend {dead} is UP: retrying with client traffic")),
+        lb.wait_stderr(|l| l.contains(&format!("backend {dead} is UP: retrying with client traffic")), WAIT),
         "{}",
         lb.stderr_text()
     );

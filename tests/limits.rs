@@ -118,7 +118,7 @@ fn the_drain_timeout_closes_stragglers_and_still_exits_zero() {
     let _ = c.read_to_end(&mut rest);
     assert!(rest.is_empty());
     assert!(
-        lb.stderr_text().contains("drain timeout reached; closing 1 connections still open"),
+        lb.wait_stderr(|l| l.contains("drain timeout reached; closing 1 connections still open"), WAIT),
         "{}",
         lb.stderr_text()
     );
@@ -622,7 +622,7 @@ fn every_client_is_served_at_the_descriptor_limit(echo: &Backend, backends: &[st
         assert!(failed.is_empty(), "limit {limit}: {failed:?}\n{}", lb.stderr_text());
         assert_eq!(echo.gauge.accepted.load(Ordering::SeqCst) - before, 40, "limit {limit}");
         assert!(
-            lb.stderr_text().contains("Too many open files"),
+            lb.wait_stderr(|l| l.contains("Too many open files"), WAIT),
             "limit {limit} was never reached: {}",
             lb.stderr_text()
         );

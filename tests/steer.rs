@@ -249,5 +249,9 @@ fn cap_bpf_alone_is_enough_to_steer() {
     let _ = std::fs::remove_dir_all(&dir);
     let mut c = connect(lb.addr);
     assert_eq!(echo_on(&mut c, b"hello"), b"hello");
-    assert!(lb.stderr_text().contains("steering: each new client goes to the worker holding the fewest"));
+    assert!(
+        lb.wait_stderr(|l| l.contains("steering: each new client goes to the worker holding the fewest"), WAIT),
+        "{}",
+        lb.stderr_text()
+    );
 }

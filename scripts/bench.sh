@@ -662,11 +662,13 @@ cpu_ticks() {
 #   K_SEGS    TCP segments sent (OutSegs of /proc/net/snmp): on loopback every
 #             segment of the client, the proxy and the backends
 #   K_SYS_CS  context switches of the whole machine (ctxt of /proc/stat)
+#   K_IDLE, K_TIME  the machine's idle (idle + iowait) and total CPU time
+#             in clock ticks (the cpu line of /proc/stat)
 #   K_CS      the proxy's own, voluntary and involuntary, over every thread
 #             of its process tree (0 for direct)
 kernel_sample() {
     local row=() hdr=() i p t k v
-    K_SEGS=0 K_SYS_CS=0 K_CS=0
+    K_SEGS=0 K_SYS_CS=0 K_CS=0 K_IDLE=0 K_TIME=0
     while read -r -a row; do
         [[ ${row[0]} == Tcp: ]] || continue
         if ((${#hdr[@]} == 0)); then
@@ -676,8 +678,14 @@ kernel_sample() {
         for i in "${!hdr[@]}"; do [[ ${hdr[i]} == OutSegs ]] && K_SEGS=${row[i]}; done
         break
     done </proc/net/snmp
-    while read -r k v _; do
-        if [[ $k == ctxt ]]; then K_SYS_CS=$v; break; fi
+    while read -r -a row; do
+        if [[ ${row[0]} == cpu ]]; then
+            for i in "${!row[@]}"; do ((i > 0)) && K_TIME=$((K_TIME + row[i])); done
+            K_IDLE=$((row[4] + row[5]))
+        elif [[ ${row[0]} == ctxt ]]; then
+            K_SYS_CS=${row[1]}
+            break
+        fi
     done </proc/stat
     [[ -n $PROXY_PID ]] || return 0
     proc_tree "$PROXY_PID"
@@ -732,6 +740,9 @@ record_kernel() {
     local label=$1 units=$2 per=$3
     record "${label}_segs_per_$per" "$(calc "($K_SEGS - $K0_SEGS) / $units")"
     record "${label}_sys_cs_per_$per" "$(calc "($K_SYS_CS - $K0_SYS_CS) / $units")"
+    # Whether the load saturated the machine: then throughput is its CPU
+    # divided by what one request costs everyone, the proxy included.
+    ((K_TIME > K0_TIME)) && record "${label}_idle_pct" "$(calc "100 * ($K_IDLE - $K0_IDLE) / ($K_TIME - $K0_TIME)")"
     [[ -n $PROXY_PID ]] || return 0
     record "${label}_cs_per_$per" "$(calc "($K_CS - $K0_CS) / $units")"
     [[ -n $N_SYSCALLS ]] || return 0
@@ -746,7 +757,7 @@ record_kernel() {
 kernel_before() {
     counts_start "$1"
     kernel_sample
-    K0_SEGS=$K_SEGS K0_SYS_CS=$K_SYS_CS K0_CS=$K_CS
+    K0_SEGS=$K_SEGS K0_SYS_CS=$K_SYS_CS K0_CS=$K_CS K0_IDLE=$K_IDLE K0_TIME=$K_TIME
 }
 
 # kernel_after: samples after a measurement, stopping perf first so that its

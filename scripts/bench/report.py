@@ -44,11 +44,13 @@ COST = [
 # Kernel work: TCP segments and context switches from /proc on every run,
 # the proxy's syscalls with --counts (perf).
 KERNEL_REQ = [
+    ("ka_idle_pct", "ka machine idle %", 1, ""),
     ("ka_segs_per_req", "ka TCP segments", 2, "lower"),
     ("ka_cs_per_req", "ka proxy ctx switches", 3, "lower"),
     ("ka_sys_cs_per_req", "ka machine ctx switches", 3, "lower"),
     ("ka_syscalls_per_req", "ka proxy syscalls", 2, "lower"),
     ("ka_epoll_waits_per_req", "ka proxy epoll waits", 3, "lower"),
+    ("cc_idle_pct", "cc machine idle %", 1, ""),
     ("cc_segs_per_req", "cc TCP segments", 2, "lower"),
     ("cc_cs_per_req", "cc proxy ctx switches", 3, "lower"),
     ("cc_sys_cs_per_req", "cc machine ctx switches", 3, "lower"),
@@ -56,11 +58,14 @@ KERNEL_REQ = [
     ("cc_epoll_waits_per_req", "cc proxy epoll waits", 3, "lower"),
 ]
 KERNEL_GB = [
-    (f"{d}_{m}_per_gb", f"{d} {t}", 0, "lower")
+    m
     for d in ("fwd", "rev")
-    for m, t in (("segs", "TCP segments"), ("cs", "proxy ctx switches"),
-                 ("sys_cs", "machine ctx switches"), ("syscalls", "proxy syscalls"),
-                 ("epoll_waits", "proxy epoll waits"), ("splices", "proxy splices"))
+    for m in [(f"{d}_idle_pct", f"{d} machine idle %", 1, "")] + [
+        (f"{d}_{k}_per_gb", f"{d} {t}", 0, "lower")
+        for k, t in (("segs", "TCP segments"), ("cs", "proxy ctx switches"),
+                     ("sys_cs", "machine ctx switches"), ("syscalls", "proxy syscalls"),
+                     ("epoll_waits", "proxy epoll waits"), ("splices", "proxy splices"))
+    ]
 ]
 SPREAD = [("ka_rps", "keep-alive req/s"), ("cc_rps", "conn/s"),
           ("fwd_gbps", "bulk fwd"), ("rev_gbps", "bulk rev")]
@@ -248,7 +253,9 @@ def main():
             continue
         md.append(f"## Kernel work {title}")
         md.append("")
-        md.append("TCP segments: every segment sent on loopback by the client, the proxy "
+        md.append("Machine idle: the share of both cores' time left idle during the "
+                  "measurement (`/proc/stat`). "
+                  "TCP segments: every segment sent on loopback by the client, the proxy "
                   "and the backends (`/proc/net/snmp`). Context switches: the proxy's "
                   "threads, voluntary and involuntary (`/proc/PID/task/*/status`), and "
                   "the whole machine's (`/proc/stat`). Syscalls, epoll waits (`epoll_wait` "

@@ -116,9 +116,10 @@ options:
                    results.md; the lb/lb-compare ratios judge the change
   --counts         also count each proxy's syscalls, epoll waits and splices
                    with perf (installs linux-perf; needs root or tracepoint
-                   access). Counting slows every syscall a little, more so
-                   for the proxies that make more of them, so such a run
-                   writes bench-results/counts.md instead of results.md
+                   access). Counting slows every syscall on the machine a
+                   little, and each proxy by the syscalls it makes, so such
+                   a run writes bench-results/counts.md instead of
+                   results.md
   --keep-tmp       keep the temp dir with configs and logs
   -h, --help       this help
 
@@ -127,7 +128,8 @@ rows: $(row_names | tr '\n' ' ')
 
 Outputs: bench-results/results.md, bench-results/chart.png,
          bench-results/raw-<timestamp>.tsv (every sample; not committed);
-         with --counts bench-results/counts.md and counts.png instead
+         with --counts bench-results/counts.md instead (and an uncommitted
+         counts.png)
 EOF
 }
 
@@ -680,7 +682,9 @@ kernel_sample() {
     done </proc/net/snmp
     while read -r -a row; do
         if [[ ${row[0]} == cpu ]]; then
-            for i in "${!row[@]}"; do ((i > 0)) && K_TIME=$((K_TIME + row[i])); done
+            # user nice system idle iowait irq softirq steal: the guest
+            # fields after them are already counted in user and nice.
+            for ((i = 1; i <= 8 && i < ${#row[@]}; i++)); do K_TIME=$((K_TIME + row[i])); done
             K_IDLE=$((row[4] + row[5]))
         elif [[ ${row[0]} == ctxt ]]; then
             K_SYS_CS=${row[1]}
@@ -722,15 +726,17 @@ counts_stop() {
     kill -INT "$PERF_PID" 2>/dev/null || true
     wait "$PERF_PID" 2>/dev/null || true
     unset "LIVE[$PERF_PID]"
-    N_SYSCALLS=0 N_EPOLL_WAITS=0 N_SPLICES=0
+    # A count stays "" unless perf reports it: a figure that was not
+    # counted must not read as 0.
     while IFS=, read -r value _ event _; do
         [[ $value =~ ^[0-9]+$ ]] || continue
         case $event in
             raw_syscalls:sys_enter) N_SYSCALLS=$value ;;
-            syscalls:sys_enter_epoll_wait | syscalls:sys_enter_epoll_pwait) N_EPOLL_WAITS=$((N_EPOLL_WAITS + value)) ;;
+            syscalls:sys_enter_epoll_wait | syscalls:sys_enter_epoll_pwait) N_EPOLL_WAITS=$((${N_EPOLL_WAITS:-0} + value)) ;;
             syscalls:sys_enter_splice) N_SPLICES=$value ;;
         esac
     done <"$PERF_OUT"
+    [[ -n $N_SYSCALLS ]] || die "perf stat counted no syscalls of $ROW: $(cat "$PERF_OUT" "$PERF_OUT.err")"
 }
 
 # record_kernel LABEL UNITS PER: kernel work between kernel_sample/counts
@@ -747,9 +753,9 @@ record_kernel() {
     record "${label}_cs_per_$per" "$(calc "($K_CS - $K0_CS) / $units")"
     [[ -n $N_SYSCALLS ]] || return 0
     record "${label}_syscalls_per_$per" "$(calc "$N_SYSCALLS / $units")"
-    record "${label}_epoll_waits_per_$per" "$(calc "$N_EPOLL_WAITS / $units")"
+    [[ -n $N_EPOLL_WAITS ]] && record "${label}_epoll_waits_per_$per" "$(calc "$N_EPOLL_WAITS / $units")"
     # Small requests never reach a splice, so only bulk records them.
-    [[ $per == gb ]] && record "${label}_splices_per_$per" "$(calc "$N_SPLICES / $units")"
+    [[ $per == gb && -n $N_SPLICES ]] && record "${label}_splices_per_$per" "$(calc "$N_SPLICES / $units")"
     return 0
 }
 
@@ -806,6 +812,7 @@ $(cat "$out.err"; "${PY[@]}" "$HELPERS/parse.py" iperf "$out" 2>&1)"
     c1=$CPU
     kernel_after
     read -r gbps bytes < <("${PY[@]}" "$HELPERS/parse.py" iperf "$out") || die "cannot parse iperf3 output $out"
+    ((bytes > 0)) || die "iperf3 moved no bytes through $ROW ($label): $out"
     record_kernel "$label" "($bytes / 1e9)" gb
     record "${label}_gbps" "$gbps"
     [[ -n $PROXY_PID ]] && record "${label}_cpu_ms_per_gb" "$(calc "($c1 - $c0) * 1000 / $CLK_TCK / ($bytes / 1e9)")"
@@ -882,7 +889,8 @@ busy_percent() {
     sleep 1
     read -r -a b < <(head -n1 /proc/stat)
     local i tot=0 idle
-    for ((i = 1; i < ${#a[@]}; i++)); do tot=$((tot + b[i] - a[i])); done
+    # Fields 1-8; guest time is already part of user and nice.
+    for ((i = 1; i <= 8 && i < ${#a[@]}; i++)); do tot=$((tot + b[i] - a[i])); done
     idle=$((b[4] - a[4] + b[5] - a[5]))
     ((tot > 0)) && echo $((100 * (tot - idle) / tot)) || echo 0
 }

@@ -1,0 +1,114 @@
+//! scripts/bench/report.py, which turns bench.sh's raw samples into the
+//! published results: the kernel work tables every run gets, and what a
+//! `--counts` run (whose figures perf skewed) must leave out.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Samples of one round: a plain run's figures plus the kernel work, and
+/// the syscall counts only a `--counts` run records.
+const RAW: &str = "round\trow\tmetric\tvalue
+1\tdirect\tka_rps\t120000
+1\tdirect\tka_segs_per_req\t2.0
+1\tdirect\tka_idle_pct\t0.8
+1\tlb\tka_rps\t60000
+1\tlb\tka_cpu_us_per_req\t14.0
+1\tlb\tka_segs_per_req\t4.0
+1\tlb\tka_cs_per_req\t0.3
+1\tlb\tka_sys_cs_per_req\t0.8
+1\tlb\tka_idle_pct\t2.4
+1\tlb\tka_syscalls_per_req\t4.14
+1\tlb\tfwd_gbps\t12.0
+1\tlb\tfwd_splices_per_gb\t61393
+1\thaproxy-nosplice\tka_rps\t50000
+1\thaproxy-nosplice\tka_cpu_us_per_req\t17.0
+1\thaproxy-nosplice\tka_segs_per_req\t4.0
+1\thaproxy-nosplice\tka_syscalls_per_req\t4.42
+1\thaproxy-nosplice\tfwd_gbps\t10.0
+1\thaproxy-nosplice\tfwd_splices_per_gb\t0
+";
+
+const META: &str = "date\t2026-12-07 03:15 UTC
+rows\tdirect,lb,haproxy-nosplice
+kinds\tdirect=direct,lb=lb,haproxy-nosplice=haproxy
+rounds\t1
+";
+
+/// Runs report.py on `RAW` with `META` plus `extra_meta`; returns the
+/// Markdown it wrote, or None without python3.
+fn report(extra_meta: &str) -> Option<String> {
+    if Command::new("python3").arg("--version").stdout(Stdio::null()).status().is_err() {
+        eprintln!("python3 is not installed; skipping");
+        return None;
+    }
+    let dir = scratch_dir();
+    let file = |name: &str| dir.join(name);
+    std::fs::write(file("raw.tsv"), RAW).expect("raw");
+    std::fs::write(file("meta.tsv"), format!("{META}{extra_meta}")).expect("meta");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench/report.py");
+    let out = Command::new("python3")
+        .arg("-B")
+        .arg(script)
+        .arg("--raw")
+        .arg(file("raw.tsv"))
+        .arg("--meta")
+        .arg(file("meta.tsv"))
+        .arg("--md")
+        .arg(file("results.md"))
+        .arg("--chart-data")
+        .arg(file("chart.dat"))
+        .arg("--chart-script")
+        .arg(file("chart.gp"))
+        .arg("--chart-png")
+        .arg(file("chart.png"))
+        .output()
+        .expect("run report.py");
+    assert!(out.status.success(), "report.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    let md = std::fs::read_to_string(file("results.md")).expect("results.md");
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(md)
+}
+
+fn scratch_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("lb-bench-report-test.{}.{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// The table row of `row` in the section that starts with `heading`.
+fn row_in<'a>(md: &'a str, heading: &str, row: &str) -> &'a str {
+    let section = &md[md.find(heading).unwrap_or_else(|| panic!("no {heading:?} in:\n{md}"))..];
+    let prefix = format!("| `{row}` |");
+    section.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {row} row under {heading:?}"))
+}
+
+#[test]
+fn a_plain_run_reports_kernel_work_beside_its_ratios_targets_and_chart() {
+    let Some(md) = report("") else { return };
+    assert!(md.starts_with("# lb benchmark results"), "{md}");
+    // Columns: row, idle %, segments, proxy and machine switches, syscalls.
+    assert_eq!(row_in(&md, "## Kernel work per request", "lb"), "| `lb` | 2.4 | 4.00 | 0.300 | 0.800 | 4.14 |");
+    assert_eq!(row_in(&md, "## Kernel work per request", "direct"), "| `direct` | 0.8 | 2.00 | — | — | — |");
+    assert_eq!(row_in(&md, "## Kernel work per GB of bulk", "lb"), "| `lb` | 61,393 |");
+    assert_eq!(md.matches("Machine idle:").count(), 1, "the columns are explained once");
+    assert!(md.contains("## Ratios `lb` / other rows"), "{md}");
+    assert!(md.contains("## Targets (issue 5)"), "{md}");
+    assert!(md.contains("![chart](chart.png)"), "{md}");
+}
+
+#[test]
+fn a_counts_run_reports_kernel_work_without_ratios_targets_or_chart() {
+    let Some(md) = report("perf\tperf version 6.1, counting raw_syscalls:sys_enter\n") else { return };
+    assert!(md.starts_with("# lb benchmark: kernel work counts"), "{md}");
+    assert_eq!(
+        row_in(&md, "## Kernel work per request", "haproxy-nosplice"),
+        "| `haproxy-nosplice` | — | 4.00 | — | — | 4.42 |"
+    );
+    // perf slowed each proxy by its own syscalls: nothing is judged on it.
+    for skewed in ["## Ratios", "## Targets", "![chart]"] {
+        assert!(!md.contains(skewed), "a counts run has {skewed:?}:\n{md}");
+    }
+}

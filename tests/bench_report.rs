@@ -46,23 +46,19 @@ fn report(extra_meta: &str) -> Option<String> {
     std::fs::write(file("raw.tsv"), RAW).expect("raw");
     std::fs::write(file("meta.tsv"), format!("{META}{extra_meta}")).expect("meta");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench/report.py");
-    let out = Command::new("python3")
-        .arg("-B")
-        .arg(script)
-        .arg("--raw")
-        .arg(file("raw.tsv"))
-        .arg("--meta")
-        .arg(file("meta.tsv"))
-        .arg("--md")
-        .arg(file("results.md"))
-        .arg("--chart-data")
-        .arg(file("chart.dat"))
-        .arg("--chart-script")
-        .arg(file("chart.gp"))
-        .arg("--chart-png")
-        .arg(file("chart.png"))
-        .output()
-        .expect("run report.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg("-B").arg(script);
+    for (flag, name) in [
+        ("--raw", "raw.tsv"),
+        ("--meta", "meta.tsv"),
+        ("--md", "results.md"),
+        ("--chart-data", "chart.dat"),
+        ("--chart-script", "chart.gp"),
+        ("--chart-png", "chart.png"),
+    ] {
+        cmd.arg(flag).arg(file(name));
+    }
+    let out = cmd.output().expect("run report.py");
     assert!(out.status.success(), "report.py failed: {}", String::from_utf8_lossy(&out.stderr));
     let md = std::fs::read_to_string(file("results.md")).expect("results.md");
     let _ = std::fs::remove_dir_all(&dir);

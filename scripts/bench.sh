@@ -233,6 +233,13 @@ check_perf() {
         perf stat -x, -o /dev/null -e "$ev" -- true >/dev/null 2>&1 && ok+=("$ev")
     done
     PERF_EVENTS=$(IFS=,; echo "${ok[*]}")
+    # counts_start starts the counters through a control FIFO (perf 5.10+).
+    local dir
+    dir=$(mktemp -d)
+    mkfifo "$dir/ctl" "$dir/ack"
+    perf stat -x, -o /dev/null -D -1 --control "fifo:$dir/ctl,$dir/ack" -e raw_syscalls:sys_enter -- true >/dev/null 2>&1 \
+        || { rm -rf "$dir"; die "--counts: this perf has no --control (perf 5.10 or newer is needed)"; }
+    rm -rf "$dir"
 }
 
 ensure_lb() {
@@ -711,13 +718,20 @@ counts_start() {
     ((COUNTS)) && [[ -n $PROXY_PID ]] || return 0
     proc_tree "$PROXY_PID"
     PERF_OUT=$TMP/perf-$ROUND-$ROW-$1.csv
-    perf stat -x, -o "$PERF_OUT" -e "$PERF_EVENTS" -p "$(IFS=,; echo "${TREE[*]}")" >"$PERF_OUT.err" 2>&1 &
+    local ctl=$TMP/perf-ctl ack=$TMP/perf-ack reply="" ctl_fd ack_fd
+    [[ -p $ctl ]] || mkfifo "$ctl" "$ack"
+    # Attached with its counters off; "enable" turns them on and the ack
+    # says they are on, so the measurement starts counted.
+    perf stat -x, -o "$PERF_OUT" -D -1 --control "fifo:$ctl,$ack" -e "$PERF_EVENTS" \
+        -p "$(IFS=,; echo "${TREE[*]}")" >"$PERF_OUT.err" 2>&1 &
     PERF_PID=$!
     LIVE[$PERF_PID]=perf
-    # perf prints nothing until it stops, so there is no sign that it has
-    # attached; it takes a few milliseconds.
-    sleep 0.3
-    proc_alive "$PERF_PID" || die "perf stat failed on $ROW: $(cat "$PERF_OUT.err")"
+    # Read-write opens of a FIFO do not wait for the other end.
+    exec {ctl_fd}<>"$ctl" {ack_fd}<>"$ack"
+    echo enable >&"$ctl_fd"
+    read -r -t 10 -u "$ack_fd" reply || true
+    exec {ctl_fd}>&- {ack_fd}<&-
+    [[ $reply == ack* ]] || die "perf stat did not start counting on $ROW: $(cat "$PERF_OUT.err")"
 }
 
 counts_stop() {

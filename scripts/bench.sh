@@ -898,14 +898,12 @@ run_row() {
 
 # busy_percent: CPU busy % of the whole machine over one second (before we start).
 busy_percent() {
-    local a b
-    read -r -a a < <(head -n1 /proc/stat)
+    local PROXY_PID="" t0 i0 tot idle
+    kernel_sample
+    t0=$K_TIME i0=$K_IDLE
     sleep 1
-    read -r -a b < <(head -n1 /proc/stat)
-    local i tot=0 idle
-    # Fields 1-8; guest time is already part of user and nice.
-    for ((i = 1; i <= 8 && i < ${#a[@]}; i++)); do tot=$((tot + b[i] - a[i])); done
-    idle=$((b[4] - a[4] + b[5] - a[5]))
+    kernel_sample
+    tot=$((K_TIME - t0)) idle=$((K_IDLE - i0))
     ((tot > 0)) && echo $((100 * (tot - idle) / tot)) || echo 0
 }
 

@@ -2,8 +2,12 @@
 //! published results: the kernel work tables every run gets, and what a
 //! `--counts` run (whose figures perf skewed) must leave out.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
+
+use common::scratch_dir;
 
 /// Samples of one round: a plain run's figures plus the kernel work, and
 /// the syscall counts only a `--counts` run records.
@@ -41,7 +45,7 @@ fn report(extra_meta: &str) -> Option<String> {
         eprintln!("python3 is not installed; skipping");
         return None;
     }
-    let dir = scratch_dir();
+    let dir = scratch_dir("lb-bench-report-test");
     let file = |name: &str| dir.join(name);
     std::fs::write(file("raw.tsv"), RAW).expect("raw");
     std::fs::write(file("meta.tsv"), format!("{META}{extra_meta}")).expect("meta");
@@ -63,15 +67,6 @@ fn report(extra_meta: &str) -> Option<String> {
     let md = std::fs::read_to_string(file("results.md")).expect("results.md");
     let _ = std::fs::remove_dir_all(&dir);
     Some(md)
-}
-
-fn scratch_dir() -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static CALLS: AtomicUsize = AtomicUsize::new(0);
-    let n = CALLS.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("lb-bench-report-test.{}.{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
 }
 
 /// The table row of `row` in the section that starts with `heading`.

@@ -5,18 +5,13 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 
 /// Runs `script` in bash after sourcing scripts/common.sh, with `envs`
 /// added; returns its exit code and stdout. Bounded by curl's own timeouts.
 fn with_common_sh(script: &str, envs: &[(&str, String)]) -> (Option<i32>, String) {
-    // One directory per call: tests run in parallel in one process.
-    static CALLS: AtomicUsize = AtomicUsize::new(0);
-    let n = CALLS.fetch_add(1, Ordering::Relaxed);
-    let work = std::env::temp_dir().join(format!("lb-scripts-test.{}.{n}", std::process::id()));
-    std::fs::create_dir_all(&work).expect("scratch dir");
+    let work = scratch_dir("lb-scripts-test");
     let repo = env!("CARGO_MANIFEST_DIR");
     let mut cmd = Command::new("bash");
     cmd.arg("-c")

@@ -212,8 +212,7 @@ fn cap_bpf_alone_is_enough_to_steer() {
         return;
     }
     // A copy that user nobody can run, wherever the checkout is.
-    let dir = std::env::temp_dir().join(format!("lb-steer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = scratch_dir("lb-steer");
     let bin = dir.join("lb");
     std::fs::copy(lb_bin(), &bin).expect("copy lb");
     for p in [&dir, &bin] {

@@ -19,6 +19,16 @@ use std::time::{Duration, Instant};
 /// Default bound for anything a test waits on.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// A new empty directory under the system's temp dir, one per call: tests
+/// run in parallel in one process. The caller removes it.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("{name}.{}.{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
 /// A child process whose output lines are collected, killed on drop.
 pub struct Proc {
     pub child: Child,

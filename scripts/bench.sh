@@ -128,8 +128,7 @@ rows: $(row_names | tr '\n' ' ')
 
 Outputs: bench-results/results.md, bench-results/chart.png,
          bench-results/raw-<timestamp>.tsv (every sample; not committed);
-         with --counts bench-results/counts.md instead (and an uncommitted
-         counts.png)
+         with --counts bench-results/counts.md instead, and no chart
 EOF
 }
 
@@ -954,24 +953,28 @@ write_meta() {
 }
 
 # make_report: results.md and chart.png, or, for --compare (an A/B of two
-# builds, not a result to publish), compare-<stamp>.md and .png.
+# builds, not a result to publish), compare-<stamp>.md and .png. A --counts
+# run writes counts.md (or its compare-<stamp>.md) and no chart: report.py
+# writes no chart script for it.
 make_report() {
     local md=$OUT_DIR/results.md png=$OUT_DIR/chart.png
     if [[ -n $LB_CMP_BIN ]]; then
         md=$OUT_DIR/compare-$STAMP.md png=$OUT_DIR/compare-$STAMP.png
     elif ((COUNTS)); then
-        # perf's counting slowed the rows unevenly: not the run to publish
-        # as the results, but the latest counts.
         md=$OUT_DIR/counts.md png=$OUT_DIR/counts.png
     fi
     "${PY[@]}" "$HELPERS/report.py" --raw "$RAW" --meta "$META" --md "$md" \
         --chart-data "$TMP/chart.dat" --chart-script "$TMP/chart.gp" --chart-png "$png" \
         || die "report.py failed"
-    gnuplot "$TMP/chart.gp" 2>"$TMP/gnuplot.log" || die "gnuplot failed: $(cat "$TMP/gnuplot.log")"
+    local wrote="$md, $RAW"
+    if [[ -e $TMP/chart.gp ]]; then
+        gnuplot "$TMP/chart.gp" 2>"$TMP/gnuplot.log" || die "gnuplot failed: $(cat "$TMP/gnuplot.log")"
+        wrote="$md, $png, $RAW"
+    fi
     echo
     cat "$md"
     echo
-    log "wrote $md, $png, $RAW"
+    log "wrote $wrote"
 }
 
 main() {

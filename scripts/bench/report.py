@@ -226,8 +226,15 @@ def main():
     # A --counts run: perf slowed each proxy by its own number of syscalls,
     # so its throughput is no result to judge the targets on.
     counting = "perf" in meta
-    md = ["# lb benchmark: kernel work counts" if counting else "# lb benchmark results", ""]
-    md.append(f"Latest run of `scripts/bench.sh{' --counts' if counting else ''}`: {meta.get('date', '?')}. "
+    # No chart for a --counts run: it would show the figures perf skewed.
+    # No chart script is written, so bench.sh draws nothing.
+    charted = not counting
+    comparing = "lbcmp" in kinds.values()
+    heading = "# lb A/B comparison" if comparing else "# lb benchmark"
+    heading += ": kernel work counts" if counting else ("" if comparing else " results")
+    md = [heading, ""]
+    command = meta.get("command", "scripts/bench.sh" + (" --counts" if counting else "")).strip()
+    md.append(f"Latest run of `{command}`: {meta.get('date', '?')}. "
               f"Median of {meta.get('rounds', '?')} round(s); rows run one at a time, "
               "alternating per round. Everything on 127.0.0.1; load generators, "
               "backends and proxy share the same cores (no pinning).")
@@ -334,11 +341,19 @@ def main():
               "(RSS holding - RSS idle) / held connections. CPU per request counts the "
               "proxy only (not wrk or the backends).")
     md.append("")
-    if not counting:
+    if charted:
         md.append(f"![chart]({os.path.basename(a.chart_png)})")
         md.append("")
     with open(a.md, "w") as f:
         f.write("\n".join(md))
+    if charted:
+        write_chart(a, rows, med, meta)
+
+
+def write_chart(a, rows, med, meta):
+    """The chart's data and gnuplot script: one panel per figure that some
+    row has (a run of direct alone has no proxy CPU to plot, and gnuplot
+    fails on a panel without a point)."""
 
     # Chart data: row, ka_rps, cc_rps, fwd_gbps, rev_gbps, CPU per request
     # keep-alive and conn/req ('?' = missing).
@@ -357,6 +372,41 @@ def main():
     title = (f"lb benchmark, {meta.get('machine', '')}, kernel {meta.get('kernel', '')}, "
              f"median of {meta.get('rounds', '?')} round(s), {meta.get('date', '')}")
     dat = a.chart_data
+    # (metrics it plots, gnuplot lines); columns as in the data file above.
+    panels = [
+        (("ka_rps",), f"""set title "HTTP keep-alive (wrk -c64)"
+set ylabel "requests/s"
+set boxwidth 0.6
+plot "{dat}" using 0:2:xtic(1) with boxes lc rgb "#4477aa" notitle, \\
+     "" using 0:2:(sprintf("%.0fk", $2/1000)) with labels offset 0,0.8 notitle
+"""),
+        (("cc_rps",), f"""set title "New connection per request (Connection: close)"
+set ylabel "connections/s"
+set boxwidth 0.6
+plot "{dat}" using 0:3:xtic(1) with boxes lc rgb "#228833" notitle, \\
+     "" using 0:3:(sprintf("%.1fk", $3/1000)) with labels offset 0,0.8 notitle
+"""),
+        (("fwd_gbps", "rev_gbps"), f"""set title "Bulk (iperf3 through the proxy)"
+set ylabel "Gbit/s"
+set boxwidth 0.36
+plot "{dat}" using ($0-0.19):4:xtic(1) with boxes lc rgb "#ee6677" title "client->server", \\
+     "" using ($0+0.19):5 with boxes lc rgb "#ccbb44" title "server->client (-R)", \\
+     "" using ($0-0.19):4:(sprintf("%.1f", $4)) with labels offset 0,0.8 font ",8" notitle, \\
+     "" using ($0+0.19):5:(sprintf("%.1f", $5)) with labels offset 0,0.8 font ",8" notitle
+"""),
+        (("ka_cpu_us_per_req", "cc_cpu_us_per_req"), f"""set title "Proxy CPU (user+system) per request: lower is better"
+set ylabel "CPU µs per request"
+set boxwidth 0.36
+plot "{dat}" using ($0-0.19):6:xtic(1) with boxes lc rgb "#66ccee" title "keep-alive", \\
+     "" using ($0+0.19):7 with boxes lc rgb "#aa3377" title "one connection per request", \\
+     "" using ($0-0.19):6:(sprintf("%.1f", $6)) with labels offset 0,0.8 font ",8" notitle, \\
+     "" using ($0+0.19):7:(sprintf("%.0f", $7)) with labels offset 0,0.8 font ",8" notitle
+"""),
+    ]
+    # gnuplot stops at a plot none of whose clauses has a point; a clause
+    # alone without one only warns.
+    shown = [gp for metrics, gp in panels
+             if any((r, m) in med for r in rows for m in metrics)]
     gp = f"""set terminal pngcairo size 1600,1100 font "DejaVu Sans,10"
 set output "{a.chart_png}"
 set datafile missing "?"
@@ -369,30 +419,7 @@ set yrange [0:*]
 set offsets 0, 0, graph 0.12, 0
 set key top right
 set multiplot layout 2,2 title "{title}"
-set title "HTTP keep-alive (wrk -c64)"
-set ylabel "requests/s"
-set boxwidth 0.6
-plot "{dat}" using 0:2:xtic(1) with boxes lc rgb "#4477aa" notitle, \\
-     "" using 0:2:(sprintf("%.0fk", $2/1000)) with labels offset 0,0.8 notitle
-set title "New connection per request (Connection: close)"
-set ylabel "connections/s"
-plot "{dat}" using 0:3:xtic(1) with boxes lc rgb "#228833" notitle, \\
-     "" using 0:3:(sprintf("%.1fk", $3/1000)) with labels offset 0,0.8 notitle
-set title "Bulk (iperf3 through the proxy)"
-set ylabel "Gbit/s"
-set boxwidth 0.36
-plot "{dat}" using ($0-0.19):4:xtic(1) with boxes lc rgb "#ee6677" title "client->server", \\
-     "" using ($0+0.19):5 with boxes lc rgb "#ccbb44" title "server->client (-R)", \\
-     "" using ($0-0.19):4:(sprintf("%.1f", $4)) with labels offset 0,0.8 font ",8" notitle, \\
-     "" using ($0+0.19):5:(sprintf("%.1f", $5)) with labels offset 0,0.8 font ",8" notitle
-set title "Proxy CPU (user+system) per request: lower is better"
-set ylabel "CPU µs per request"
-plot "{dat}" using ($0-0.19):6:xtic(1) with boxes lc rgb "#66ccee" title "keep-alive", \\
-     "" using ($0+0.19):7 with boxes lc rgb "#aa3377" title "one connection per request", \\
-     "" using ($0-0.19):6:(sprintf("%.1f", $6)) with labels offset 0,0.8 font ",8" notitle, \\
-     "" using ($0+0.19):7:(sprintf("%.0f", $7)) with labels offset 0,0.8 font ",8" notitle
-unset multiplot
-"""
+""" + "".join(shown) + "unset multiplot\n"
     with open(a.chart_script, "w") as f:
         f.write(gp)
 

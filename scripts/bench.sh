@@ -114,6 +114,7 @@ options:
                    --rows only lb and lb-compare run. Writes
                    bench-results/compare-<timestamp>.md and .png, not
                    results.md; the lb/lb-compare ratios judge the change
+                   (with --counts: the .md alone, its counts side by side)
   --counts         also count each proxy's syscalls, epoll waits and splices
                    with perf (installs linux-perf; needs root or tracepoint
                    access). Counting slows every syscall on the machine a

@@ -762,7 +762,14 @@ record_kernel() {
     record "${label}_sys_cs_per_$per" "$(calc "($K_SYS_CS - $K0_SYS_CS) / $units")"
     # Whether the load saturated the machine: then throughput is its CPU
     # divided by what one request costs everyone, the proxy included.
-    ((K_TIME > K0_TIME)) && record "${label}_idle_pct" "$(calc "100 * ($K_IDLE - $K0_IDLE) / ($K_TIME - $K0_TIME)")"
+    if ((K_TIME > K0_TIME)); then
+        record "${label}_idle_pct" "$(calc "100 * ($K_IDLE - $K0_IDLE) / ($K_TIME - $K0_TIME)")"
+        # Busy time of every core together, per request (µs) or per GB (ms).
+        local unit=us scale=1000000
+        [[ $per == gb ]] && unit=ms scale=1000
+        record "${label}_machine_cpu_${unit}_per_$per" \
+            "$(calc "(($K_TIME - $K0_TIME) - ($K_IDLE - $K0_IDLE)) * $scale / $CLK_TCK / $units")"
+    fi
     [[ -n $PROXY_PID ]] || return 0
     record "${label}_cs_per_$per" "$(calc "($K_CS - $K0_CS) / $units")"
     [[ -n $N_SYSCALLS ]] || return 0

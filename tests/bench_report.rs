@@ -15,6 +15,7 @@ const RAW: &str = "round\trow\tmetric\tvalue
 1\tdirect\tka_rps\t120000
 1\tdirect\tka_segs_per_req\t2.0
 1\tdirect\tka_idle_pct\t0.8
+1\tdirect\tka_machine_cpu_us_per_req\t16.5
 1\tlb\tka_rps\t60000
 1\tlb\tka_cpu_us_per_req\t14.0
 1\tlb\tcc_rps\t12000
@@ -22,6 +23,7 @@ const RAW: &str = "round\trow\tmetric\tvalue
 1\tlb\tka_cs_per_req\t0.3
 1\tlb\tka_sys_cs_per_req\t0.8
 1\tlb\tka_idle_pct\t2.4
+1\tlb\tka_machine_cpu_us_per_req\t33.3
 1\tlb\tka_syscalls_per_req\t4.14
 1\tlb\tfwd_gbps\t12.0
 1\tlb\tfwd_splices_per_gb\t61393
@@ -104,9 +106,10 @@ fn row_in<'a>(md: &'a str, heading: &str, row: &str) -> &'a str {
 fn a_plain_run_reports_kernel_work_beside_its_ratios_targets_and_chart() {
     let Some(Report { md, chart }) = report("") else { return };
     assert!(md.starts_with("# lb benchmark results"), "{md}");
-    // Columns: row, idle %, segments, proxy and machine switches, syscalls.
-    assert_eq!(row_in(&md, "## Kernel work per request", "lb"), "| `lb` | 2.4 | 4.00 | 0.300 | 0.800 | 4.14 |");
-    assert_eq!(row_in(&md, "## Kernel work per request", "direct"), "| `direct` | 0.8 | 2.00 | — | — | — |");
+    // Columns: row, idle %, machine CPU, segments, proxy and machine
+    // switches, syscalls.
+    assert_eq!(row_in(&md, "## Kernel work per request", "lb"), "| `lb` | 2.4 | 33.30 | 4.00 | 0.300 | 0.800 | 4.14 |");
+    assert_eq!(row_in(&md, "## Kernel work per request", "direct"), "| `direct` | 0.8 | 16.50 | 2.00 | — | — | — |");
     assert_eq!(row_in(&md, "## Kernel work per GB of bulk", "lb"), "| `lb` | 61,393 |");
     assert_eq!(md.matches("Machine idle:").count(), 1, "the columns are explained once");
     assert!(md.contains("## Ratios `lb` / other rows"), "{md}");
@@ -126,7 +129,7 @@ fn a_counts_run_reports_kernel_work_without_ratios_targets_or_chart() {
     assert!(md.starts_with("# lb benchmark: kernel work counts"), "{md}");
     assert_eq!(
         row_in(&md, "## Kernel work per request", "haproxy-nosplice"),
-        "| `haproxy-nosplice` | — | 4.00 | — | — | 4.42 |"
+        "| `haproxy-nosplice` | — | — | 4.00 | — | — | 4.42 |"
     );
     // perf slowed each proxy by its own syscalls: nothing is judged on it.
     for skewed in ["## Ratios", "## Targets", "![chart]"] {

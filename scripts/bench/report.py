@@ -45,12 +45,14 @@ COST = [
 # the proxy's syscalls with --counts (perf).
 KERNEL_REQ = [
     ("ka_idle_pct", "ka machine idle %", 1, ""),
+    ("ka_machine_cpu_us_per_req", "ka machine CPU µs", 2, "lower"),
     ("ka_segs_per_req", "ka TCP segments", 2, "lower"),
     ("ka_cs_per_req", "ka proxy ctx switches", 3, "lower"),
     ("ka_sys_cs_per_req", "ka machine ctx switches", 3, "lower"),
     ("ka_syscalls_per_req", "ka proxy syscalls", 2, "lower"),
     ("ka_epoll_waits_per_req", "ka proxy epoll waits", 3, "lower"),
     ("cc_idle_pct", "cc machine idle %", 1, ""),
+    ("cc_machine_cpu_us_per_req", "cc machine CPU µs", 2, "lower"),
     ("cc_segs_per_req", "cc TCP segments", 2, "lower"),
     ("cc_cs_per_req", "cc proxy ctx switches", 3, "lower"),
     ("cc_sys_cs_per_req", "cc machine ctx switches", 3, "lower"),
@@ -60,7 +62,8 @@ KERNEL_REQ = [
 KERNEL_GB = [
     m
     for d in ("fwd", "rev")
-    for m in [(f"{d}_idle_pct", f"{d} machine idle %", 1, "")] + [
+    for m in [(f"{d}_idle_pct", f"{d} machine idle %", 1, ""),
+              (f"{d}_machine_cpu_ms_per_gb", f"{d} machine CPU ms", 0, "lower")] + [
         (f"{d}_{k}_per_gb", f"{d} {t}", 0, "lower")
         for k, t in (("segs", "TCP segments"), ("cs", "proxy ctx switches"),
                      ("sys_cs", "machine ctx switches"), ("syscalls", "proxy syscalls"),
@@ -264,7 +267,11 @@ def main():
         md.append("")
         if not explained:
             md.append("Machine idle: the share of the machine's CPU time left idle during "
-                      "the measurement (`/proc/stat`). TCP segments: every segment sent on "
+                      "the measurement (`/proc/stat`). Machine CPU: the CPU time the whole "
+                      "machine was busy (every core, `/proc/stat`) per request or per GB, "
+                      "what the client, the backends and the proxy spent on it together; "
+                      "when the machine is saturated (little idle) it sets the throughput. "
+                      "TCP segments: every segment sent on "
                       "loopback by the client, the proxy and the backends "
                       "(`/proc/net/snmp`). Context switches: the proxy's threads, voluntary "
                       "and involuntary (`/proc/PID/task/*/status`), and the whole "

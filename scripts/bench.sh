@@ -15,8 +15,9 @@
 #   rev   bulk Gbit/s server->client                 (iperf3 -J -R)
 #   hold  proxy RSS idle and holding 5,000 idle client connections
 #   cpu   proxy user+system CPU per request / per GB (/proc/PID/stat)
-#   kernel  per request / per GB: TCP segments sent on loopback, context
-#         switches of the proxy and of the whole machine (/proc); with
+#   kernel  per request / per GB: the machine's idle share and busy CPU, TCP
+#         segments sent on loopback, context switches of the proxy and of
+#         the whole machine (/proc); with
 #         --counts also the proxy's syscalls, epoll waits and splices (perf)
 # and writes bench-results/results.md (medians, ratios, the targets of issues 5 and 6),
 # bench-results/chart.png and bench-results/raw-<timestamp>.tsv (every sample).

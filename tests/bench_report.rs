@@ -157,13 +157,13 @@ fn a_run_of_direct_alone_charts_the_figures_it_has_and_no_proxy_cpu() {
 
 #[test]
 fn an_ab_comparison_is_headed_as_one_and_names_its_command() {
-    // The HAProxy row's samples stand in for the other build's.
-    let raw = RAW.replace("haproxy-nosplice", "lb-compare");
-    let meta = format!(
-        "{}command\tscripts/bench.sh --compare /tmp/old-lb --counts\nperf\tperf version 6.1\n",
-        META.replace("haproxy-nosplice=haproxy", "lb-compare=lbcmp").replace("haproxy-nosplice", "lb-compare")
-    );
-    let Some(Report { md, .. }) = run_report(&raw, &meta) else { return };
+    // `--compare` with `--rows` that leave out the other build's row
+    // (lb-compare): still an A/B run, not results to publish.
+    let command = "scripts/bench.sh --compare /tmp/old-lb --rows direct,lb,haproxy-nosplice";
+    let meta = format!("{META}lb-compare\tlb 0.1.0 (/tmp/old-lb)\ncommand\t{command}\n");
+    let Some(Report { md, .. }) = run_report(RAW, &meta) else { return };
+    assert!(md.starts_with("# lb A/B comparison\n"), "{md}");
+    assert!(md.contains(&format!("Latest run of `{command}`")), "{md}");
+    let Some(Report { md, .. }) = run_report(RAW, &format!("{meta}perf\tperf version 6.1\n")) else { return };
     assert!(md.starts_with("# lb A/B comparison: kernel work counts\n"), "{md}");
-    assert!(md.contains("Latest run of `scripts/bench.sh --compare /tmp/old-lb --counts`"), "{md}");
 }

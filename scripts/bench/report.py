@@ -9,8 +9,8 @@ META.tsv: lines "key<TAB>value" (machine, versions, settings, rows, kinds).
 Reports the median over rounds of every (row, metric), ratios of each lb row
 against the rows of other kinds, whether lb meets the targets of issues 5
 and 6 (on the medians, and round by round), and
-writes a gnuplot script drawing req/s, conn/s and Gbit/s bars per row (run it
-with gnuplot to get the PNG).
+writes a gnuplot script drawing req/s, conn/s, Gbit/s and proxy CPU bars per
+row (run it with gnuplot to get the PNG; a --counts run gets none).
 """
 import argparse
 import os
@@ -41,8 +41,9 @@ COST = [
     ("held_conns", "held conns", 0, ""),
     ("kib_per_conn", "KiB per held conn", 2, "lower"),
 ]
-# Kernel work: TCP segments and context switches from /proc on every run,
-# the proxy's syscalls with --counts (perf).
+# Kernel work: the machine's idle share and busy CPU, TCP segments and
+# context switches from /proc on every run, the proxy's syscalls with
+# --counts (perf).
 KERNEL_REQ = [
     ("ka_idle_pct", "ka machine idle %", 1, ""),
     ("ka_machine_cpu_us_per_req", "ka machine CPU µs", 2, "lower"),
@@ -232,7 +233,7 @@ def main():
     # No chart for a --counts run: it would show the figures perf skewed.
     # No chart script is written, so bench.sh draws nothing.
     charted = not counting
-    comparing = "lbcmp" in kinds.values()
+    comparing = "lb-compare" in meta  # bench.sh --compare names that binary
     heading = "# lb A/B comparison" if comparing else "# lb benchmark"
     heading += ": kernel work counts" if counting else ("" if comparing else " results")
     md = [heading, ""]

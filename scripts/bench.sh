@@ -972,14 +972,19 @@ make_report() {
     elif ((COUNTS)); then
         md=$OUT_DIR/counts.md png=$OUT_DIR/counts.png
     fi
-    "${PY[@]}" "$HELPERS/report.py" --raw "$RAW" --meta "$META" --md "$md" \
-        --chart-data "$TMP/chart.dat" --chart-script "$TMP/chart.gp" --chart-png "$png" \
+    # Both are made in TMP and moved into place together, so that a failed
+    # gnuplot leaves the last report beside its own chart.
+    local tmp_md=$TMP/report.md tmp_png=$TMP/${png##*/}
+    "${PY[@]}" "$HELPERS/report.py" --raw "$RAW" --meta "$META" --md "$tmp_md" \
+        --chart-data "$TMP/chart.dat" --chart-script "$TMP/chart.gp" --chart-png "$tmp_png" \
         || die "report.py failed"
     local wrote="$md, $RAW"
     if [[ -e $TMP/chart.gp ]]; then
         gnuplot "$TMP/chart.gp" 2>"$TMP/gnuplot.log" || die "gnuplot failed: $(cat "$TMP/gnuplot.log")"
+        mv "$tmp_png" "$png"
         wrote="$md, $png, $RAW"
     fi
+    mv "$tmp_md" "$md"
     echo
     cat "$md"
     echo

@@ -660,25 +660,18 @@ record() { printf '%s\t%s\t%s\t%s\n' "$ROUND" "$ROW" "$1" "$2" >>"$RAW"; }
 
 calc() { awk "BEGIN { printf \"%.4f\", $1 }"; }
 
-# cpu_ticks: sets CPU to the proxy's CPU clock ticks so far (0 for direct).
-cpu_ticks() {
-    CPU=0
-    [[ -z $PROXY_PID ]] && return 0
-    proc_sample "$PROXY_PID"
-    CPU=$S_CPU
-}
-
 # kernel_sample: kernel work so far, read from /proc without forking.
 #   K_SEGS    TCP segments sent (OutSegs of /proc/net/snmp): on loopback every
 #             segment of the client, the proxy and the backends
 #   K_SYS_CS  context switches of the whole machine (ctxt of /proc/stat)
 #   K_IDLE, K_TIME  the machine's idle (idle + iowait) and total CPU time
 #             in clock ticks (the cpu line of /proc/stat)
-#   K_CS      the proxy's own, voluntary and involuntary, over every thread
-#             of its process tree (0 for direct)
+#   K_CPU     the proxy's user+system CPU time in clock ticks, and
+#   K_CS      its context switches, voluntary and involuntary: both over
+#             every thread of its process tree (0 for direct)
 kernel_sample() {
     local row=() hdr=() i p t k v
-    K_SEGS=0 K_SYS_CS=0 K_CS=0 K_IDLE=0 K_TIME=0
+    K_SEGS=0 K_SYS_CS=0 K_CPU=0 K_CS=0 K_IDLE=0 K_TIME=0
     while read -r -a row; do
         [[ ${row[0]} == Tcp: ]] || continue
         if ((${#hdr[@]} == 0)); then
@@ -700,7 +693,8 @@ kernel_sample() {
         fi
     done </proc/stat
     [[ -n $PROXY_PID ]] || return 0
-    proc_tree "$PROXY_PID"
+    proc_sample "$PROXY_PID" # also sets TREE
+    K_CPU=$S_CPU
     for p in "${TREE[@]}"; do
         for t in "/proc/$p/task/"*/status; do
             while read -r k v _; do
@@ -758,20 +752,21 @@ counts_stop() {
 # calls around a measurement, per request (UNITS requests, PER=req) or per
 # GB (UNITS GB, PER=gb). K0_* hold the samples taken before.
 record_kernel() {
-    local label=$1 units=$2 per=$3
+    local label=$1 units=$2 per=$3 unit=us scale=1000000
+    # CPU per request in µs, per GB in ms.
+    [[ $per == gb ]] && unit=ms scale=1000
     record "${label}_segs_per_$per" "$(calc "($K_SEGS - $K0_SEGS) / $units")"
     record "${label}_sys_cs_per_$per" "$(calc "($K_SYS_CS - $K0_SYS_CS) / $units")"
     # Whether the load saturated the machine: then throughput is its CPU
     # divided by what one request costs everyone, the proxy included.
     if ((K_TIME > K0_TIME)); then
         record "${label}_idle_pct" "$(calc "100 * ($K_IDLE - $K0_IDLE) / ($K_TIME - $K0_TIME)")"
-        # Busy time of every core together, per request (µs) or per GB (ms).
-        local unit=us scale=1000000
-        [[ $per == gb ]] && unit=ms scale=1000
+        # Busy time of every core together.
         record "${label}_machine_cpu_${unit}_per_$per" \
             "$(calc "(($K_TIME - $K0_TIME) - ($K_IDLE - $K0_IDLE)) * $scale / $CLK_TCK / $units")"
     fi
     [[ -n $PROXY_PID ]] || return 0
+    record "${label}_cpu_${unit}_per_$per" "$(calc "($K_CPU - $K0_CPU) * $scale / $CLK_TCK / $units")"
     record "${label}_cs_per_$per" "$(calc "($K_CS - $K0_CS) / $units")"
     [[ -n $N_SYSCALLS ]] || return 0
     record "${label}_syscalls_per_$per" "$(calc "$N_SYSCALLS / $units")"
@@ -785,7 +780,7 @@ record_kernel() {
 kernel_before() {
     counts_start "$1"
     kernel_sample
-    K0_SEGS=$K_SEGS K0_SYS_CS=$K_SYS_CS K0_CS=$K_CS K0_IDLE=$K_IDLE K0_TIME=$K_TIME
+    K0_SEGS=$K_SEGS K0_SYS_CS=$K_SYS_CS K0_CPU=$K_CPU K0_CS=$K_CS K0_IDLE=$K_IDLE K0_TIME=$K_TIME
 }
 
 # kernel_after: samples after a measurement, stopping perf first so that its
@@ -797,16 +792,12 @@ kernel_after() {
 
 # measure_wrk ka|cc: keep-alive or one connection per request.
 measure_wrk() {
-    local label=$1 out=$TMP/wrk-$ROUND-$ROW-$1.txt hdr=() c0 c1 rps reqs p50 p99 errs
+    local label=$1 out=$TMP/wrk-$ROUND-$ROW-$1.txt hdr=() rps reqs p50 p99 errs
     [[ $label == cc ]] && hdr=(-H 'Connection: close')
     kernel_before "$label"
-    cpu_ticks
-    c0=$CPU
     run_client "$out" "$out.err" timeout $((DURATION + 30)) wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" \
         --latency "${hdr[@]}" "http://127.0.0.1:$TARGET_PORT/" || die "wrk failed for $ROW ($label):
 $(cat "$out" "$out.err")"
-    cpu_ticks
-    c1=$CPU
     kernel_after
     read -r rps reqs p50 p99 errs < <("${PY[@]}" "$HELPERS/parse.py" wrk "$out") \
         || die "cannot parse wrk output $out"
@@ -816,28 +807,22 @@ $(cat "$out" "$out.err")"
     record "${label}_p50_ms" "$p50"
     record "${label}_p99_ms" "$p99"
     record "${label}_errors" "$errs"
-    [[ -n $PROXY_PID ]] && record "${label}_cpu_us_per_req" "$(calc "($c1 - $c0) * 1000000 / $CLK_TCK / $reqs")"
     log "  $ROW $label: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, errors $errs"
 }
 
 # measure_bulk fwd|rev: iperf3 client -> target -> iperf3 server (rev: -R).
 measure_bulk() {
-    local label=$1 out=$TMP/iperf-$ROUND-$ROW-$1.json rev=() c0 c1 gbps bytes
+    local label=$1 out=$TMP/iperf-$ROUND-$ROW-$1.json rev=() gbps bytes
     [[ $label == rev ]] && rev=(-R)
     kernel_before "$label"
-    cpu_ticks
-    c0=$CPU
     run_client "$out" "$out.err" timeout $((BULK_DURATION + 30)) \
         iperf3 -c 127.0.0.1 -p "$TARGET_PORT" -t "$BULK_DURATION" -J "${rev[@]}" || die "iperf3 failed for $ROW ($label):
 $(cat "$out.err"; "${PY[@]}" "$HELPERS/parse.py" iperf "$out" 2>&1)"
-    cpu_ticks
-    c1=$CPU
     kernel_after
     read -r gbps bytes < <("${PY[@]}" "$HELPERS/parse.py" iperf "$out") || die "cannot parse iperf3 output $out"
     ((bytes > 0)) || die "iperf3 moved no bytes through $ROW ($label): $out"
     record_kernel "$label" "($bytes / 1e9)" gb
     record "${label}_gbps" "$gbps"
-    [[ -n $PROXY_PID ]] && record "${label}_cpu_ms_per_gb" "$(calc "($c1 - $c0) * 1000 / $CLK_TCK / ($bytes / 1e9)")"
     log "  $ROW $label: $gbps Gbit/s"
     sleep 0.3 # let the iperf3 server finish the test before the next one
 }

@@ -41,36 +41,36 @@ COST = [
     ("held_conns", "held conns", 0, ""),
     ("kib_per_conn", "KiB per held conn", 2, "lower"),
 ]
+
+
+def per_load(loads, figures):
+    """(metric, title, decimals, better) of each figure for each load."""
+    return [(f"{d}_{k}", f"{d} {t}", dec, better)
+            for d in loads for k, t, dec, better in figures]
+
+
 # Kernel work: the machine's idle share and busy CPU, TCP segments and
 # context switches from /proc on every run, the proxy's syscalls with
-# --counts (perf).
-KERNEL_REQ = [
-    ("ka_idle_pct", "ka machine idle %", 1, ""),
-    ("ka_machine_cpu_us_per_req", "ka machine CPU µs", 2, "lower"),
-    ("ka_segs_per_req", "ka TCP segments", 2, "lower"),
-    ("ka_cs_per_req", "ka proxy ctx switches", 3, "lower"),
-    ("ka_sys_cs_per_req", "ka machine ctx switches", 3, "lower"),
-    ("ka_syscalls_per_req", "ka proxy syscalls", 2, "lower"),
-    ("ka_epoll_waits_per_req", "ka proxy epoll waits", 3, "lower"),
-    ("cc_idle_pct", "cc machine idle %", 1, ""),
-    ("cc_machine_cpu_us_per_req", "cc machine CPU µs", 2, "lower"),
-    ("cc_segs_per_req", "cc TCP segments", 2, "lower"),
-    ("cc_cs_per_req", "cc proxy ctx switches", 3, "lower"),
-    ("cc_sys_cs_per_req", "cc machine ctx switches", 3, "lower"),
-    ("cc_syscalls_per_req", "cc proxy syscalls", 2, "lower"),
-    ("cc_epoll_waits_per_req", "cc proxy epoll waits", 3, "lower"),
-]
-KERNEL_GB = [
-    m
-    for d in ("fwd", "rev")
-    for m in [(f"{d}_idle_pct", f"{d} machine idle %", 1, ""),
-              (f"{d}_machine_cpu_ms_per_gb", f"{d} machine CPU ms", 0, "lower")] + [
-        (f"{d}_{k}_per_gb", f"{d} {t}", 0, "lower")
-        for k, t in (("segs", "TCP segments"), ("cs", "proxy ctx switches"),
-                     ("sys_cs", "machine ctx switches"), ("syscalls", "proxy syscalls"),
-                     ("epoll_waits", "proxy epoll waits"), ("splices", "proxy splices"))
-    ]
-]
+# --counts (perf). Per request for ka and cc, per GB for fwd and rev.
+KERNEL_REQ = per_load(("ka", "cc"), (
+    ("idle_pct", "machine idle %", 1, ""),
+    ("machine_cpu_us_per_req", "machine CPU µs", 2, "lower"),
+    ("segs_per_req", "TCP segments", 2, "lower"),
+    ("cs_per_req", "proxy ctx switches", 3, "lower"),
+    ("sys_cs_per_req", "machine ctx switches", 3, "lower"),
+    ("syscalls_per_req", "proxy syscalls", 2, "lower"),
+    ("epoll_waits_per_req", "proxy epoll waits", 3, "lower"),
+))
+KERNEL_GB = per_load(("fwd", "rev"), (
+    ("idle_pct", "machine idle %", 1, ""),
+    ("machine_cpu_ms_per_gb", "machine CPU ms", 0, "lower"),
+    ("segs_per_gb", "TCP segments", 0, "lower"),
+    ("cs_per_gb", "proxy ctx switches", 0, "lower"),
+    ("sys_cs_per_gb", "machine ctx switches", 0, "lower"),
+    ("syscalls_per_gb", "proxy syscalls", 0, "lower"),
+    ("epoll_waits_per_gb", "proxy epoll waits", 0, "lower"),
+    ("splices_per_gb", "proxy splices", 0, "lower"),
+))
 SPREAD = [("ka_rps", "keep-alive req/s"), ("cc_rps", "conn/s"),
           ("fwd_gbps", "bulk fwd"), ("rev_gbps", "bulk rev")]
 RATIO_METRICS = [m for m in THROUGHPUT + COST if m[3]]

@@ -239,6 +239,30 @@ fn lb_with_a_stalled_reader(
     (child, pipe)
 }
 
+/// Reads the pipe until lb logs the address it listens on, and no further:
+/// from there on nobody reads it.
+fn listening_addr(pipe: &std::os::fd::OwnedFd) -> std::net::SocketAddr {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut reader = std::fs::File::from(pipe.try_clone().expect("dup the pipe"));
+    let mut text = Vec::new();
+    loop {
+        let shown = String::from_utf8_lossy(&text);
+        // Only whole lines: a chunk may end inside the address.
+        if let Some(addr) = shown.split_inclusive('\n').filter(|l| l.ends_with('\n')).find_map(announced_addr) {
+            return addr;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd { fd: pipe.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd for a pipe this test owns.
+        let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
+        assert!(ready > 0, "lb did not say where it listens: {shown:?}");
+        let mut chunk = [0u8; 512];
+        let n = reader.read(&mut chunk).expect("read lb's stderr");
+        assert!(n > 0, "lb closed its stderr before it listened: {shown:?}");
+        text.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// Whether the one-page pipe is all but full: a write of a longer report,
 /// or of a log line once a few more arrive, blocks. (Writes up to a page
 /// are atomic, so a page of short lines never fills to the last byte.)
@@ -315,15 +339,12 @@ fn a_stalled_stderr_does_not_stall_the_relay() {
     // Debug logging writes lines per connection from the workers; with
     // nobody reading stderr they must be dropped, not block the relay.
     let echo = echo_backend();
-    let port = free_port();
-    let args: Vec<String> =
-        ["-p", &port.to_string(), "--bind", "127.0.0.1", "--no-health-check", "-b", &echo.addr.to_string()]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let args: Vec<String> = ["-p", "0", "--bind", "127.0.0.1", "--no-health-check", "-b", &echo.addr.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let (child, stderr) = lb_with_a_stalled_reader(&args, "debug", Stalled::Stderr);
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    assert!(wait_until(WAIT, || std::net::TcpStream::connect(addr).is_ok()), "lb did not listen");
+    let addr = listening_addr(&stderr);
     let mut relayed = 0;
     while !pipe_is_full(&stderr) && relayed < 1000 {
         assert_eq!(echo_roundtrip(addr, b"ping"), b"ping");

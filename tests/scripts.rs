@@ -52,15 +52,22 @@ fn curl_in_the_scripts_reaches_loopback_servers_past_a_configured_proxy() {
 #[test]
 fn start_lb_with_a_fixed_port_still_listens_on_loopback_only() {
     let a = be("Server A", &[]);
-    // Free now, and lb binds it with SO_REUSEADDR right after.
-    let port = free_port();
     let envs = [("LB", env!("CARGO_BIN_EXE_lb").to_string())];
-    let script = format!(
-        "start_lb -p {port} -b {} --no-health-check --stats-period 0 || {{ echo \"$ERR\"; exit 1; }}; \
-         printf '%s' \"$LB_ADDR\"; stop_tracked",
-        a.addr
-    );
-    let (code, addr) = with_common_sh(&script, &envs);
+    // A port free now may be taken by another process before lb binds it;
+    // lb then refuses to start, and another port is tried.
+    let (port, code, addr) = (0..5)
+        .map(|_| {
+            let port = free_port();
+            let script = format!(
+                "start_lb -p {port} -b {} --no-health-check --stats-period 0 || {{ echo \"$ERR\"; exit 1; }}; \
+                 printf '%s' \"$LB_ADDR\"; stop_tracked",
+                a.addr
+            );
+            let (code, addr) = with_common_sh(&script, &envs);
+            (port, code, addr)
+        })
+        .find(|(_, code, addr)| !(*code == Some(1) && addr.contains("address already in use")))
+        .expect("every port tried was taken before lb bound it");
     assert_eq!(code, Some(0), "start_lb failed: {addr}");
     assert_eq!(addr, format!("127.0.0.1:{port}"), "lb listened beyond loopback");
 }

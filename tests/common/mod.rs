@@ -132,9 +132,8 @@ pub fn spawn_listening_cmd(mut cmd: Command) -> Proc {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let a = rest.split_whitespace().next().expect("address after 'listening on'");
-                    break a.parse::<SocketAddr>().unwrap_or_else(|e| panic!("bad address {a}: {e}"));
+                if let Some(addr) = announced_addr(&line) {
+                    break addr;
                 }
             }
             Err(_) => {
@@ -145,6 +144,13 @@ pub fn spawn_listening_cmd(mut cmd: Command) -> Proc {
         }
     };
     Proc { child, addr, stderr, stdout }
+}
+
+/// The address in a `listening on ADDR ...` line, if `line` is one.
+pub fn announced_addr(line: &str) -> Option<SocketAddr> {
+    let rest = line.split("listening on ").nth(1)?;
+    let a = rest.split_whitespace().next().expect("address after 'listening on'");
+    Some(a.parse::<SocketAddr>().unwrap_or_else(|e| panic!("bad address {a}: {e}")))
 }
 
 /// Whether the tests run as root (raw sockets, setpriv, eBPF).

@@ -22,6 +22,7 @@ use crate::logging::Throttle;
 use crate::net::{IoClass, classify, is_local_port_shortage, is_resource_exhaustion, reset_on_close};
 use crate::session::{CloseReason, Cut, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
 use crate::shared::Shared;
+use crate::stats::Counters;
 use crate::steer::Tracker;
 
 /// Reserved tokens sit at the top of the token space, away from sessions.
@@ -50,12 +51,10 @@ pub struct WorkerSettings {
     pub splice: SpliceMode,
 }
 
-/// Relay statistics gathered by one worker and published to the shared
-/// counters once per scan, so the relay itself touches no atomic.
+/// This worker's shares of the shared gauges and counters, published once
+/// per scan, so the relay itself touches no atomic.
 #[derive(Debug, Default)]
 struct Tally {
-    spliced: u64,
-    copied: u64,
     /// What this worker last added to the shared gauges and counters.
     published_pipes_in_use: u64,
     published_buffers_in_use: u64,
@@ -726,7 +725,7 @@ impl<'a> Worker<'a> {
 
     fn close(&mut self, key: usize, reason: CloseReason) {
         if let Some(mut session) = self.sessions.try_remove(key) {
-            publish_bytes(&mut session, &mut self.tally);
+            publish_bytes(&mut session, &self.shared.counters);
             debug!("closed: {reason:?}");
         }
     }
@@ -829,7 +828,7 @@ impl<'a> Worker<'a> {
         let idle = self.settings.idle_timeout;
         let mut expired = std::mem::take(&mut self.expired);
         for (key, s) in self.sessions.iter_mut() {
-            publish_bytes(s, &mut self.tally);
+            publish_bytes(s, &self.shared.counters);
             if s.is_idle(now, idle) {
                 expired.push(key);
             }
@@ -849,19 +848,13 @@ impl<'a> Worker<'a> {
 
     fn publish_all_bytes(&mut self) {
         for (_, s) in self.sessions.iter_mut() {
-            publish_bytes(s, &mut self.tally);
+            publish_bytes(s, &self.shared.counters);
         }
     }
 
     fn publish_relay_stats(&mut self) {
         let c = &self.shared.counters;
         let t = &mut self.tally;
-        if t.spliced != 0 {
-            c.bytes_spliced.fetch_add(std::mem::take(&mut t.spliced), Ordering::Relaxed);
-        }
-        if t.copied != 0 {
-            c.bytes_copied.fetch_add(std::mem::take(&mut t.copied), Ordering::Relaxed);
-        }
         let (pipes, buffers) = (self.pools.pipes, self.pools.buffers);
         publish_share(&c.pipes_in_use, &mut t.published_pipes_in_use, pipes.in_use() as u64);
         publish_share(&c.buffers_in_use, &mut t.published_buffers_in_use, buffers.in_use() as u64);
@@ -882,17 +875,21 @@ fn publish_share(shared: &std::sync::atomic::AtomicU64, published: &mut u64, now
     *published = now;
 }
 
-fn publish_bytes(s: &mut Session<'_>, tally: &mut Tally) {
+/// Adds a pair's bytes since the last call to its backend's counters and
+/// to the splice/copy split together, so that the two always add up.
+fn publish_bytes(s: &mut Session<'_>, counters: &Counters) {
     let (up, down) = s.take_unreported();
     let spliced = s.take_unreported_spliced();
-    tally.spliced += spliced;
-    tally.copied += up + down - spliced;
     let b = s.lease().backend();
-    if up != 0 {
-        b.bytes_in.fetch_add(up, Ordering::Relaxed);
-    }
-    if down != 0 {
-        b.bytes_out.fetch_add(down, Ordering::Relaxed);
+    for (counter, n) in [
+        (&b.bytes_in, up),
+        (&b.bytes_out, down),
+        (&counters.bytes_spliced, spliced),
+        (&counters.bytes_copied, up + down - spliced),
+    ] {
+        if n != 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
     }
 }
 

@@ -261,6 +261,7 @@ pub enum ConfigError {
     HealthUrlLength { length: usize },
     AdminAddress { value: String },
     AdminZone { value: String },
+    AdminInterface { value: String },
     AdminUnusable { value: String, what: &'static str },
     BackendInterface { value: String },
     ZoneNotLinkLocal { flag: &'static str, value: String },
@@ -356,6 +357,9 @@ impl fmt::Display for ConfigError {
                 f,
                 "--admin: '{value}' is link-local: it needs an interface of this host after a % ([fe80::1%eth0]:9100)"
             ),
+            ConfigError::AdminInterface { value } => {
+                write!(f, "--admin: '{value}' names no network interface of this host (after the %: a name or index)")
+            }
             ConfigError::ZoneNotLinkLocal { flag, value } => write!(
                 f,
                 "{flag}: '{value}' is not link-local (fe80::/10): only such an address takes a %interface; drop it"
@@ -521,6 +525,7 @@ const MAX_HEALTH_PATH: usize = 2048;
 fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
     let err = || ConfigError::AdminAddress { value: s.to_string() };
     let zone = || ConfigError::AdminZone { value: s.to_string() };
+    let interface = || ConfigError::AdminInterface { value: s.to_string() };
     if let Some((address, rest)) = s.split_once('%')
         && let Some(ip) = address.strip_prefix('[').and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
     {
@@ -532,7 +537,7 @@ fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
             && name.parse::<u32>().is_err()
             && ip.is_unicast_link_local()
         {
-            let index = interface_index(name).ok_or_else(zone)?;
+            let index = interface_index(name).ok_or_else(interface)?;
             return format!("{address}%{index}]{port}").parse::<SocketAddr>().map_err(|_| err());
         }
     }
@@ -540,6 +545,7 @@ fn parse_admin(s: &str) -> Result<SocketAddr, ConfigError> {
         return match addr {
             // The kernel refuses a link-local address without its link, or
             // on a link that does not exist, with a bare EINVAL or ENODEV.
+            SocketAddr::V6(a) if lacks_its_link(addr) && a.scope_id() != 0 => Err(interface()),
             _ if lacks_its_link(addr) => Err(zone()),
             _ => match unusable(addr.ip()) {
                 Some(what) => Err(ConfigError::AdminUnusable { value: s.to_string(), what }),
@@ -1159,9 +1165,18 @@ mod tests {
             let Some(SocketAddr::V6(a)) = c.admin else { panic!("{admin}: not IPv6") };
             assert_eq!((*a.ip(), a.port(), a.scope_id()), ("fe80::1".parse().unwrap(), 9100, lo), "{admin}");
         }
-        refused("--admin", &["[fe80::1]:9100", "[fe80::1%no-such-interface]:9100", "[fe80::1%99999]:9100"], |value| {
-            ConfigError::AdminZone { value }
-        });
+        refused("--admin", &["[fe80::1]:9100"], |value| ConfigError::AdminZone { value });
+        // An interface was given: the fault is its name, as for --bind.
+        refused(
+            "--admin",
+            &["[fe80::1%no-such-interface]:9100", "[fe80::1%nosuchif]:0", "[fe80::1%99999]:9100"],
+            |value| ConfigError::AdminInterface { value },
+        );
+        let e = Config::from_args(&args(&["--admin", "[fe80::1%nosuchif]:0"])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--admin: '[fe80::1%nosuchif]:0' names no network interface of this host (after the %: a name or index)"
+        );
         refused("--admin", &["[%]:1"], |value| ConfigError::AdminAddress { value });
         // Not link-local: no zone at all.
         refused("--admin", &["[::1%nosuch]:9100"], |value| ConfigError::ZoneNotLinkLocal { flag: "--admin", value });

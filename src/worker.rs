@@ -373,7 +373,12 @@ impl<'a> Worker<'a> {
     fn on_wake(&mut self, now: Instant) {
         if self.shared.is_draining() {
             if self.accepting != Accepting::Closed {
-                info!("worker {}: draining {} connections", self.id, self.clients_held());
+                // The supervisor logs the drain once for all workers: a
+                // worker adds a line only for connections of its own.
+                match self.clients_held() {
+                    0 => debug!("worker {}: nothing to drain", self.id),
+                    held => info!("worker {}: draining {held} connections", self.id),
+                }
                 self.close_listeners();
             }
             return;

@@ -6,7 +6,7 @@
 //! [`Outcome`] that the worker acts on.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use log::debug;
@@ -611,6 +611,25 @@ impl<'p> Direction<'p> {
     }
 }
 
+/// Where a client connected from and when, for the per-connection log
+/// lines, which would otherwise not tell concurrent clients apart.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub accepted: Instant,
+}
+
+/// A client as a worker pairs it with a backend and takes it back when
+/// that backend's connect fails.
+#[derive(Debug)]
+pub struct Client<'a> {
+    pub stream: TcpStream,
+    /// Its place under `--max-connections`.
+    pub slot: ClientSlot<'a>,
+    pub tried: Tried,
+    pub origin: Origin,
+}
+
 /// Backends already tried for one client, inline so a session never
 /// allocates.
 #[derive(Debug, Clone, Copy)]
@@ -692,22 +711,24 @@ pub struct Session<'a> {
     /// reported for the pair that held this slab key before is told apart.
     generation: u32,
     pub tried: Tried,
+    origin: Origin,
+    /// Bytes relayed up and down that the worker has published.
+    reported: (u64, u64),
     _slot: ClientSlot<'a>,
 }
 
 impl<'a> Session<'a> {
     pub fn new(
-        client: TcpStream,
+        client: Client<'a>,
         backend: TcpStream,
         lease: Lease<'a>,
-        slot: ClientSlot<'a>,
-        tried: Tried,
         now: Instant,
         settings: &WorkerSettings,
     ) -> Session<'a> {
+        let Client { stream, slot, tried, origin } = client;
         Session {
             lease,
-            client: Peer::new(client),
+            client: Peer::new(stream),
             backend: Peer::new(backend),
             stage: Stage::Connecting { started: now, deadline: now + settings.connect_timeout },
             up: Direction::new(settings.splice),
@@ -717,6 +738,8 @@ impl<'a> Session<'a> {
             backend_end: BackendEnd::Cut,
             generation: 0,
             tried,
+            origin,
+            reported: (0, 0),
             _slot: slot,
         }
     }
@@ -726,10 +749,19 @@ impl<'a> Session<'a> {
     /// before the next connect: at the descriptor limit, that one needs
     /// its descriptor. Only while connecting, when nothing has been read
     /// from the client.
-    pub fn into_client(self) -> (TcpStream, ClientSlot<'a>, Tried) {
+    pub fn into_client(self) -> Client<'a> {
         debug_assert!(matches!(self.stage, Stage::Connecting { .. }), "the client's bytes are still in the kernel");
-        let Session { client, _slot, tried, .. } = self;
-        (client.stream, _slot, tried)
+        let Session { client, _slot, tried, origin, .. } = self;
+        Client { stream: client.stream, slot: _slot, tried, origin }
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// Bytes relayed up (client to backend) and down, as far as published.
+    pub fn reported(&self) -> (u64, u64) {
+        self.reported
     }
 
     pub fn client_stream(&mut self) -> &mut TcpStream {
@@ -792,7 +824,9 @@ impl<'a> Session<'a> {
                 Ok(false) => return Outcome::Continue,
                 Ok(true) => {
                     self.stage = Stage::Relaying;
-                    self.lease.backend().connect_succeeded(now.saturating_duration_since(started));
+                    let took = now.saturating_duration_since(started);
+                    self.lease.backend().connect_succeeded(took);
+                    debug!("client {}: connected to {} in {took:?}", self.origin.addr, self.lease.backend().name);
                     if let Err(e) = self.backend.stream.set_nodelay(true) {
                         debug!("TCP_NODELAY on backend socket: {e}");
                     }
@@ -940,7 +974,7 @@ impl<'a> Session<'a> {
                 // answers, then resets the rest), however long the client
                 // takes to read it: the down direction runs on until the
                 // backend's stream ends.
-                log_failure(Side::Backend, &error);
+                log_failure(self.origin, Side::Backend, &error);
                 // A reset that finds the socket in CLOSE_WAIT reports EPIPE,
                 // not ECONNRESET: the backend's FIN came first. (lb writes
                 // no more once it sent its own FIN, so no later state
@@ -1010,7 +1044,10 @@ impl<'a> Session<'a> {
                         // own FIN a reset reports ECONNRESET even after the
                         // backend's FIN.
                         Ok(true) => {
-                            debug!("relay: the backend failed while bytes it sent wait for the client");
+                            debug!(
+                                "client {}: the backend failed while bytes it sent wait for the client",
+                                self.origin.addr
+                            );
                             self.backend_failed(BackendEnd::ByRead);
                             Outcome::Continue
                         }
@@ -1062,7 +1099,7 @@ impl<'a> Session<'a> {
     /// A reset or error on `side`. The stream was cut, so the survivor is
     /// reset too: a clean FIN would make a truncated stream look complete.
     fn abort(&mut self, side: Side, e: &io::Error) -> Outcome {
-        log_failure(side, e);
+        log_failure(self.origin, side, e);
         self.cut(side)
     }
 
@@ -1156,6 +1193,7 @@ impl<'a> Session<'a> {
         let r = (self.up.unreported, self.down.unreported);
         self.up.unreported = 0;
         self.down.unreported = 0;
+        self.reported = (self.reported.0 + r.0, self.reported.1 + r.1);
         r
     }
 
@@ -1175,11 +1213,11 @@ impl<'a> Session<'a> {
 
 /// Logs a failure on `side`: resets and refusals are routine, anything
 /// else is worth a warning.
-fn log_failure(side: Side, e: &io::Error) {
+fn log_failure(origin: Origin, side: Side, e: &io::Error) {
     if classify(e) == IoClass::Error {
-        log::warn!("relay error ({side:?} side): {e}");
+        log::warn!("client {}: relay error ({side:?} side): {e}", origin.addr);
     } else {
-        debug!("relay closed ({side:?} side): {e}");
+        debug!("client {}: relay closed ({side:?} side): {e}", origin.addr);
     }
 }
 
@@ -1248,7 +1286,9 @@ mod tests {
         let ((client, client_far), (backend, backend_far)) = (connected(), connected());
         let slot = shared.try_acquire_client().expect("a slot");
         let lease = shared.backends[0].lease();
-        let mut s = Session::new(client, backend, lease, slot, Tried::default(), Instant::now(), &settings());
+        let origin = Origin { addr: client_far.local_addr().expect("addr"), accepted: Instant::now() };
+        let client = Client { stream: client, slot, tried: Tried::default(), origin };
+        let mut s = Session::new(client, backend, lease, Instant::now(), &settings());
         s.stage = Stage::Relaying;
         (s, client_far, backend_far)
     }

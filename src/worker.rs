@@ -20,7 +20,7 @@ use crate::config::SpliceMode;
 use crate::listener::MAX_LISTENERS;
 use crate::logging::Throttle;
 use crate::net::{IoClass, classify, is_local_port_shortage, is_resource_exhaustion, reset_on_close};
-use crate::session::{CloseReason, Cut, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
+use crate::session::{Client, CloseReason, Cut, Origin, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
 use crate::shared::Shared;
 use crate::stats::Counters;
 use crate::steer::Tracker;
@@ -94,7 +94,7 @@ enum NoConnect<'a> {
 /// retried after a back-off, rather than being reset.
 #[derive(Debug)]
 struct Parked<'a> {
-    client: Unpaired<'a>,
+    waiting: Unpaired<'a>,
     retry_at: Instant,
     /// Keeps every worker from accepting while it waits.
     _mark: crate::shared::ParkedMark<'a>,
@@ -104,10 +104,9 @@ struct Parked<'a> {
 /// failed connect, or parked.
 #[derive(Debug)]
 struct Unpaired<'a> {
-    stream: TcpStream,
-    slot: crate::shared::ClientSlot<'a>,
-    /// Kept so that a retry or a wait does not reset `--retries`.
-    tried: Tried,
+    /// Its `tried` is kept so that a retry or a wait does not reset
+    /// `--retries`.
+    client: Client<'a>,
     /// Once parked: when it stops waiting and is reset instead,
     /// `--connection-timeout` after it was parked (a connect made after
     /// the wait that fails starts a new one), as HAProxy's `timeout queue`
@@ -118,8 +117,8 @@ struct Unpaired<'a> {
 }
 
 impl<'a> Unpaired<'a> {
-    fn new(stream: TcpStream, slot: crate::shared::ClientSlot<'a>, tried: Tried) -> Self {
-        Unpaired { stream, slot, tried, give_up_at: None }
+    fn new(client: Client<'a>) -> Self {
+        Unpaired { client, give_up_at: None }
     }
 }
 
@@ -332,7 +331,7 @@ impl<'a> Worker<'a> {
         }
         self.publish_all_bytes();
         for p in self.parked.drain(..) {
-            reset_on_close(&p.client.stream);
+            reset_on_close(&p.waiting.client.stream);
         }
         for (_, s) in self.sessions.iter_mut() {
             s.expire(Cut::Shutdown);
@@ -499,8 +498,10 @@ impl<'a> Worker<'a> {
                         if let Some(t) = &mut self.steer {
                             t.accepted();
                         }
-                        debug!("accepted {peer}");
-                        self.start_session(Unpaired::new(stream, slot, Tried::default()), now);
+                        debug!("client {peer}: accepted by worker {}", self.id);
+                        let origin = Origin { addr: peer, accepted: now };
+                        let client = Client { stream, slot, tried: Tried::default(), origin };
+                        self.start_session(Unpaired::new(client), now);
                         if self.accepting != Accepting::Active {
                             return; // That client was parked.
                         }
@@ -538,37 +539,36 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn start_session(&mut self, client: Unpaired<'a>, now: Instant) {
+    fn start_session(&mut self, waiting: Unpaired<'a>, now: Instant) {
         if !balancer::any_healthy(&self.shared.backends) {
             self.shared.counters.no_backend.fetch_add(1, Ordering::Relaxed);
-            debug!("no backend is up; resetting the client");
+            debug!("client {}: no backend is up; resetting it", waiting.client.origin.addr);
             // As a refused connect would: a FIN would read as an empty reply.
-            reset_on_close(&client.stream);
+            reset_on_close(&waiting.client.stream);
             return;
         }
-        self.connect_client(client, now);
+        self.connect_client(waiting, now);
     }
 
     /// Pairs the client with the next backend that takes a connect; parks
     /// it while descriptors are short, resets it once none is left to try.
-    fn connect_client(&mut self, mut client: Unpaired<'a>, now: Instant) {
-        let (backend, lease) = match self.connect_next(&mut client.tried) {
+    fn connect_client(&mut self, mut waiting: Unpaired<'a>, now: Instant) {
+        let (backend, lease) = match self.connect_next(&mut waiting.client.tried) {
             Ok(connect) => connect,
-            Err(NoConnect::Shortage(mark)) => return self.park(client, mark, now),
+            Err(NoConnect::Shortage(mark)) => return self.park(waiting, mark, now),
             Err(NoConnect::GaveUp) => {
                 self.shared.counters.connect_gave_up.fetch_add(1, Ordering::Relaxed);
-                debug!("no backend accepted the connection; resetting the client");
-                reset_on_close(&client.stream);
+                debug!("client {}: no backend accepted a connection; resetting it", waiting.client.origin.addr);
+                reset_on_close(&waiting.client.stream);
                 return;
             }
         };
-        let Unpaired { stream, slot, tried, .. } = client;
         let generation = self.next_generation;
         self.next_generation = generation.wrapping_add(1) & GENERATION_MASK;
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        let session = entry
-            .insert(Session::new(stream, backend, lease, slot, tried, now, &self.settings).in_generation(generation));
+        let session =
+            entry.insert(Session::new(waiting.client, backend, lease, now, &self.settings).in_generation(generation));
         let (client_token, backend_token) =
             (session_token(key, Side::Client, generation), session_token(key, Side::Backend, generation));
         let registry = self.poll.registry();
@@ -587,15 +587,16 @@ impl<'a> Worker<'a> {
     /// Holds a client until a descriptor for its backend socket frees, and
     /// stops accepting meanwhile: the next client would need two. A client
     /// that waited its time already is reset instead.
-    fn park(&mut self, mut client: Unpaired<'a>, mark: crate::shared::ParkedMark<'a>, now: Instant) {
-        let give_up_at = *client.give_up_at.get_or_insert(now + self.settings.connect_timeout);
+    fn park(&mut self, mut waiting: Unpaired<'a>, mark: crate::shared::ParkedMark<'a>, now: Instant) {
+        let give_up_at = *waiting.give_up_at.get_or_insert(now + self.settings.connect_timeout);
+        let addr = waiting.client.origin.addr;
         if now >= give_up_at {
             self.shared.counters.descriptor_wait_timeouts.fetch_add(1, Ordering::Relaxed);
-            debug!("worker {}: a client waited too long for a descriptor; resetting it", self.id);
-            reset_on_close(&client.stream);
+            debug!("client {addr}: waited too long for a descriptor in worker {}; resetting it", self.id);
+            reset_on_close(&waiting.client.stream);
             return;
         }
-        debug!("worker {}: out of descriptors for a backend socket; the client waits", self.id);
+        debug!("client {addr}: worker {} is out of descriptors for a backend socket; the client waits", self.id);
         let retry_at = now + ACCEPT_BACKOFF;
         match self.accepting {
             Accepting::Active => {
@@ -607,7 +608,7 @@ impl<'a> Worker<'a> {
             Accepting::AtCap | Accepting::Closed => {}
         }
         self.accept_pending = false;
-        self.parked.push_back(Parked { client, retry_at, _mark: mark });
+        self.parked.push_back(Parked { waiting, retry_at, _mark: mark });
     }
 
     /// Puts the session's connect under its timeout.
@@ -710,8 +711,7 @@ impl<'a> Worker<'a> {
         }
         // Nothing was read from the client while connecting: it starts
         // over as a new one would, minus the backends already tried.
-        let (stream, slot, tried) = session.into_client();
-        self.connect_client(Unpaired::new(stream, slot, tried), now);
+        self.connect_client(Unpaired::new(session.into_client()), now);
     }
 
     /// Starts the parked clients whose back-off is over, until one is
@@ -721,7 +721,7 @@ impl<'a> Worker<'a> {
         while self.parked.front().is_some_and(|p| now >= p.retry_at) {
             let Some(p) = self.parked.pop_front() else { break };
             let waiting = self.parked.len();
-            self.start_session(p.client, now);
+            self.start_session(p.waiting, now);
             if self.parked.len() > waiting {
                 break;
             }
@@ -731,7 +731,13 @@ impl<'a> Worker<'a> {
     fn close(&mut self, key: usize, reason: CloseReason) {
         if let Some(mut session) = self.sessions.try_remove(key) {
             publish_bytes(&mut session, &self.shared.counters);
-            debug!("closed: {reason:?}");
+            let (origin, (up, down)) = (session.origin(), session.reported());
+            debug!(
+                "client {}: closed ({reason:?}) after {:?}; {up} bytes to {}, {down} bytes from it",
+                origin.addr,
+                origin.accepted.elapsed(),
+                session.lease().backend().name
+            );
         }
     }
 
@@ -841,7 +847,11 @@ impl<'a> Worker<'a> {
         for key in expired.drain(..) {
             self.shared.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
             if let Some(s) = self.sessions.get_mut(key) {
-                debug!("closing a pair idle for {:?}", now.saturating_duration_since(s.last_active));
+                debug!(
+                    "client {}: idle for {:?}; closing",
+                    s.origin().addr,
+                    now.saturating_duration_since(s.last_active)
+                );
                 s.expire(Cut::Idle);
                 self.close(key, CloseReason::Expired);
             }

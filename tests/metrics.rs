@@ -484,3 +484,31 @@ fn a_taken_admin_port_is_a_one_line_start_up_error() {
     let last = err.lines().last().unwrap_or_default();
     assert!(last.starts_with("error: --admin: cannot listen on") && last.contains("in use"), "{err}");
 }
+
+#[test]
+fn debug_logs_name_the_client_in_each_line_of_its_connection() {
+    let echo = echo_backend();
+    let lb = lb_env(&[echo.addr], &["--no-health-check"], &[("RUST_LOG", "debug")]);
+    // Two clients at once, as an operator reading the log would see them.
+    let (mut one, mut two) = (connect(lb.addr), connect(lb.addr));
+    for (c, msg) in [(&mut one, &b"ping"[..]), (&mut two, &b"a longer message"[..])] {
+        c.write_all(msg).expect("write");
+        assert_eq!(read_n(c, msg.len()), msg);
+    }
+    let backend = echo.addr.to_string();
+    for (c, len) in [(one, 4), (two, 16)] {
+        let client = c.local_addr().expect("addr").to_string();
+        drop(c);
+        let lines = |l: &str| l.contains(&format!("client {client}: "));
+        let closed = format!("; {len} bytes to {backend}, {len} bytes from it");
+        assert!(
+            lb.wait_stderr(|l| lines(l) && l.contains(": closed (") && l.contains(&closed), WAIT),
+            "no close line for {client} with its bytes: {}",
+            lb.stderr_text()
+        );
+        let log = lb.stderr_text();
+        for step in ["accepted by worker", &format!("connected to {backend} in ")] {
+            assert!(log.lines().any(|l| lines(l) && l.contains(step)), "no '{step}' line for {client}: {log}");
+        }
+    }
+}

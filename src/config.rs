@@ -413,13 +413,18 @@ impl Config {
         // No connection holds more than two (one per direction): more
         // could never be used, and would take descriptors from connections
         // where the limit is fitted to them.
+        let mut notes = Vec::new();
         let max_pipes = match &args.max_pipes {
             // Past any count is past the cap too.
-            Some(m) => match parse_count("--max-pipes", m, 0) {
-                Err(ConfigError::NumberRange { .. }) => usize::MAX,
-                n => n?,
+            Some(m) => {
+                let asked = match parse_count("--max-pipes", m, 0) {
+                    Err(ConfigError::NumberRange { .. }) => usize::MAX,
+                    n => n?,
+                };
+                let (pipes, note) = cap_pipes(m, asked, max_connections);
+                notes.extend(note);
+                pipes
             }
-            .min(max_connections.saturating_mul(2)),
             None => max_connections / 4,
         };
         // Like the probe flags with --no-health-check: a flag that could do
@@ -435,7 +440,6 @@ impl Config {
             d => at_least_min_period("--stats-period", &args.stats_period, d)?,
         };
         let admin = args.admin.as_deref().map(|a| parse_admin(a.trim())).transpose()?;
-        let mut notes = Vec::new();
         let mut backends = Vec::with_capacity(args.backends.len());
         for b in &args.backends {
             let (spec, found) = resolve_backend(b.trim())?;
@@ -475,6 +479,40 @@ impl Config {
             admin,
             notes,
         })
+    }
+}
+
+/// `--max-pipes` as given (`value`, read as `asked`) held to two per
+/// connection, with the note to log when that lowers it: the operator
+/// asked for more, and should not have to find out from /metrics.
+fn cap_pipes(value: &str, asked: usize, max_connections: usize) -> (usize, Option<String>) {
+    let cap = max_connections.saturating_mul(2);
+    if asked <= cap {
+        return (asked, None);
+    }
+    let note = format!(
+        "--max-pipes: '{}' is more than two per connection (--max-connections {max_connections}); \
+         using {cap}, as a connection uses no more",
+        value.trim()
+    );
+    (cap, Some(note))
+}
+
+impl Config {
+    /// The start-up line about splicing. With no pipes splice is as good
+    /// as off, which the line says rather than leave the operator to
+    /// notice "up to 0 pipes" (a small --max-connections makes the
+    /// default quarter 0).
+    pub fn splice_summary(&self) -> String {
+        let mode = match self.splice {
+            SpliceMode::Never => return "splice: never (every byte is copied)".to_string(),
+            SpliceMode::Auto => "auto",
+            SpliceMode::Always => "always",
+        };
+        if self.max_pipes == 0 {
+            return format!("splice: {mode}, but with 0 pipes every byte is copied (--max-pipes sets how many)");
+        }
+        format!("splice: {mode}, up to {} pipes of {} bytes", self.max_pipes, self.buffer_size)
     }
 }
 
@@ -1316,6 +1354,36 @@ mod tests {
         assert_eq!(c.max_pipes, 20);
         let c = Config::from_args(&args(&["--max-connections", "10", "--max-pipes", "99999999999999999999"])).unwrap();
         assert_eq!(c.max_pipes, 20, "past any count is past the cap too");
+    }
+
+    #[test]
+    fn max_pipes_lowered_to_two_per_connection_is_noted() {
+        let c = Config::from_args(&args(&["--max-connections", "1000", "--max-pipes", "3000"])).unwrap();
+        assert_eq!(c.max_pipes, 2000);
+        assert_eq!(
+            c.notes,
+            ["--max-pipes: '3000' is more than two per connection (--max-connections 1000); \
+              using 2000, as a connection uses no more"]
+        );
+        for kept in [&["--max-connections", "1000", "--max-pipes", "2000"][..], &["--max-connections", "2"]] {
+            let c = Config::from_args(&args(kept)).unwrap();
+            assert!(c.notes.is_empty(), "{kept:?}: {:?}", c.notes);
+        }
+    }
+
+    #[test]
+    fn the_splice_line_says_when_there_are_no_pipes_to_splice_with() {
+        let line = |extra: &[&str]| Config::from_args(&args(extra)).unwrap().splice_summary();
+        assert_eq!(
+            line(&["--max-connections", "2"]),
+            "splice: auto, but with 0 pipes every byte is copied (--max-pipes sets how many)"
+        );
+        assert_eq!(
+            line(&["--splice", "always", "--max-pipes", "0"]),
+            "splice: always, but with 0 pipes every byte is copied (--max-pipes sets how many)"
+        );
+        assert_eq!(line(&["--max-connections", "40"]), "splice: auto, up to 10 pipes of 32768 bytes");
+        assert_eq!(line(&["--splice", "never"]), "splice: never (every byte is copied)");
     }
 
     #[test]

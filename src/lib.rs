@@ -261,15 +261,7 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     for note in &config.notes {
         warn!("{note}");
     }
-    match config.splice {
-        config::SpliceMode::Never => info!("splice: never (every byte is copied)"),
-        mode => info!(
-            "splice: {}, up to {} pipes of {} bytes",
-            if mode == config::SpliceMode::Auto { "auto" } else { "always" },
-            config.max_pipes,
-            config.buffer_size
-        ),
-    }
+    info!("{}", config.splice_summary());
     info!(
         "listening on {bound} with {} worker{}; backends: {}; max connections {}",
         config.workers,

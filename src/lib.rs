@@ -79,6 +79,12 @@ pub enum RunError {
         backend: String,
         listen: std::net::SocketAddr,
     },
+    /// `--admin` overlaps lb's own listening address: one of the two
+    /// binds would fail, and "already in use" would blame another process.
+    AdminIsListener {
+        admin: std::net::SocketAddr,
+        listen: std::net::SocketAddr,
+    },
     /// A backend that is lb's own admin endpoint: clients would get its
     /// HTTP answers.
     BackendIsAdmin {
@@ -95,10 +101,14 @@ pub enum RunError {
 
 impl RunError {
     /// Whether the command line itself is at fault (exit status 2, as for
-    /// a bad value): its backends are lb's own sockets. That shows only
-    /// once they are bound (-p 0, sockets passed by systemd).
+    /// a bad value): its backends or its --admin address are lb's own
+    /// sockets. That may show only once they are bound (-p 0) or passed
+    /// by systemd.
     pub fn is_command_line(&self) -> bool {
-        matches!(self, RunError::BackendIsListener { .. } | RunError::BackendIsAdmin { .. })
+        matches!(
+            self,
+            RunError::BackendIsListener { .. } | RunError::BackendIsAdmin { .. } | RunError::AdminIsListener { .. }
+        )
     }
 }
 
@@ -123,6 +133,10 @@ impl fmt::Display for RunError {
             RunError::BackendIsListener { backend, listen } => write!(
                 f,
                 "--backends: '{backend}' is lb's own listening address ({listen}); lb would relay every client to itself"
+            ),
+            RunError::AdminIsListener { admin, listen } => write!(
+                f,
+                "--admin: {admin} overlaps lb's own listening address ({listen}); give one of them another port"
             ),
             RunError::BackendIsAdmin { backend, admin } => write!(
                 f,
@@ -174,14 +188,28 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
         Ok(limit) => fit_fd_limit(&mut config, *limit, listeners)?,
         Err(_) => None,
     };
+    // --admin is checked against the listening address before either is
+    // bound: the second bind would fail as if another process held it.
     let per_worker = if inherited.is_empty() {
+        admin_clash(config.admin, &[(config.listen, None)])?;
         listener::bind(config.listen, config.workers)
             .map_err(RunError::Listen)?
             .into_iter()
             .map(|l| vec![l])
             .collect::<Vec<_>>()
     } else {
-        listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?
+        // The passed sockets are the listening addresses; --bind/--port
+        // are ignored, so they cannot clash.
+        let per_worker = listener::from_inherited(inherited, config.workers).map_err(RunError::Listen)?;
+        let passed: Vec<_> = per_worker
+            .first()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| listener::listening(l, &[]))
+            .map(|l| (l.addr, Some(l.v6only)))
+            .collect();
+        admin_clash(config.admin, &passed)?;
+        per_worker
     };
     // Every address served (systemd may pass several), the first one first:
     // scripts read the address that follows "listening on".
@@ -307,6 +335,23 @@ fn steer_workers(
                 "steering: cannot load the eBPF program ({e}); new clients go to workers by the kernel's hash (it needs root or CAP_BPF; --steer never skips it)"
             )),
         )),
+    }
+}
+
+/// Refuses an `--admin` address that overlaps one of `listening`: each
+/// listening address with its IPV6_V6ONLY, or `None` for a socket lb
+/// binds itself, which has the system's default, as the admin socket does.
+fn admin_clash(
+    admin: Option<std::net::SocketAddr>,
+    listening: &[(std::net::SocketAddr, Option<bool>)],
+) -> Result<(), RunError> {
+    let Some(admin) = admin else {
+        return Ok(());
+    };
+    let v6only = listener::default_v6only();
+    match listening.iter().find(|(l, l_v6only)| listener::clashes(admin, v6only, *l, l_v6only.unwrap_or(v6only))) {
+        Some(&(listen, _)) => Err(RunError::AdminIsListener { admin, listen }),
+        None => Ok(()),
     }
 }
 

@@ -132,6 +132,31 @@ pub fn reaches(target: SocketAddr, listen: Listening) -> bool {
     }
 }
 
+/// Whether sockets listening at `a` and at `b` (each with its
+/// IPV6_V6ONLY) cannot both be bound: the same port, and addresses that
+/// overlap, as Linux judges it (inet_rcv_saddr_equal). Port 0 clashes
+/// with nothing: the kernel picks a port that is free.
+pub fn clashes(a: SocketAddr, a_v6only: bool, b: SocketAddr, b_v6only: bool) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    // An IPv4-mapped address (::ffff:127.0.0.1) is bound as IPv4.
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    // An IPv6 socket on every address takes IPv4 too, unless IPV6_V6ONLY.
+    let takes_ipv4 = |ip: IpAddr, v6only: bool| ip.is_ipv6() && ip.is_unspecified() && !v6only;
+    if x.is_ipv4() != y.is_ipv4() {
+        return takes_ipv4(x, a_v6only) || takes_ipv4(y, b_v6only);
+    }
+    x.is_unspecified() || y.is_unspecified() || crate::net::same_address(a, b)
+}
+
+/// Whether an IPv6 socket that does not set IPV6_V6ONLY (lb's own do
+/// not) gets it all the same: the net.ipv6.bindv6only sysctl, off
+/// unless set, and taken as off if it cannot be read.
+pub fn default_v6only() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "1")
+}
+
 /// The addresses of the host's interfaces (getifaddrs(3)); empty if they
 /// cannot be read, which only narrows what [`reaches`] sees.
 pub fn host_addresses() -> Vec<SocketAddr> {
@@ -449,6 +474,53 @@ mod tests {
         assert!(!reaches_with("10.1.2.4:80", "0.0.0.0:80", false, &host));
         assert!(!reaches_with("10.1.2.3:80", "[::]:80", true, &host));
         assert!(!reaches_with("10.1.2.3:80", "10.1.2.4:80", false, &host));
+    }
+
+    fn clash(a: &str, b: &str) -> bool {
+        let (a, b) = (a.parse().unwrap(), b.parse().unwrap());
+        let either = clashes(a, false, b, false);
+        assert_eq!(either, clashes(b, false, a, false), "{a} and {b} clash in either order");
+        either
+    }
+
+    #[test]
+    fn overlapping_addresses_on_the_same_port_clash() {
+        assert!(clash("127.0.0.1:80", "127.0.0.1:80"));
+        assert!(clash("0.0.0.0:80", "127.0.0.1:80"));
+        assert!(clash("[::]:80", "[::]:80"));
+        assert!(clash("[::]:80", "[::1]:80"));
+        assert!(clash("[fe80::1%2]:80", "[fe80::1%2]:80"));
+        assert!(clash("[::ffff:127.0.0.1]:80", "127.0.0.1:80"));
+        assert!(clash("[::ffff:127.0.0.1]:80", "0.0.0.0:80"));
+    }
+
+    #[test]
+    fn other_ports_or_addresses_that_do_not_overlap_do_not_clash() {
+        assert!(!clash("127.0.0.1:80", "127.0.0.1:81"));
+        assert!(!clash("0.0.0.0:80", "[::1]:81"));
+        assert!(!clash("127.0.0.1:80", "127.0.0.2:80"));
+        assert!(!clash("[::1]:80", "127.0.0.1:80"));
+        assert!(!clash("[::1]:80", "0.0.0.0:80"), "a specific IPv6 address takes no IPv4");
+        assert!(!clash("[fe80::1%2]:80", "[fe80::1%3]:80"), "another link");
+    }
+
+    #[test]
+    fn port_zero_clashes_with_nothing() {
+        assert!(!clash("0.0.0.0:0", "0.0.0.0:0"));
+        assert!(!clash("127.0.0.1:0", "127.0.0.1:0"));
+        assert!(!clash("[::]:0", "0.0.0.0:0"));
+    }
+
+    #[test]
+    fn an_ipv6_socket_on_every_address_takes_ipv4_unless_v6only() {
+        let (any6, any4, lo4): (SocketAddr, SocketAddr, SocketAddr) =
+            ("[::]:80".parse().unwrap(), "0.0.0.0:80".parse().unwrap(), "127.0.0.1:80".parse().unwrap());
+        assert!(clash("[::]:80", "0.0.0.0:80"));
+        assert!(clash("[::]:80", "127.0.0.1:80"));
+        assert!(!clashes(any6, true, any4, false));
+        assert!(!clashes(lo4, false, any6, true));
+        // Both on every IPv6 address: the same address, v6only or not.
+        assert!(clashes(any6, true, any6, false));
     }
 
     #[test]

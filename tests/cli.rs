@@ -189,3 +189,29 @@ fn a_backend_that_is_lbs_own_admin_endpoint_is_refused_at_start_up() {
         format!("error: --backends: '{admin}' is lb's own admin endpoint ({admin}); clients would be relayed to it")
     );
 }
+
+#[test]
+fn an_admin_address_that_overlaps_lbs_own_listener_is_refused_before_binding() {
+    // The port is held here: refused before lb binds anything, lb would
+    // otherwise fail on --bind with "already in use".
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().expect("addr").port().to_string();
+    let admin = format!("127.0.0.1:{port}");
+    let (code, err) = lb_output(&["--admin", &admin, "-p", &port, "--bind", "127.0.0.1", "-b", "127.0.0.1:1"]);
+    assert_eq!(code, Some(2), "a command-line error: {err}");
+    assert_eq!(
+        err.trim_end(),
+        format!("error: --admin: {admin} overlaps lb's own listening address ({admin}); give one of them another port")
+    );
+    // Every address, and the IPv6 one that takes IPv4 too.
+    let port = common::free_port().to_string();
+    for (bind, admin, listen) in [
+        ("0.0.0.0", format!("0.0.0.0:{port}"), format!("0.0.0.0:{port}")),
+        ("0.0.0.0", format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}")),
+        ("::", format!("[::]:{port}"), format!("[::]:{port}")),
+    ] {
+        let (code, err) = lb_output(&["-p", &port, "--bind", bind, "-b", "127.0.0.1:1", "--admin", &admin]);
+        assert_eq!(code, Some(2), "--bind {bind} --admin {admin}: {err}");
+        assert!(err.contains(&format!("--admin: {admin} overlaps lb's own listening address ({listen})")), "{err}");
+    }
+}

@@ -117,6 +117,21 @@ fn each_worker_s_copy_of_each_passed_socket_counts_against_the_descriptor_limit(
 }
 
 #[test]
+fn an_admin_address_that_overlaps_a_passed_socket_is_refused() {
+    // The passed socket is lb's listening address, whatever --port says.
+    let ls = loopback_listeners(1);
+    let listen = ls[0].local_addr().expect("addr").to_string();
+    let (status, err) = failed_start(activated(&ls, &["--no-health-check", "-b", "127.0.0.1:9", "--admin", &listen]));
+    assert_eq!(status.code(), Some(2), "{err:?}");
+    assert_eq!(
+        err,
+        [format!(
+            "error: --admin: {listen} overlaps lb's own listening address ({listen}); give one of them another port"
+        )]
+    );
+}
+
+#[test]
 fn a_start_up_failure_after_taking_the_passed_sockets_is_one_line() {
     // The sockets are fine; the --admin port is taken. Nothing may be
     // logged before the error (such as the note that the passed sockets

@@ -731,6 +731,8 @@ impl<'a> Worker<'a> {
     fn close(&mut self, key: usize, reason: CloseReason) {
         if let Some(mut session) = self.sessions.try_remove(key) {
             publish_bytes(&mut session, &self.shared.counters);
+            // The fallbacks this pair met show by the time its bytes do.
+            self.publish_fallbacks();
             let (origin, (up, down)) = (session.origin(), session.reported());
             debug!(
                 "client {}: closed ({reason:?}) after {:?}; {up} bytes to {}, {down} bytes from it",
@@ -874,6 +876,11 @@ impl<'a> Worker<'a> {
         publish_share(&c.pipes_in_use, &mut t.published_pipes_in_use, pipes.in_use() as u64);
         publish_share(&c.buffers_in_use, &mut t.published_buffers_in_use, buffers.in_use() as u64);
         publish_share(&c.buffers_allocated, &mut t.published_buffers_allocated, buffers.allocated() as u64);
+        self.publish_fallbacks();
+    }
+
+    fn publish_fallbacks(&mut self) {
+        let (c, t, pipes) = (&self.shared.counters, &mut self.tally, self.pools.pipes);
         publish_share(&c.pipes_exhausted, &mut t.published_exhausted, pipes.exhausted());
         publish_share(&c.splice_unsupported, &mut t.published_unsupported, pipes.unsupported());
     }

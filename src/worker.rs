@@ -22,7 +22,6 @@ use crate::logging::Throttle;
 use crate::net::{IoClass, classify, is_local_port_shortage, is_resource_exhaustion, reset_on_close};
 use crate::session::{Client, CloseReason, Cut, Origin, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
 use crate::shared::Shared;
-use crate::stats::Counters;
 use crate::steer::Tracker;
 
 /// Reserved tokens sit at the top of the token space, away from sessions.
@@ -51,10 +50,13 @@ pub struct WorkerSettings {
     pub splice: SpliceMode,
 }
 
-/// This worker's shares of the shared gauges and counters, published once
-/// per scan, so the relay itself touches no atomic.
+/// This worker's shares of the shared gauges and counters, published at
+/// a close or once per scan, so the relay itself touches no atomic.
 #[derive(Debug, Default)]
 struct Tally {
+    /// Bytes relayed by splice and by copy, not yet published.
+    spliced: u64,
+    copied: u64,
     /// What this worker last added to the shared gauges and counters.
     published_pipes_in_use: u64,
     published_buffers_in_use: u64,
@@ -331,10 +333,12 @@ impl<'a> Worker<'a> {
         }
         self.publish_all_bytes();
         for p in self.parked.drain(..) {
+            debug!("client {}: reset at shutdown while waiting for a descriptor", p.waiting.client.origin.addr);
             reset_on_close(&p.waiting.client.stream);
         }
         for (_, s) in self.sessions.iter_mut() {
             s.expire(Cut::Shutdown);
+            log_closed(s, &Cut::Shutdown);
         }
         self.sessions.clear();
         self.publish_relay_stats();
@@ -553,7 +557,7 @@ impl<'a> Worker<'a> {
     /// Pairs the client with the next backend that takes a connect; parks
     /// it while descriptors are short, resets it once none is left to try.
     fn connect_client(&mut self, mut waiting: Unpaired<'a>, now: Instant) {
-        let (backend, lease) = match self.connect_next(&mut waiting.client.tried) {
+        let (backend, lease) = match self.connect_next(&mut waiting.client) {
             Ok(connect) => connect,
             Err(NoConnect::Shortage(mark)) => return self.park(waiting, mark, now),
             Err(NoConnect::GaveUp) => {
@@ -576,7 +580,7 @@ impl<'a> Worker<'a> {
             .register(session.client_stream(), client_token, SOCKET_INTEREST)
             .and_then(|()| registry.register(session.backend_stream(), backend_token, SOCKET_INTEREST));
         if let Err(e) = registered {
-            warn!("worker {}: cannot register a new connection: {e}", self.id);
+            warn!("worker {}: cannot register client {}: {e}", self.id, session.origin().addr);
             session.reset_both();
             self.sessions.try_remove(key);
             return;
@@ -620,8 +624,9 @@ impl<'a> Worker<'a> {
 
     /// Starts a connect to the best backend not yet tried, moving on after
     /// immediate failures, within `--retries`.
-    fn connect_next(&mut self, tried: &mut Tried) -> Result<(TcpStream, Lease<'a>), NoConnect<'a>> {
+    fn connect_next(&mut self, client: &mut Client<'a>) -> Result<(TcpStream, Lease<'a>), NoConnect<'a>> {
         let backends: &'a [Backend] = &self.shared.backends;
+        let tried = &mut client.tried;
         while tried.attempts() <= self.settings.retries as usize {
             let i = balancer::pick(backends, self.cursor, tried.as_slice()).ok_or(NoConnect::GaveUp)?;
             // The next tie goes to the backend after the one picked, not
@@ -654,7 +659,7 @@ impl<'a> Worker<'a> {
                     backend,
                     &"no free local port (every port of net.ipv4.ip_local_port_range to it is in use)",
                 ),
-                Err(e) => self.count_connect_failure(backend, &e),
+                Err(e) => self.count_connect_failure(client.origin, backend, &e),
             }
         }
         Err(NoConnect::GaveUp)
@@ -666,8 +671,8 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn count_connect_failure(&self, backend: &Backend, e: &io::Error) {
-        debug!("connect to {} failed: {e}", backend.name);
+    fn count_connect_failure(&self, origin: Origin, backend: &Backend, e: &io::Error) {
+        debug!("client {}: connect to {} failed: {e}", origin.addr, backend.name);
         if backend.connect_failed(self.settings.fall) {
             crate::health::log_down(
                 backend,
@@ -705,7 +710,7 @@ impl<'a> Worker<'a> {
 
     fn on_connect_failed(&mut self, key: usize, e: &io::Error, now: Instant) {
         let Some(mut session) = self.sessions.try_remove(key) else { return };
-        self.count_connect_failure(session.lease().backend(), e);
+        self.count_connect_failure(session.origin(), session.lease().backend(), e);
         if let Err(e) = self.poll.registry().deregister(session.client_stream()) {
             debug!("deregistering a client: {e}");
         }
@@ -730,16 +735,11 @@ impl<'a> Worker<'a> {
 
     fn close(&mut self, key: usize, reason: CloseReason) {
         if let Some(mut session) = self.sessions.try_remove(key) {
-            publish_bytes(&mut session, &self.shared.counters);
-            // The fallbacks this pair met show by the time its bytes do.
+            // The fallbacks this pair met show no later than its bytes.
             self.publish_fallbacks();
-            let (origin, (up, down)) = (session.origin(), session.reported());
-            debug!(
-                "client {}: closed ({reason:?}) after {:?}; {up} bytes to {}, {down} bytes from it",
-                origin.addr,
-                origin.accepted.elapsed(),
-                session.lease().backend().name
-            );
+            publish_bytes(&mut session, &mut self.tally);
+            self.publish_split();
+            log_closed(&session, &reason);
         }
     }
 
@@ -841,7 +841,7 @@ impl<'a> Worker<'a> {
         let idle = self.settings.idle_timeout;
         let mut expired = std::mem::take(&mut self.expired);
         for (key, s) in self.sessions.iter_mut() {
-            publish_bytes(s, &self.shared.counters);
+            publish_bytes(s, &mut self.tally);
             if s.is_idle(now, idle) {
                 expired.push(key);
             }
@@ -865,11 +865,22 @@ impl<'a> Worker<'a> {
 
     fn publish_all_bytes(&mut self) {
         for (_, s) in self.sessions.iter_mut() {
-            publish_bytes(s, &self.shared.counters);
+            publish_bytes(s, &mut self.tally);
+        }
+        self.publish_split();
+    }
+
+    fn publish_split(&mut self) {
+        let (c, t) = (&self.shared.counters, &mut self.tally);
+        for (counter, n) in [(&c.bytes_spliced, &mut t.spliced), (&c.bytes_copied, &mut t.copied)] {
+            if *n != 0 {
+                counter.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
         }
     }
 
     fn publish_relay_stats(&mut self) {
+        self.publish_split();
         let c = &self.shared.counters;
         let t = &mut self.tally;
         let (pipes, buffers) = (self.pools.pipes, self.pools.buffers);
@@ -897,22 +908,33 @@ fn publish_share(shared: &std::sync::atomic::AtomicU64, published: &mut u64, now
     *published = now;
 }
 
-/// Adds a pair's bytes since the last call to its backend's counters and
-/// to the splice/copy split together, so that the two always add up.
-fn publish_bytes(s: &mut Session<'_>, counters: &Counters) {
+/// Adds a pair's bytes since the last call to its backend's counters, and
+/// to the worker's splice/copy split, which the caller publishes right
+/// after ([`Worker::publish_split`]): once for a whole scan.
+fn publish_bytes(s: &mut Session<'_>, tally: &mut Tally) {
     let (up, down) = s.take_unreported();
     let spliced = s.take_unreported_spliced();
+    tally.spliced += spliced;
+    tally.copied += up + down - spliced;
     let b = s.lease().backend();
-    for (counter, n) in [
-        (&b.bytes_in, up),
-        (&b.bytes_out, down),
-        (&counters.bytes_spliced, spliced),
-        (&counters.bytes_copied, up + down - spliced),
-    ] {
-        if n != 0 {
-            counter.fetch_add(n, Ordering::Relaxed);
-        }
+    if up != 0 {
+        b.bytes_in.fetch_add(up, Ordering::Relaxed);
     }
+    if down != 0 {
+        b.bytes_out.fetch_add(down, Ordering::Relaxed);
+    }
+}
+
+/// The debug line that ends a client's story: why, after how long, and the
+/// bytes each way (as published, so after [`publish_bytes`]).
+fn log_closed(s: &Session<'_>, reason: &dyn std::fmt::Debug) {
+    let (origin, (up, down)) = (s.origin(), s.reported());
+    debug!(
+        "client {}: closed ({reason:?}) after {:?}; {up} bytes to {}, {down} bytes from it",
+        origin.addr,
+        origin.accepted.elapsed(),
+        s.lease().backend().name
+    );
 }
 
 #[cfg(test)]

@@ -512,3 +512,23 @@ fn debug_logs_name_the_client_in_each_line_of_its_connection() {
         }
     }
 }
+
+#[test]
+fn debug_logs_name_the_client_in_a_failed_connect_and_in_a_cut_at_shutdown() {
+    let echo = echo_backend();
+    let dead = dead_addr();
+    // One worker, whose first pick is the first backend: the dead one.
+    let args = ["--no-health-check", "--workers", "1", "--drain-timeout", "0"];
+    let mut lb = lb_env(&[dead, echo.addr], &args, &[("RUST_LOG", "debug")]);
+    let mut c = connect(lb.addr);
+    c.write_all(b"ping").expect("write");
+    assert_eq!(read_n(&mut c, 4), b"ping");
+    let client = c.local_addr().expect("addr").to_string();
+    let logged =
+        |lb: &Proc, what: &str| lb.stderr_text().lines().any(|l| l.contains(&format!("client {client}: {what}")));
+    assert!(logged(&lb, &format!("connect to {dead} failed")), "{}", lb.stderr_text());
+    // Still open when lb stops: cut, and logged as such.
+    lb.signal(libc::SIGTERM);
+    assert!(lb.wait_exit(WAIT).is_some(), "lb did not stop");
+    assert!(logged(&lb, "closed (Shutdown) after "), "{}", lb.stderr_text());
+}

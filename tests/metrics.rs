@@ -524,8 +524,12 @@ fn debug_logs_name_the_client_in_a_failed_connect_and_in_a_cut_at_shutdown() {
     c.write_all(b"ping").expect("write");
     assert_eq!(read_n(&mut c, 4), b"ping");
     let client = c.local_addr().expect("addr").to_string();
-    let logged =
-        |lb: &Proc, what: &str| lb.stderr_text().lines().any(|l| l.contains(&format!("client {client}: {what}")));
+    // stderr is gathered by a reader thread, so a line lb has written may
+    // not be in it yet: wait for it rather than look once.
+    let logged = |lb: &Proc, what: &str| {
+        let line = format!("client {client}: {what}");
+        lb.wait_stderr(|l| l.contains(&line), WAIT)
+    };
     assert!(logged(&lb, &format!("connect to {dead} failed")), "{}", lb.stderr_text());
     // Still open when lb stops: cut, and logged as such.
     lb.signal(libc::SIGTERM);

@@ -828,7 +828,7 @@ impl<'a> Session<'a> {
                     self.lease.backend().connect_succeeded(took);
                     debug!("client {}: connected to {} in {took:?}", self.origin.addr, self.lease.backend().name);
                     if let Err(e) = self.backend.stream.set_nodelay(true) {
-                        debug!("TCP_NODELAY on backend socket: {e}");
+                        debug!("client {}: TCP_NODELAY on the backend socket failed: {e}", self.origin.addr);
                     }
                     // Data may have arrived from the client while connecting.
                     self.client.readable = true;

@@ -331,6 +331,7 @@ impl<'a> Worker<'a> {
         if left > 0 {
             info!("worker {}: closing {left} connections still open", self.id);
         }
+        self.publish_fallbacks();
         self.publish_all_bytes();
         for p in self.parked.drain(..) {
             debug!("client {}: reset at shutdown while waiting for a descriptor", p.waiting.client.origin.addr);
@@ -712,7 +713,7 @@ impl<'a> Worker<'a> {
         let Some(mut session) = self.sessions.try_remove(key) else { return };
         self.count_connect_failure(session.origin(), session.lease().backend(), e);
         if let Err(e) = self.poll.registry().deregister(session.client_stream()) {
-            debug!("deregistering a client: {e}");
+            debug!("client {}: deregistering it failed: {e}", session.origin().addr);
         }
         // Nothing was read from the client while connecting: it starts
         // over as a new one would, minus the backends already tried.
@@ -839,6 +840,8 @@ impl<'a> Worker<'a> {
     /// closes pipes no longer needed.
     fn scan(&mut self, now: Instant) {
         let idle = self.settings.idle_timeout;
+        // Fallbacks go out ahead of the bytes they came with, as at close.
+        self.publish_fallbacks();
         let mut expired = std::mem::take(&mut self.expired);
         for (key, s) in self.sessions.iter_mut() {
             publish_bytes(s, &mut self.tally);

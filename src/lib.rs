@@ -283,10 +283,12 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
         Ok(n) => info!("file descriptor limit: {n}"),
         Err(e) => warn!("cannot raise the file descriptor limit: {e}"),
     }
-    if let Some(note) = fd_note {
+    // The command line's own notes first: the descriptor note may lower
+    // what they settled on, and reads right only after them.
+    for note in &config.notes {
         warn!("{note}");
     }
-    for note in &config.notes {
+    if let Some(note) = fd_note {
         warn!("{note}");
     }
     info!("{}", config.splice_summary());

@@ -678,3 +678,17 @@ fn a_descriptor_limit_too_low_for_the_default_cap_lowers_it_so_no_waiting_client
         assert!(!lb.stderr_text().contains("Too many open files"), "limit {limit}: {}", lb.stderr_text());
     }
 }
+
+#[test]
+fn a_lowered_max_pipes_is_logged_before_the_descriptor_limit_lowers_it_again() {
+    // The --max-pipes note names what the command line settled on; the
+    // descriptor note, which may lower that again, has to come after it or
+    // the log ends on a pipe count lb does not use.
+    let echo = echo_backend();
+    let lb = lb_with_fd_limit(60, &[echo.addr], &["--workers", "1", "--no-health-check", "--max-pipes", "5000"]);
+    let fd_line = "the descriptor limit (60) is too low for 1000 connections and 2000 pipes";
+    assert!(lb.wait_stderr(|e| e.contains(fd_line), WAIT), "{}", lb.stderr_text());
+    let log = lb.stderr_text();
+    let pipes = log.find("--max-pipes: '5000' is more than two per connection").expect("the --max-pipes note");
+    assert!(pipes < log.find(fd_line).expect("the descriptor note"), "{log}");
+}

@@ -70,6 +70,9 @@ pub enum Cut {
     Idle,
     /// lb is stopping: the drain timeout ran out or a second signal came.
     Shutdown,
+    /// This worker's event loop failed; lb runs on without it, but the
+    /// pairs it held cannot be served.
+    LoopFailed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1153,11 +1156,11 @@ impl<'a> Session<'a> {
     /// connection. Bytes still held for either side would be lost, so then
     /// the stream is cut and both sides get a reset, as on an abort: a FIN
     /// would make the shortened stream look complete. So does a shutdown
-    /// that ends a pair at an arbitrary moment: whether or not lb holds
-    /// bytes just then, neither stream has ended.
+    /// or a failed event loop, which ends a pair at an arbitrary moment:
+    /// whether or not lb holds bytes just then, neither stream has ended.
     pub fn expire(&mut self, cut: Cut) {
         // A failed pair ends in a reset in any case.
-        if cut == Cut::Shutdown || self.failed() || self.up.pending() > 0 || self.down.pending() > 0 {
+        if cut != Cut::Idle || self.failed() || self.up.pending() > 0 || self.down.pending() > 0 {
             self.reset_both();
         }
     }
@@ -1543,6 +1546,21 @@ mod tests {
         client_far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         let end = client_far.read(&mut [0u8; 16]).map_err(|e| e.kind());
         assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
+    }
+
+    #[test]
+    fn a_pair_cut_by_a_shutdown_or_a_failed_event_loop_is_reset_even_with_nothing_held() {
+        let shared = shared();
+        for cut in [Cut::Shutdown, Cut::LoopFailed] {
+            let (mut s, mut client_far, mut backend_far) = relaying(&shared);
+            s.expire(cut);
+            drop(s);
+            for (far, side) in [(&mut client_far, "client"), (&mut backend_far, "backend")] {
+                far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                let end = far.read(&mut [0u8; 16]).map_err(|e| e.kind());
+                assert_eq!(end, Err(io::ErrorKind::ConnectionReset), "{cut:?}: the {side}");
+            }
+        }
     }
 
     #[test]

@@ -318,11 +318,13 @@ impl<'a> Worker<'a> {
                 break Ok(());
             }
         };
-        self.finish();
+        self.finish(if result.is_ok() { Cut::Shutdown } else { Cut::LoopFailed });
         result
     }
 
-    fn finish(&mut self) {
+    /// Ends what the worker still holds, for `cut`: lb stopping, or this
+    /// worker's event loop failing while the others serve on.
+    fn finish(&mut self, cut: Cut) {
         if let Some(t) = &mut self.steer {
             t.retire(0);
         }
@@ -334,12 +336,12 @@ impl<'a> Worker<'a> {
         self.publish_fallbacks();
         self.publish_all_bytes();
         for p in self.parked.drain(..) {
-            debug!("client {}: reset at shutdown while waiting for a descriptor", p.waiting.client.origin.addr);
+            debug!("client {}: reset ({cut:?}) while waiting for a descriptor", p.waiting.client.origin.addr);
             reset_on_close(&p.waiting.client.stream);
         }
         for (_, s) in self.sessions.iter_mut() {
-            s.expire(Cut::Shutdown);
-            log_closed(s, &Cut::Shutdown);
+            s.expire(cut);
+            log_closed(s, &cut);
         }
         self.sessions.clear();
         self.publish_relay_stats();

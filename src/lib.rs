@@ -9,11 +9,15 @@
 //! calling thread supervises: it turns [`signals`] into a graceful drain and
 //! prints the [`stats`] report. Off the data path, [`health`] probes the
 //! backends and [`admin`] serves [`metrics`] on its own thread; log lines
-//! reach stderr through [`logging`]'s writer thread.
+//! reach stderr through [`logging`]'s writer thread. Two eBPF programs, built
+//! with [`bpf`], run in the kernel: [`steer`] sends each new client to the
+//! least loaded worker, and [`redirect`] (not used by sessions yet) relays a
+//! pair's bytes without waking lb.
 
 pub mod admin;
 pub mod backend;
 pub mod balancer;
+pub mod bpf;
 pub mod config;
 pub mod health;
 pub mod listener;
@@ -22,6 +26,7 @@ pub mod metrics;
 pub mod net;
 pub mod pipe;
 pub mod pool;
+pub mod redirect;
 pub mod session;
 pub mod shared;
 pub mod signals;

@@ -13,7 +13,9 @@
 //! kernel's hash.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::bpf::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One worker's row in the table. The program adds 1 to `steered` for
@@ -111,18 +113,12 @@ impl<'a> Tracker<'a> {
 /// listener closed.
 #[derive(Debug)]
 pub struct Steering {
-    table: *mut Slot,
-    table_len: usize,
+    table: Mapping,
     workers: usize,
     _loads: OwnedFd,
     _sockets: OwnedFd,
     _program: OwnedFd,
 }
-
-// SAFETY: the table is only reached through `&Slot`, whose fields are
-// atomics, and the mapping lives until drop.
-unsafe impl Send for Steering {}
-unsafe impl Sync for Steering {}
 
 impl Steering {
     /// Steers the clients of the `SO_REUSEPORT` group of `listeners` (one
@@ -135,31 +131,14 @@ impl Steering {
         let value_size = (workers * SLOT_SIZE) as u32;
         let loads = map_create(BPF_MAP_TYPE_ARRAY, 4, value_size, 1, BPF_F_MMAPABLE)?;
         let sockets = map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, workers as u32, 0)?;
-        let program = prog_load(&program(workers, loads.as_raw_fd(), sockets.as_raw_fd()))?;
+        let program = prog_load(
+            BPF_PROG_TYPE_SK_REUSEPORT,
+            BPF_SK_REUSEPORT_SELECT,
+            &program(workers, loads.as_raw_fd(), sockets.as_raw_fd()),
+        )?;
         let table_len = (value_size as usize).next_multiple_of(page_size());
-        // SAFETY: mapping a BPF array map's values, as BPF_F_MMAPABLE allows.
-        let table = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                table_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                loads.as_raw_fd(),
-                0,
-            )
-        };
-        if table == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        // Built at once, so that any failure from here on unmaps the table.
-        let steering = Steering {
-            table: table.cast::<Slot>(),
-            table_len,
-            workers,
-            _loads: loads,
-            _program: program,
-            _sockets: sockets,
-        };
+        let table = Mapping::new(loads.as_raw_fd(), table_len, 0, true)?;
+        let steering = Steering { table, workers, _loads: loads, _program: program, _sockets: sockets };
         for (i, &fd) in listeners.iter().enumerate() {
             map_update(steering._sockets.as_raw_fd(), i as u32, fd as u64)?;
         }
@@ -183,198 +162,10 @@ impl Steering {
     /// Worker `i`'s row.
     pub fn slot(&self, i: usize) -> &Slot {
         assert!(i < self.workers, "one slot per worker");
-        // SAFETY: in bounds of the mapping, which outlives `&self`.
-        unsafe { &*self.table.add(i) }
+        // SAFETY: in bounds of the mapping, which outlives `&self`; a Slot is
+        // atomics only, so any bytes are a valid one.
+        unsafe { &*self.table.ptr().cast::<Slot>().add(i) }
     }
-}
-
-impl Drop for Steering {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what attach mapped, once.
-        unsafe { libc::munmap(self.table.cast(), self.table_len) };
-    }
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as usize,
-        _ => 4096,
-    }
-}
-
-// The uapi numbers (linux/bpf.h, asm-generic/socket.h); libc has only some.
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
-const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
-const BPF_F_MMAPABLE: u32 = 1 << 10;
-const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
-const BPF_SK_REUSEPORT_SELECT: u32 = 39;
-const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
-
-/// `union bpf_attr`, as the three commands used here lay it out; the
-/// kernel takes a shorter or longer one as long as the rest is zero.
-#[repr(C, align(8))]
-struct Attr([u8; 128]);
-
-impl Attr {
-    fn new() -> Attr {
-        Attr([0; 128])
-    }
-
-    fn put_u32(&mut self, at: usize, v: u32) -> &mut Attr {
-        self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
-        self
-    }
-
-    fn put_u64(&mut self, at: usize, v: u64) -> &mut Attr {
-        self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
-        self
-    }
-}
-
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid, zero-padded bpf_attr of the size given.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, std::mem::size_of::<Attr>()) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
-}
-
-fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
-    let fd = RawFd::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
-    // SAFETY: the kernel just returned this descriptor, owned by no one else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn map_create(kind: u32, key_size: u32, value_size: u32, entries: u32, flags: u32) -> io::Result<OwnedFd> {
-    let mut a = Attr::new();
-    a.put_u32(0, kind).put_u32(4, key_size).put_u32(8, value_size).put_u32(12, entries).put_u32(16, flags);
-    owned(bpf(BPF_MAP_CREATE, &mut a)?)
-}
-
-fn map_update(map: RawFd, key: u32, value: u64) -> io::Result<()> {
-    let mut a = Attr::new();
-    a.put_u32(0, map as u32)
-        .put_u64(8, &key as *const u32 as u64)
-        .put_u64(16, &value as *const u64 as u64)
-        .put_u64(24, 0);
-    bpf(BPF_MAP_UPDATE_ELEM, &mut a).map(drop)
-}
-
-fn prog_load(code: &[Insn]) -> io::Result<OwnedFd> {
-    let license = c"GPL";
-    let mut a = Attr::new();
-    a.put_u32(0, BPF_PROG_TYPE_SK_REUSEPORT)
-        .put_u32(4, code.len() as u32)
-        .put_u64(8, code.as_ptr() as u64)
-        .put_u64(16, license.as_ptr() as u64)
-        // log_level, log_size, log_buf, kern_version, prog_flags: 0;
-        // prog_name (16 bytes) at 48, prog_ifindex at 64.
-        .put_u32(68, BPF_SK_REUSEPORT_SELECT);
-    owned(bpf(BPF_PROG_LOAD, &mut a)?)
-}
-
-/// One eBPF instruction (`struct bpf_insn`).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Insn {
-    code: u8,
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
-
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    // `dst_reg:4, src_reg:4` bit-fields: dst takes the low nibble on a
-    // little-endian machine, the high one on a big-endian one.
-    let regs = if cfg!(target_endian = "little") { (src << 4) | dst } else { (dst << 4) | src };
-    Insn { code, regs, off, imm }
-}
-
-// Registers: r0 return, r1-r5 arguments (clobbered by calls), r6-r9 kept,
-// r10 the frame pointer.
-const R0: u8 = 0;
-const R1: u8 = 1;
-const R2: u8 = 2;
-const R3: u8 = 3;
-const R4: u8 = 4;
-const R5: u8 = 5;
-const R6: u8 = 6;
-const R7: u8 = 7;
-const R8: u8 = 8;
-const R9: u8 = 9;
-const FP: u8 = 10;
-
-fn mov(dst: u8, src: u8) -> Insn {
-    insn(0xbf, dst, src, 0, 0) // ALU64 | MOV | X
-}
-fn mov_imm(dst: u8, imm: i32) -> Insn {
-    insn(0xb7, dst, 0, 0, imm)
-}
-fn add(dst: u8, src: u8) -> Insn {
-    insn(0x0f, dst, src, 0, 0)
-}
-fn add_imm(dst: u8, imm: i32) -> Insn {
-    insn(0x07, dst, 0, 0, imm)
-}
-fn sub(dst: u8, src: u8) -> Insn {
-    insn(0x1f, dst, src, 0, 0)
-}
-fn and(dst: u8, src: u8) -> Insn {
-    insn(0x5f, dst, src, 0, 0)
-}
-fn xor(dst: u8, src: u8) -> Insn {
-    insn(0xaf, dst, src, 0, 0)
-}
-fn xor_imm(dst: u8, imm: i32) -> Insn {
-    insn(0xa7, dst, 0, 0, imm)
-}
-fn lsh_imm(dst: u8, imm: i32) -> Insn {
-    insn(0x67, dst, 0, 0, imm)
-}
-fn arsh_imm(dst: u8, imm: i32) -> Insn {
-    insn(0xc7, dst, 0, 0, imm)
-}
-fn load64(dst: u8, src: u8, off: i16) -> Insn {
-    insn(0x79, dst, src, off, 0) // LDX | MEM | DW
-}
-fn load8(dst: u8, src: u8, off: i16) -> Insn {
-    insn(0x71, dst, src, off, 0) // LDX | MEM | B
-}
-fn and_imm(dst: u8, imm: i32) -> Insn {
-    insn(0x57, dst, 0, 0, imm)
-}
-fn store32_imm(dst: u8, off: i16, imm: i32) -> Insn {
-    insn(0x62, dst, 0, off, imm) // ST | MEM | W
-}
-fn store32(dst: u8, src: u8, off: i16) -> Insn {
-    insn(0x63, dst, src, off, 0) // STX | MEM | W
-}
-fn atomic_add64(dst: u8, src: u8, off: i16) -> Insn {
-    insn(0xdb, dst, src, off, 0) // STX | ATOMIC | DW, imm BPF_ADD
-}
-/// `ld_imm64` of a map's descriptor: two instructions.
-fn load_map(dst: u8, map: RawFd) -> [Insn; 2] {
-    [insn(0x18, dst, 1 /* BPF_PSEUDO_MAP_FD */, 0, map), insn(0, 0, 0, 0, 0)]
-}
-fn jump_if_zero(reg: u8, off: i16) -> Insn {
-    insn(0x15, reg, 0, off, 0) // JMP | JEQ | K
-}
-fn jump_if_not(reg: u8, imm: i32, off: i16) -> Insn {
-    insn(0x55, reg, 0, off, imm) // JMP | JNE | K
-}
-fn jump_if_beyond(reg: u8, limit: u8, off: i16) -> Insn {
-    insn(0x2d, reg, limit, off, 0) // JMP | JGT | X
-}
-fn jump_if_above(reg: u8, imm: i32, off: i16) -> Insn {
-    insn(0x25, reg, 0, off, imm) // JMP | JGT | K
-}
-fn call(helper: i32) -> Insn {
-    insn(0x85, 0, 0, 0, helper)
-}
-fn exit() -> Insn {
-    insn(0x95, 0, 0, 0, 0)
 }
 
 const MAP_LOOKUP_ELEM: i32 = 1;

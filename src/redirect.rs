@@ -22,12 +22,12 @@
 //! in the kernel (see [`end_is_real`]); and a socket leaving the maps
 //! strands or drops bytes, so a joined socket stays until it closes.
 //!
-//! Known gap, why this is not used yet: when the reverse direction's
-//! redirected bytes wait in a socket's psock queue, that socket's passed
-//! skbs queue behind them uncharged, and the budget bounds nothing (a
-//! client and a backend that both send and never read pushed 300 MB in 2
-//! s through the C prototype). The fix to try: grant a direction no more
-//! than the peer's free send buffer, so redirected bytes never wait.
+//! Bounded only if redirected bytes never wait in a psock: a socket's
+//! passed skbs queue behind those uncharged, and then nothing bounds them
+//! (a client and a backend that both send and never read pushed 300 MB in
+//! 2 s through a prototype that granted 1 MiB at a time regardless). So
+//! [`Redirector::refill`] grants no more than the peer's send queue can
+//! take, in a send buffer fixed at join.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -64,9 +64,10 @@ impl Slot {
         self.passing.load(Ordering::Acquire) != 0
     }
 
-    /// Grants `bytes` more and allows the next low-budget notice.
-    pub fn top_up(&self, bytes: u64) {
-        self.granted.fetch_add(bytes, Ordering::Release);
+    /// Raises the bytes granted so far to `total` (never lowers them) and
+    /// allows the next low-budget notice.
+    fn grant(&self, total: u64) {
+        self.granted.fetch_max(total, Ordering::Release);
         self.notified.store(0, Ordering::Release);
     }
 
@@ -278,6 +279,12 @@ impl Redirector {
     /// lb's to copy; nothing of it was read by the program.
     pub fn join(&self, client: RawFd, backend: RawFd, slots: [u32; 2]) -> io::Result<Joined> {
         let (c, b) = (cookie(client)?, cookie(backend)?);
+        // A fixed send buffer twice the budget, so a peer always has room
+        // for what [`Redirector::refill`] grants (the kernel doubles it for
+        // its bookkeeping).
+        for fd in [client, backend] {
+            set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, self.budget as libc::c_int)?;
+        }
         for s in slots {
             self.slot(s).reset(self.budget);
         }
@@ -306,6 +313,27 @@ impl Redirector {
             kick(backend)?;
         }
         Ok(joined)
+    }
+
+    /// Answers a low-budget notice for direction `slot`, whose bytes go to
+    /// `peer` (`connected`: the peer made the connect; `wrote`: what lb
+    /// wrote to it itself). Grants only what the peer's send queue can
+    /// still take: bytes the program redirects must never wait in the
+    /// peer's psock queue, where the peer's own passed bytes would queue
+    /// behind them uncharged and nothing would bound them. A peer that is
+    /// not draining gets nothing: the budget runs out and the direction
+    /// falls back to lb. Returns whether it granted more.
+    pub fn refill(&self, slot: u32, peer: RawFd, connected: bool, wrote: u64) -> io::Result<bool> {
+        let s = self.slot(slot);
+        let used = s.used();
+        let handed = handed(peer)?;
+        let delivered = handed.saturating_sub(u64::from(connected)).saturating_sub(wrote);
+        let queued = unacked(peer)? + used.saturating_sub(delivered);
+        if queued >= self.budget / 2 {
+            return Ok(false);
+        }
+        s.grant(used + (self.budget - queued));
+        Ok(true)
     }
 
     /// Forgets a pair whose sockets are closing (the sockhashes drop a
@@ -339,14 +367,17 @@ pub fn cookie(fd: RawFd) -> io::Result<u64> {
 }
 
 fn kick(fd: RawFd) -> io::Result<()> {
-    let one: libc::c_int = 1;
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
+}
+
+fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
     // SAFETY: setsockopt with an int option value.
     let rc = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&one as *const libc::c_int).cast(),
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -628,5 +659,93 @@ mod tests {
         let mut got = Vec::new();
         be.read_to_end(&mut got).expect("read");
         assert!(got == up, "every byte, then the FIN");
+    }
+
+    /// lb's side of the notices for one pair, on a thread, until `stop`.
+    fn serve_notices(
+        r: std::sync::Arc<Redirector>,
+        client: RawFd,
+        backend: RawFd,
+        slots: [u32; 2],
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let mut granted = 0;
+            while !stop.load(Ordering::Relaxed) {
+                r.events(|s| {
+                    let (peer, connected) = if s == slots[0] { (backend, true) } else { (client, false) };
+                    if r.refill(s, peer, connected, 0).expect("refill") {
+                        granted += 1;
+                    }
+                });
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            granted
+        })
+    }
+
+    #[test]
+    fn a_pair_that_keeps_draining_stays_in_the_kernel_past_its_first_budget() {
+        if !root() {
+            return;
+        }
+        let r = std::sync::Arc::new(Redirector::new(64, 64 * 1024).expect("load"));
+        let (mut app, client, backend, mut be) = pairs();
+        r.join(client.as_raw_fd(), backend.as_raw_fd(), [10, 11]).expect("join");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lb = serve_notices(r.clone(), client.as_raw_fd(), backend.as_raw_fd(), [10, 11], stop.clone());
+        // 2,000 request/response rounds of 1 KiB: 2 MiB each way, 32 budgets.
+        let msg = random(1024, 5);
+        for _ in 0..2000 {
+            app.write_all(&msg).expect("request");
+            assert!(read_n(&mut be, msg.len()) == msg);
+            be.write_all(&msg).expect("response");
+            assert!(read_n(&mut app, msg.len()) == msg);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let granted = lb.join().expect("lb");
+        assert!(!r.slot(10).passing() && !r.slot(11).passing(), "no direction fell back");
+        assert_eq!((r.slot(10).used(), r.slot(11).used()), (2000 * 1024, 2000 * 1024));
+        assert!(granted >= 2 * 30, "topped up as it went: {granted}");
+    }
+
+    #[test]
+    fn a_pair_stuck_both_ways_is_held_to_its_budget() {
+        if !root() {
+            return;
+        }
+        let r = std::sync::Arc::new(Redirector::new(64, 64 * 1024).expect("load"));
+        let (mut app, client, backend, mut be) = pairs();
+        r.join(client.as_raw_fd(), backend.as_raw_fd(), [12, 13]).expect("join");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lb = serve_notices(r.clone(), client.as_raw_fd(), backend.as_raw_fd(), [12, 13], stop.clone());
+        // Both ends send and neither reads. The backend starts first and
+        // slowly, so its bytes are redirected and then wait on the client's
+        // reader; then the client floods, runs out of budget and falls back.
+        let push = |s: &mut TcpStream, pace: Duration| {
+            s.set_nonblocking(true).expect("nonblocking");
+            let chunk = vec![9u8; 16 * 1024];
+            let mut sent = 0usize;
+            let deadline = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < deadline && sent < 256 << 20 {
+                match s.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+                    Err(e) => panic!("write: {e}"),
+                }
+                std::thread::sleep(pace);
+            }
+            sent
+        };
+        let down = std::thread::spawn(move || push(&mut be, Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_secs(1));
+        let up = push(&mut app, Duration::ZERO);
+        let down = down.join().expect("backend");
+        stop.store(true, Ordering::Relaxed);
+        lb.join().expect("lb");
+        assert!(
+            up < 64 << 20 && down < 64 << 20,
+            "taken in: {up} up, {down} down; the kernel held far more than the budgets"
+        );
     }
 }

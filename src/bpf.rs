@@ -256,6 +256,11 @@ pub(crate) fn exit() -> Insn {
     insn(0x95, 0, 0, 0, 0)
 }
 
+/// Helper ids and verdicts shared by lb's programs (linux/bpf.h).
+pub(crate) const MAP_LOOKUP_ELEM: i32 = 1;
+pub(crate) const SK_DROP: i32 = 0;
+pub(crate) const SK_PASS: i32 = 1;
+
 pub(crate) fn load32(dst: u8, src: u8, off: i16) -> Insn {
     insn(0x61, dst, src, off, 0) // LDX | MEM | W
 }

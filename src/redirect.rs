@@ -106,10 +106,7 @@ pub struct Redirector {
     _program: OwnedFd,
 }
 
-const SK_DROP: i32 = 0;
-const SK_PASS: i32 = 1;
 const GET_SOCKET_COOKIE: i32 = 46;
-const MAP_LOOKUP_ELEM: i32 = 1;
 const SK_REDIRECT_HASH: i32 = 72;
 const RINGBUF_OUTPUT: i32 = 130;
 
@@ -684,16 +681,34 @@ mod tests {
         })
     }
 
+    /// A pair joined with a 64 KiB budget, its notices answered on a thread
+    /// until the returned flag is set.
+    #[allow(clippy::type_complexity)]
+    fn joined_and_served(
+        slots: [u32; 2],
+    ) -> (
+        std::sync::Arc<Redirector>,
+        TcpStream,
+        TcpStream,
+        TcpStream,
+        TcpStream,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<usize>,
+    ) {
+        let r = std::sync::Arc::new(Redirector::new(64, 64 * 1024).expect("load"));
+        let (app, client, backend, be) = pairs();
+        r.join(client.as_raw_fd(), backend.as_raw_fd(), slots).expect("join");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lb = serve_notices(r.clone(), client.as_raw_fd(), backend.as_raw_fd(), slots, stop.clone());
+        (r, app, client, backend, be, stop, lb)
+    }
+
     #[test]
     fn a_pair_that_keeps_draining_stays_in_the_kernel_past_its_first_budget() {
         if !root() {
             return;
         }
-        let r = std::sync::Arc::new(Redirector::new(64, 64 * 1024).expect("load"));
-        let (mut app, client, backend, mut be) = pairs();
-        r.join(client.as_raw_fd(), backend.as_raw_fd(), [10, 11]).expect("join");
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let lb = serve_notices(r.clone(), client.as_raw_fd(), backend.as_raw_fd(), [10, 11], stop.clone());
+        let (r, mut app, _client, _backend, mut be, stop, lb) = joined_and_served([10, 11]);
         // 2,000 request/response rounds of 1 KiB: 2 MiB each way, 32 budgets.
         let msg = random(1024, 5);
         for _ in 0..2000 {
@@ -714,11 +729,7 @@ mod tests {
         if !root() {
             return;
         }
-        let r = std::sync::Arc::new(Redirector::new(64, 64 * 1024).expect("load"));
-        let (mut app, client, backend, mut be) = pairs();
-        r.join(client.as_raw_fd(), backend.as_raw_fd(), [12, 13]).expect("join");
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let lb = serve_notices(r.clone(), client.as_raw_fd(), backend.as_raw_fd(), [12, 13], stop.clone());
+        let (_r, mut app, _client, _backend, mut be, stop, lb) = joined_and_served([12, 13]);
         // Both ends send and neither reads. The backend starts first and
         // slowly, so its bytes are redirected and then wait on the client's
         // reader; then the client floods, runs out of budget and falls back.

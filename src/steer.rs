@@ -168,9 +168,7 @@ impl Steering {
     }
 }
 
-const MAP_LOOKUP_ELEM: i32 = 1;
 const SK_SELECT_REUSEPORT: i32 = 82;
-const SK_PASS: i32 = 1;
 
 /// Offsets in `struct sk_reuseport_md`: `data` and `data_end` frame the
 /// packet from its TCP header on.

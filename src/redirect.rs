@@ -779,4 +779,162 @@ mod tests {
         be.write_all(b"resp").expect("response");
         assert_eq!(read_n(&mut app, 4), b"resp", "the other way still relays");
     }
+
+    /// lb's side of one direction in the soak below.
+    struct Leg {
+        src: TcpStream,
+        dst: RawFd,
+        slot: u32,
+        connected: bool,
+        kernel: bool,
+        read: u64,
+        held: Vec<u8>,
+        done: bool,
+    }
+
+    impl Leg {
+        /// One non-blocking step; true once the direction has ended.
+        fn step(&mut self, r: &Redirector) -> bool {
+            if self.done {
+                return true;
+            }
+            let s = r.slot(self.slot);
+            let dst_handed = || handed(self.dst).unwrap_or(0);
+            if self.kernel {
+                let received = tcp_counts(self.src.as_raw_fd()).map(|c| c.1).unwrap_or(0);
+                if s.passing() && drained(s.used(), dst_handed(), self.connected, 0) {
+                    self.kernel = false; // lb copies the rest
+                } else if fin_drained(received, s.used(), 0) && drained(s.used(), dst_handed(), self.connected, 0) {
+                    self.finish();
+                }
+                return self.done;
+            }
+            let mut buf = [0u8; 32 * 1024];
+            for _ in 0..16 {
+                if !self.held.is_empty() {
+                    // SAFETY: dst is lb's socket, open for the whole soak.
+                    let n =
+                        unsafe { libc::send(self.dst, self.held.as_ptr().cast(), self.held.len(), libc::MSG_NOSIGNAL) };
+                    if n < 0 {
+                        assert_eq!(io::Error::last_os_error().kind(), io::ErrorKind::WouldBlock, "send");
+                        return false;
+                    }
+                    self.held.drain(..n as usize);
+                    continue;
+                }
+                match self.src.read(&mut buf) {
+                    Ok(0) => {
+                        let received = tcp_counts(self.src.as_raw_fd()).map(|c| c.1).unwrap_or(0);
+                        if end_is_real(received, s.used(), self.read) {
+                            self.finish();
+                        }
+                        return self.done;
+                    }
+                    Ok(n) => {
+                        self.read += n as u64;
+                        self.held.extend_from_slice(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                    Err(e) => panic!("recv: {e}"),
+                }
+            }
+            false
+        }
+
+        fn finish(&mut self) {
+            // SAFETY: shutting down the write side of lb's own socket.
+            unsafe { libc::shutdown(self.dst, libc::SHUT_WR) };
+            self.done = true;
+        }
+    }
+
+    #[test]
+    fn many_pairs_relay_byte_exact_through_budgets_fallbacks_and_fins() {
+        if !root() {
+            return;
+        }
+        const PAIRS: u32 = 40;
+        let mut r = Redirector::new(2 * PAIRS, 64 * 1024).expect("load");
+        let mut legs = Vec::new();
+        let mut apps = Vec::new();
+        for i in 0..PAIRS {
+            let (mut app, client, backend, mut be) = pairs();
+            let slots = [2 * i, 2 * i + 1];
+            let joined = r.join(client.as_raw_fd(), backend.as_raw_fd(), slots).expect("join");
+            client.set_nonblocking(true).expect("nonblocking");
+            backend.set_nonblocking(true).expect("nonblocking");
+            // Sizes from 0 to ~1.5 MB: some stay within the budget, most
+            // fall back to copy part way.
+            let (up, down) = ((i as usize * 37_813) % 1_500_000, (i as usize * 52_361) % 1_500_000);
+            let (c, b) = (client.as_raw_fd(), backend.as_raw_fd());
+            legs.push(Leg {
+                src: client,
+                dst: b,
+                slot: slots[0],
+                connected: true,
+                kernel: joined.client_to_backend,
+                read: 0,
+                held: Vec::new(),
+                done: false,
+            });
+            legs.push(Leg {
+                src: backend,
+                dst: c,
+                slot: slots[1],
+                connected: false,
+                kernel: joined.backend_to_client,
+                read: 0,
+                held: Vec::new(),
+                done: false,
+            });
+            apps.push(std::thread::spawn(move || {
+                let sent = random(up, u64::from(i) * 2 + 1);
+                let writer = {
+                    let mut app = app.try_clone().expect("clone");
+                    std::thread::spawn(move || {
+                        app.write_all(&sent).expect("client write");
+                        app.shutdown(Shutdown::Write).expect("client shutdown");
+                    })
+                };
+                let mut got = Vec::new();
+                app.read_to_end(&mut got).expect("client read");
+                writer.join().expect("client writer");
+                assert!(got == random(down, u64::from(i) * 2 + 2), "pair {i}: the backend's {down} bytes");
+            }));
+            apps.push(std::thread::spawn(move || {
+                let mut got = Vec::new();
+                be.read_to_end(&mut got).expect("backend read");
+                assert!(got == random(up, u64::from(i) * 2 + 1), "pair {i}: the client's {up} bytes");
+                be.write_all(&random(down, u64::from(i) * 2 + 2)).expect("backend write");
+                be.shutdown(Shutdown::Write).expect("backend shutdown");
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut due = Vec::new();
+            r.events(|s| due.push(s));
+            for s in due {
+                let leg = &legs[s as usize];
+                r.refill(s, leg.dst, leg.connected, 0).expect("refill");
+            }
+            let mut all_done = true;
+            for leg in &mut legs {
+                all_done &= leg.step(&r);
+            }
+            if all_done {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the soak did not finish");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        for a in apps {
+            a.join().expect("an app saw wrong bytes");
+        }
+        let fell_back = legs.iter().filter(|l| l.read > 0).count();
+        assert!(
+            fell_back > 0 && fell_back < legs.len(),
+            "both paths were used: {fell_back} of {} fell back",
+            legs.len()
+        );
+    }
 }

@@ -136,6 +136,21 @@ pub struct Args {
     /// root or CAP_BPF), always (or exit) or never (the kernel's hash).
     #[arg(long = "steer", default_value = "auto")]
     pub steer: String,
+
+    /// Relay request/response pairs inside the kernel (an eBPF sockmap
+    /// program), so lb is not woken per message: auto (when lb may load
+    /// it: root or CAP_BPF + CAP_NET_ADMIN) or never.
+    #[arg(long = "kernel-relay", default_value = "auto")]
+    pub kernel_relay: String,
+}
+
+/// Whether pairs may move to the kernel relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelRelay {
+    /// When the program loads; pairs that trade small messages join it.
+    Auto,
+    /// Every byte passes through lb.
+    Never,
 }
 
 /// How new clients are spread over the workers' listeners.
@@ -179,6 +194,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub splice: SpliceMode,
     pub steer: SteerMode,
+    pub kernel_relay: KernelRelay,
     /// Pipes open at once across all workers (0 = none, so splice always
     /// falls back to copying).
     pub max_pipes: usize,
@@ -256,6 +272,7 @@ pub enum ConfigError {
     SecondsRange { flag: &'static str, value: String, expected: &'static str },
     Splice { value: String },
     Steer { value: String },
+    KernelRelay { value: String },
     PipesWithoutSplice { value: String },
     HealthUrl { value: String },
     HealthUrlLength { length: usize },
@@ -329,6 +346,7 @@ impl fmt::Display for ConfigError {
                 write!(f, "--splice: '{value}' is not one of auto, always, never")
             }
             ConfigError::Steer { value } => write!(f, "--steer: '{value}' is not one of auto, always, never"),
+            ConfigError::KernelRelay { value } => write!(f, "--kernel-relay: '{value}' is not one of auto, never"),
             ConfigError::PipesWithoutSplice { value } => {
                 write!(f, "--max-pipes: '{value}' pipes would never be used with --splice never (drop one of the two)")
             }
@@ -409,6 +427,11 @@ impl Config {
             "never" => SteerMode::Never,
             _ => return Err(ConfigError::Steer { value: args.steer.clone() }),
         };
+        let kernel_relay = match args.kernel_relay.trim() {
+            "auto" => KernelRelay::Auto,
+            "never" => KernelRelay::Never,
+            _ => return Err(ConfigError::KernelRelay { value: args.kernel_relay.clone() }),
+        };
         // HAProxy's default ratio: bulk flows are a minority of connections.
         // No connection holds more than two (one per direction): more
         // could never be used, and would take descriptors from connections
@@ -473,6 +496,7 @@ impl Config {
             drain_timeout,
             splice,
             steer,
+            kernel_relay,
             max_pipes,
             health,
             stats_period: (!stats_period.is_zero()).then_some(stats_period),
@@ -977,6 +1001,14 @@ mod tests {
     }
 
     #[test]
+    fn kernel_relay_modes_are_parsed() {
+        assert_eq!(Config::from_args(&args(&[])).unwrap().kernel_relay, KernelRelay::Auto);
+        assert_eq!(Config::from_args(&args(&["--kernel-relay", "never"])).unwrap().kernel_relay, KernelRelay::Never);
+        let e = Config::from_args(&args(&["--kernel-relay", "always"])).unwrap_err();
+        assert_eq!(e.to_string(), "--kernel-relay: 'always' is not one of auto, never");
+    }
+
+    #[test]
     fn fractional_seconds_are_accepted() {
         let c = Config::from_args(&args(&["--connection-timeout", "0.5"])).unwrap();
         assert_eq!(c.connect_timeout, Duration::from_millis(500));
@@ -1058,6 +1090,7 @@ mod tests {
             (&["--splice", "sometimes"], "--splice"),
             (&["--splice", ""], "--splice"),
             (&["--steer", "least"], "--steer"),
+            (&["--kernel-relay", "on"], "--kernel-relay"),
             (&["--max-pipes", "-1"], "--max-pipes"),
             (&["--max-pipes", "many"], "--max-pipes"),
             (&["--health-check-period", "0"], "--health-check-period"),

@@ -11,8 +11,8 @@
 //! backends and [`admin`] serves [`metrics`] on its own thread; log lines
 //! reach stderr through [`logging`]'s writer thread. Two eBPF programs, built
 //! with [`bpf`], run in the kernel: [`steer`] sends each new client to the
-//! least loaded worker, and [`redirect`] (not used by sessions yet) relays a
-//! pair's bytes without waking lb.
+//! least loaded worker, and [`redirect`] relays the bytes of pairs that
+//! trade small messages without waking lb.
 
 pub mod admin;
 pub mod backend;
@@ -238,6 +238,7 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
         polls.push(poll);
     }
     let (steering, steer_note) = steer_workers(&config, &per_worker, inherited_count)?;
+    let (relays, relay_note) = kernel_relays(&config);
     let backends = backend::table(&config.backends);
     let shared = Arc::new(Shared::new(backends, config.max_connections, wakers).steered_by(steering));
 
@@ -269,7 +270,7 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     };
     health::spawn(Arc::clone(&shared), config.health.clone()).map_err(RunError::Health)?;
     let mut reporter = stats::Reporter::spawn().map_err(RunError::Stats)?;
-    let handles = spawn_workers(&config, &shared, polls, per_worker, &settings, &tx)?;
+    let handles = spawn_workers(&config, &shared, polls, per_worker, &settings, relays, &tx)?;
     drop(tx);
 
     // Notes from here on: a start-up failure above stays a single line.
@@ -281,6 +282,7 @@ pub fn run(mut config: Config, inherited: Vec<OwnedFd>) -> Result<(), RunError> 
     if let Some(note) = steer_note {
         info!("{note}");
     }
+    info!("{relay_note}");
     if let Some(actual) = admin_addr {
         info!("admin endpoint on http://{actual} (/metrics, /stats, /health)");
     }
@@ -400,16 +402,53 @@ fn fit_fd_limit(config: &mut Config, limit: u64, listeners: usize) -> Result<Opt
     Ok(Some(note))
 }
 
+/// Directions one worker's kernel relay has slots for: two per client it
+/// may hold, up to a bound on the kernel memory it pins. Pairs on slab
+/// keys past it stay with lb.
+const MAX_RELAY_SLOTS: usize = 1 << 17;
+
+/// Each worker's kernel relay, as `--kernel-relay` asks and the kernel
+/// allows, and the start-up line that says which. Loaded here rather
+/// than by the workers so that lb holds all it needs once it listens.
+/// A worker whose relay fails to load relays every byte itself.
+fn kernel_relays(config: &Config) -> (Vec<Option<redirect::Redirector>>, String) {
+    let none = || (0..config.workers).map(|_| None).collect();
+    if config.kernel_relay == config::KernelRelay::Never {
+        return (none(), "kernel relay: never (every byte passes through lb)".to_string());
+    }
+    let slots = config.max_connections.saturating_mul(2).clamp(2, MAX_RELAY_SLOTS) as u32;
+    let mut relays = Vec::with_capacity(config.workers);
+    for _ in 0..config.workers {
+        match redirect::Redirector::new(slots, redirect::BUDGET) {
+            Ok(r) => relays.push(Some(r)),
+            Err(e) => {
+                let note = format!(
+                    "kernel relay: cannot load the eBPF program ({e}); every byte passes through lb (it needs \
+                     root or CAP_BPF and CAP_NET_ADMIN; --kernel-relay never skips it)"
+                );
+                relays.resize_with(config.workers, || None);
+                return (relays, note);
+            }
+        }
+    }
+    let note = format!(
+        "kernel relay: pairs that trade small messages move into the kernel after {} short reads each way",
+        session::SHORT_READS_TO_JOIN
+    );
+    (relays, note)
+}
+
 fn spawn_workers(
     config: &Config,
     shared: &Arc<Shared>,
     polls: Vec<Poll>,
     listeners: Vec<Vec<std::net::TcpListener>>,
     settings: &WorkerSettings,
+    relays: Vec<Option<redirect::Redirector>>,
     events: &mpsc::Sender<Event>,
 ) -> Result<Vec<JoinHandle<bool>>, RunError> {
     let mut handles = Vec::with_capacity(polls.len());
-    for (id, (poll, ls)) in polls.into_iter().zip(listeners).enumerate() {
+    for (id, ((poll, ls), relay)) in polls.into_iter().zip(listeners).zip(relays).enumerate() {
         let shared = Arc::clone(shared);
         let settings = settings.clone();
         let events = events.clone();
@@ -427,7 +466,7 @@ fn spawn_workers(
             .spawn(move || {
                 let buffers = BufferPool::new(buffer_size, pool_limit);
                 let pipes = PipePool::new(buffer_size, max_pipes, idle_pipes, &shared.counters.pipes_open);
-                let pools = Pools { buffers: &buffers, pipes: &pipes };
+                let pools = Pools { buffers: &buffers, pipes: &pipes, relay: relay.as_ref() };
                 // A failed worker has dropped its listeners, so the kernel
                 // hands new clients to the other workers' sockets.
                 let ok = match Worker::new(id, poll, ls, &shared, pools, settings, capacity) {

@@ -7,6 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use log::debug;
@@ -20,6 +21,7 @@ use crate::config::{MAX_RETRIES, SpliceMode};
 use crate::net::{IoClass, classify, discard_received, has_pending_error, reset_on_close, send_queue, unacknowledged};
 use crate::pipe::{self, Pipe, PipePool};
 use crate::pool::{Buffer, BufferPool};
+use crate::redirect::{self, Redirector, Slot};
 use crate::shared::ClientSlot;
 use crate::splice::SplicePolicy;
 use crate::worker::{EVENTS_ARE_THE_SESSIONS_OWN, WorkerSettings};
@@ -53,6 +55,9 @@ pub enum Outcome {
     /// A direction needs a buffer and the pool is empty: run again once one
     /// is returned.
     Starved,
+    /// The kernel relay still moves bytes that must go ahead of what lb
+    /// does next, and raises no event when it is done: run again shortly.
+    Wait,
     /// The backend connect failed; the worker retries elsewhere or gives up.
     ConnectFailed(io::Error),
     /// The pair failed but waits to be closed until the client has taken
@@ -165,6 +170,12 @@ impl Peer {
     fn note(&mut self, ev: &Event) {
         // Errors and hang-ups are surfaced by the next read or write.
         let fault = ev.is_error() || ev.is_read_closed() || ev.is_write_closed();
+        if !fault && !ev.is_readable() && !ev.is_writable() && self.hangup == Hangup::None {
+            // EPOLLRDHUP alone, which mio reports as nothing: the peer's
+            // FIN, on a socket registered for the ends of streams only
+            // (in the kernel relay). `pump_kernel` checks the state.
+            self.hangup = Hangup::Unsure;
+        }
         if ev.is_error() {
             self.hangup = Hangup::Error;
         } else if ev.is_read_closed() && self.hangup == Hangup::None {
@@ -181,7 +192,20 @@ impl Peer {
 pub struct Pools<'a> {
     pub buffers: &'a BufferPool,
     pub pipes: &'a PipePool<'a>,
+    /// The kernel relay, when it loaded (`--kernel-relay`).
+    pub relay: Option<&'a Redirector>,
 }
+
+/// Consecutive short reads each way before a pair moves to the kernel
+/// relay: request/response traffic, which the kernel relays without
+/// waking lb. A bulk flow never gets there (its reads fill the buffer).
+pub const SHORT_READS_TO_JOIN: u8 = 2;
+
+/// How many times a direction leaving the kernel relay, or ending there,
+/// looks for the kernel to finish its last bytes before lb gives up on
+/// the pair (about a second at the worker's 1 ms cadence). The kernel
+/// takes microseconds: a wait this long means a count that never adds up.
+const KERNEL_WAITS: u16 = 1000;
 
 /// What follows once a direction has relayed its last bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +253,8 @@ enum Transfer<'p> {
     Copy { buf: Option<Buffer<'p>>, start: usize, end: usize },
     /// Through a kernel pipe with splice(2), never touching user memory.
     Splice { pipe: Option<Pipe<'p>> },
+    /// By the kernel relay's program, without lb ([`Direction::joined`]).
+    Kernel,
 }
 
 impl Transfer<'_> {
@@ -252,6 +278,36 @@ struct Direction<'p> {
     /// written: it ends the direction once they are (an OS error code,
     /// so holding it costs no allocation).
     deferred: Option<std::num::NonZeroI32>,
+    /// Bytes lb took from the source and gave the destination itself, for
+    /// the kernel relay's sums (which count every byte the sockets saw).
+    read: u64,
+    wrote: u64,
+    /// The destination made the connect (the backend socket), so its
+    /// acknowledged count includes the SYN.
+    dst_connected: bool,
+    /// Consecutive copy reads that did not fill the buffer.
+    short_reads: u8,
+    /// The direction's slot in the kernel relay once the pair joined it,
+    /// kept after the direction fell back to lb: the program still counts
+    /// what it redirected, and the end of the source is told from it.
+    joined: Option<Joined<'p>>,
+    /// Waits for the kernel so far, bounded by [`KERNEL_WAITS`].
+    kernel_waits: u16,
+    /// The direction went back to lb (logged once).
+    left_kernel: bool,
+}
+
+/// A direction's place in the kernel relay.
+#[derive(Debug, Clone, Copy)]
+struct Joined<'p> {
+    slot: &'p Slot,
+    index: u32,
+    /// Of `slot.used()`, what went into `unreported` already.
+    counted: u64,
+    /// `slot.used()` at the idle scan's last look.
+    seen: u64,
+    /// When lb last topped the budget up.
+    topped_up: Option<Instant>,
 }
 
 /// How the stream of a backend that failed ended, which decides how the
@@ -272,6 +328,8 @@ enum Pumped {
     Idle,
     Again,
     Starved,
+    /// The kernel relay still moves bytes lb must let go ahead.
+    Wait,
 }
 
 /// How a flush of pending bytes ended.
@@ -293,13 +351,30 @@ enum Filled {
     /// The source has nothing more now.
     Drained,
     Starved,
+    /// A read of 0 from a source that left the kernel relay, with bytes
+    /// the kernel still owes it: not the end yet.
+    Owed,
 }
 
 impl<'p> Direction<'p> {
-    fn new(mode: SpliceMode) -> Direction<'p> {
+    fn new(mode: SpliceMode, dst_connected: bool) -> Direction<'p> {
         let policy = SplicePolicy::new(mode);
         let transfer = if policy.wants_splice() { Transfer::Splice { pipe: None } } else { Transfer::copy() };
-        Direction { transfer, flow: Flow::Open, policy, unreported: 0, unreported_spliced: 0, deferred: None }
+        Direction {
+            transfer,
+            flow: Flow::Open,
+            policy,
+            unreported: 0,
+            unreported_spliced: 0,
+            deferred: None,
+            read: 0,
+            wrote: 0,
+            dst_connected,
+            short_reads: 0,
+            joined: None,
+            kernel_waits: 0,
+            left_kernel: false,
+        }
     }
 
     /// Bytes read from the source and not yet written, in either mechanism.
@@ -307,6 +382,7 @@ impl<'p> Direction<'p> {
         match &self.transfer {
             Transfer::Copy { start, end, .. } => end - start,
             Transfer::Splice { pipe } => pipe.as_ref().map_or(0, Pipe::held),
+            Transfer::Kernel => 0,
         }
     }
 
@@ -315,6 +391,11 @@ impl<'p> Direction<'p> {
     /// from the source (backpressure) and neither ever grows.
     /// `ending` says what follows this direction's EOF.
     fn pump(&mut self, src: &mut Peer, dst: &mut Peer, pools: Pools<'p>, ending: Ending) -> Result<Pumped, Broken> {
+        if matches!(self.transfer, Transfer::Kernel)
+            && let Some(p) = self.pump_kernel(src, dst)?
+        {
+            return Ok(p);
+        }
         for _ in 0..MAX_CHUNKS_PER_PUMP {
             if self.pending() > 0 {
                 if !dst.writable {
@@ -350,6 +431,7 @@ impl<'p> Direction<'p> {
                     return Ok(Pumped::Idle);
                 }
                 Filled::Starved => return Ok(Pumped::Starved),
+                Filled::Owed => return Ok(Pumped::Wait),
             }
         }
         if self.flow == Flow::Draining && self.pending() == 0 {
@@ -370,6 +452,87 @@ impl<'p> Direction<'p> {
         Ok(Pumped::Again)
     }
 
+    /// A direction the kernel relay moves: lb has work only once the
+    /// program's budget ran out (lb relays the direction from then on) or
+    /// the source ended. Either waits until every byte the program took
+    /// is in the destination's send queue, as lb's own writes and FIN
+    /// must come after them. `None`: the generic pump goes on.
+    fn pump_kernel(&mut self, src: &mut Peer, dst: &mut Peer) -> Result<Option<Pumped>, Broken> {
+        let Some(j) = self.joined else { return Ok(None) };
+        self.count_kernel_bytes();
+        if self.flow != Flow::Open {
+            return Ok(None);
+        }
+        let leaving = j.slot.passing();
+        if src.hangup == Hangup::Unsure && redirect::fin_received(src.stream.as_raw_fd()).map_err(Broken::source)? {
+            // An error report proved empty before the FIN's was noted.
+            src.hangup = Hangup::Fin;
+        }
+        if !leaving && !matches!(src.hangup, Hangup::Fin | Hangup::Error) {
+            // Nothing for lb: the program moves the bytes.
+            src.readable = false;
+            return Ok(Some(Pumped::Idle));
+        }
+        if !leaving && src.hangup == Hangup::Fin {
+            // TCP reports the FIN before the program has run over the
+            // bytes of the same segment.
+            let (_, received) = redirect::tcp_counts(src.stream.as_raw_fd()).map_err(Broken::source)?;
+            if !redirect::fin_drained(received, j.slot.used(), self.read) {
+                return self.wait_for_kernel();
+            }
+        }
+        let handed = redirect::handed(dst.stream.as_raw_fd()).map_err(Broken::destination)?;
+        if !redirect::drained(j.slot.used(), handed, self.dst_connected, self.wrote) {
+            return self.wait_for_kernel();
+        }
+        self.kernel_waits = 0;
+        if leaving {
+            // The bytes the program passes wait in the socket where splice
+            // cannot reach them: lb copies them from now on.
+            self.policy.copy_only();
+            self.transfer = Transfer::copy();
+            src.readable = true;
+            return Ok(None);
+        }
+        if src.hangup == Hangup::Error {
+            return Err(Broken::source(match src.stream.take_error() {
+                Ok(Some(e)) | Err(e) => e,
+                Ok(None) => io::Error::from(io::ErrorKind::ConnectionReset),
+            }));
+        }
+        self.flow = Flow::Draining;
+        Ok(None)
+    }
+
+    fn wait_for_kernel(&mut self) -> Result<Option<Pumped>, Broken> {
+        self.kernel_waits += 1;
+        if self.kernel_waits > KERNEL_WAITS {
+            return Err(Broken::source(io::Error::other("the kernel relay's byte counts never added up")));
+        }
+        Ok(Some(Pumped::Wait))
+    }
+
+    /// Adds what the program relayed since the last look to `unreported`.
+    fn count_kernel_bytes(&mut self) {
+        if let Some(j) = &mut self.joined {
+            let used = j.slot.used();
+            self.unreported += used.saturating_sub(j.counted);
+            j.counted = used;
+        }
+    }
+
+    /// Whether the program relayed bytes since the idle scan's last look.
+    fn kernel_moved(&mut self) -> bool {
+        let Some(j) = &mut self.joined else { return false };
+        let used = j.slot.used();
+        std::mem::replace(&mut j.seen, used) != used
+    }
+
+    /// In the kernel relay with the budget spent: lb must take over.
+    fn kernel_spent(&self) -> bool {
+        matches!(self.transfer, Transfer::Kernel) && self.joined.is_some_and(|j| j.slot.passing())
+    }
+
     /// Switches mechanism if the policy asks. Called with nothing pending,
     /// so no byte can overtake another.
     fn settle(&mut self) {
@@ -377,6 +540,8 @@ impl<'p> Direction<'p> {
         match (&self.transfer, self.policy.wants_splice()) {
             (Transfer::Copy { .. }, true) => self.transfer = Transfer::Splice { pipe: None },
             (Transfer::Splice { .. }, false) => self.transfer = Transfer::copy(),
+            // Left only by `pump_kernel`.
+            (Transfer::Kernel, _) => {}
             _ => {}
         }
     }
@@ -399,6 +564,7 @@ impl<'p> Direction<'p> {
                     Ok(n) => {
                         *start += n;
                         self.unreported += n as u64;
+                        self.wrote += n as u64;
                         if *start < *end {
                             // A short write means the socket buffer is full.
                             return Ok(Flushed::Blocked);
@@ -417,6 +583,7 @@ impl<'p> Direction<'p> {
                     Ok(n) => {
                         self.unreported += n as u64;
                         self.unreported_spliced += n as u64;
+                        self.wrote += n as u64;
                         if p.held() > 0 {
                             // As with write: short means the socket is full.
                             return Ok(Flushed::Blocked);
@@ -428,6 +595,8 @@ impl<'p> Direction<'p> {
                     Err(e) => e,
                 }
             }
+            // Nothing is pending in lb for the kernel relay.
+            Transfer::Kernel => return Ok(Flushed::All),
         };
         match classify(&result) {
             IoClass::WouldBlock => Ok(Flushed::Blocked),
@@ -483,12 +652,17 @@ impl<'p> Direction<'p> {
                 match src.stream.read(&mut b[..]) {
                     Ok(0) => {
                         *buf = None;
+                        if owed(self.joined, src, self.read) {
+                            return Ok(Filled::Owed);
+                        }
                         self.flow = Flow::Draining;
                         return Ok(Filled::Progress);
                     }
                     Ok(n) => {
                         *end = n;
+                        self.read += n as u64;
                         self.policy.copied(n, room);
+                        self.short_reads = if n < room { self.short_reads.saturating_add(1) } else { 0 };
                         if n < room {
                             match src.hangup {
                                 // The socket is drained; epoll reports the
@@ -503,13 +677,20 @@ impl<'p> Direction<'p> {
                                 // peer never sent. So the read that would
                                 // return 0 is skipped, and the bytes leave
                                 // with the FIN (`flush`).
-                                Hangup::Fin if !src.urgent => self.flow = Flow::Draining,
+                                // (A source that left the kernel relay may
+                                // have bytes on their way to it still.)
+                                Hangup::Fin if !src.urgent && self.joined.is_none() => self.flow = Flow::Draining,
                                 // Maybe at an urgent mark, maybe at the end:
                                 // reading on into the rest of the buffer
                                 // tells which.
                                 Hangup::Fin | Hangup::Unsure => match src.stream.read(&mut b[n..]) {
+                                    // Owed bytes: the next fill reads again.
+                                    Ok(0) if owed(self.joined, src, self.read) => {}
                                     Ok(0) => self.flow = Flow::Draining,
-                                    Ok(more) => *end += more,
+                                    Ok(more) => {
+                                        *end += more;
+                                        self.read += more as u64;
+                                    }
                                     Err(e) => match classify(&e) {
                                         IoClass::WouldBlock | IoClass::Interrupted => {}
                                         // A reset behind the bytes: they go
@@ -580,6 +761,8 @@ impl<'p> Direction<'p> {
                         // Unlike read, a short splice may mean the pipe ran
                         // out of slots with data still queued, so `readable`
                         // stays set until the source says WouldBlock.
+                        self.read += n as u64;
+                        self.short_reads = 0;
                         self.policy.spliced(n, room);
                         return Ok(Filled::Progress);
                     }
@@ -594,6 +777,8 @@ impl<'p> Direction<'p> {
                     }
                 }
             }
+            // lb reads no source the kernel relay moves (`pump_kernel`).
+            Transfer::Kernel => return Ok(Filled::Drained),
         };
         match classify(&result) {
             IoClass::WouldBlock => Ok(Filled::Drained),
@@ -611,6 +796,38 @@ impl<'p> Direction<'p> {
 
     fn holds_buffer(&self) -> bool {
         matches!(self.transfer, Transfer::Copy { buf: Some(_), .. })
+    }
+
+    /// Whether the direction is idle on the copy path after short reads:
+    /// nothing held, no splice wanted, the source drained and open.
+    fn ready_to_join(&self, src: &Peer) -> bool {
+        matches!(self.transfer, Transfer::Copy { buf: None, .. })
+            && self.flow == Flow::Open
+            && self.short_reads >= SHORT_READS_TO_JOIN
+            && !self.policy.wants_splice()
+            && self.deferred.is_none()
+            && !src.readable
+            && src.hangup == Hangup::None
+            && !src.urgent
+    }
+
+    fn enter_kernel(&mut self, slot: &'p Slot, index: u32) {
+        // The slot was reset by the join, and the program may have moved
+        // bytes that were queued ahead of it already: they count too.
+        self.joined = Some(Joined { slot, index, counted: 0, seen: 0, topped_up: None });
+        self.transfer = Transfer::Kernel;
+    }
+}
+
+/// Whether a read of 0 from `src` came while the kernel relay still owes
+/// it bytes: once it passed bytes to lb, `recv` may report the end while
+/// more of them are on their way to the socket. A count lb cannot take is
+/// no proof either way, so the read is believed.
+fn owed(joined: Option<Joined<'_>>, src: &Peer, read: u64) -> bool {
+    let Some(j) = joined else { return false };
+    match redirect::tcp_counts(src.stream.as_raw_fd()) {
+        Ok((_, received)) => !redirect::end_is_real(received, j.slot.used(), read),
+        Err(_) => false,
     }
 }
 
@@ -713,6 +930,14 @@ pub struct Session<'a> {
     /// Carried in both sockets' tokens, so that an event the kernel
     /// reported for the pair that held this slab key before is told apart.
     generation: u32,
+    /// Both sockets' cookies once the pair joined the kernel relay, for
+    /// [`Redirector::leave`].
+    cookies: Option<(u64, u64)>,
+    /// The pair tried to join the kernel relay (once only).
+    join_tried: bool,
+    /// The worker registered the sockets for the ends of the streams
+    /// only ([`Session::interest`]).
+    pub kernel_only_registered: bool,
     pub tried: Tried,
     origin: Origin,
     /// Bytes relayed up and down that the worker has published.
@@ -734,12 +959,15 @@ impl<'a> Session<'a> {
             client: Peer::new(stream),
             backend: Peer::new(backend),
             stage: Stage::Connecting { started: now, deadline: now + settings.connect_timeout },
-            up: Direction::new(settings.splice),
-            down: Direction::new(settings.splice),
+            up: Direction::new(settings.splice, true),
+            down: Direction::new(settings.splice, false),
             last_active: now,
             queued: None,
             backend_end: BackendEnd::Cut,
             generation: 0,
+            cookies: None,
+            join_tried: false,
+            kernel_only_registered: false,
             tried,
             origin,
             reported: (0, 0),
@@ -863,6 +1091,10 @@ impl<'a> Session<'a> {
     /// the limit, as nothing can move then. A move starts a new spell.
     pub fn is_idle(&mut self, now: Instant, idle: Option<Duration>) -> bool {
         let Some(limit) = self.idle_limit(idle) else { return false };
+        // lb sees no event for what the kernel relay moves.
+        if self.up.kernel_moved() | self.down.kernel_moved() {
+            self.last_active = now;
+        }
         if self.failed() {
             self.note_client_progress(now);
             return now.saturating_duration_since(self.last_active) >= limit;
@@ -956,6 +1188,17 @@ impl<'a> Session<'a> {
     }
 
     fn relay(&mut self, pools: Pools<'a>) -> Outcome {
+        let outcome = self.relay_both(pools);
+        for (way, d) in [("up", &mut self.up), ("down", &mut self.down)] {
+            if d.joined.is_some() && !d.left_kernel && !matches!(d.transfer, Transfer::Kernel) && d.flow == Flow::Open {
+                d.left_kernel = true;
+                debug!("client {}: the kernel relay's budget ran out; lb relays {way} from now on", self.origin.addr);
+            }
+        }
+        outcome
+    }
+
+    fn relay_both(&mut self, pools: Pools<'a>) -> Outcome {
         let ending = |other: &Direction| if other.flow == Flow::Done { Ending::Close } else { Ending::Shutdown };
         let up = if self.up.flow == Flow::Abandoned {
             discard_received(&self.client.stream);
@@ -1014,6 +1257,7 @@ impl<'a> Session<'a> {
         match (up, down) {
             (Pumped::Again, _) | (_, Pumped::Again) => Outcome::Again,
             (Pumped::Starved, _) | (_, Pumped::Starved) => Outcome::Starved,
+            (Pumped::Wait, _) | (_, Pumped::Wait) => Outcome::Wait,
             _ => match self.unheard_error() {
                 Some(side) => {
                     let peer = match side {
@@ -1193,6 +1437,8 @@ impl<'a> Session<'a> {
 
     /// Bytes relayed since the last call, as (client→backend, backend→client).
     pub fn take_unreported(&mut self) -> (u64, u64) {
+        self.up.count_kernel_bytes();
+        self.down.count_kernel_bytes();
         let r = (self.up.unreported, self.down.unreported);
         self.up.unreported = 0;
         self.down.unreported = 0;
@@ -1206,6 +1452,93 @@ impl<'a> Session<'a> {
         self.up.unreported_spliced = 0;
         self.down.unreported_spliced = 0;
         r
+    }
+
+    /// Whether the pair should move to the kernel relay now: it relays,
+    /// both ways traded short messages, and lb holds none of its bytes.
+    pub fn ready_to_join(&self) -> bool {
+        EVENTS_ARE_THE_SESSIONS_OWN
+            && !self.join_tried
+            && self.stage == Stage::Relaying
+            && self.up.ready_to_join(&self.client)
+            && self.down.ready_to_join(&self.backend)
+    }
+
+    /// Hands the pair to the kernel relay, on the slots of slab key `key`.
+    /// Tried once: a pair the kernel refuses stays with lb.
+    pub fn join(&mut self, relay: &'a Redirector, key: usize) {
+        self.join_tried = true;
+        let Some(first) = u32::try_from(key).ok().and_then(|k| k.checked_mul(2)).filter(|&i| i + 1 < relay.slots())
+        else {
+            return;
+        };
+        let (client, backend) = (self.client.stream.as_raw_fd(), self.backend.stream.as_raw_fd());
+        let (Ok(c), Ok(b)) = (redirect::cookie(client), redirect::cookie(backend)) else { return };
+        // Whatever the outcome, the relay may hold entries for them now.
+        self.cookies = Some((c, b));
+        match relay.join(client, backend, [first, first + 1]) {
+            Ok(joined) => {
+                if joined.client_to_backend {
+                    self.up.enter_kernel(relay.slot(first), first);
+                }
+                if joined.backend_to_client {
+                    self.down.enter_kernel(relay.slot(first + 1), first + 1);
+                }
+                if joined.client_to_backend || joined.backend_to_client {
+                    debug!("client {}: relayed in the kernel from now on ({joined:?})", self.origin.addr);
+                }
+            }
+            Err(e) => debug!("client {}: the kernel relay refused the pair: {e}", self.origin.addr),
+        }
+    }
+
+    /// What the pair's sockets should be registered for: while both
+    /// directions are in the kernel relay only the end of either stream
+    /// and errors (`None`). Readiness to read or write would wake lb for
+    /// every message the program moves: it signals the sockets' waiters
+    /// each time.
+    pub fn interest(&self) -> Option<Interest> {
+        if matches!(self.up.transfer, Transfer::Kernel) && matches!(self.down.transfer, Transfer::Kernel) {
+            None
+        } else {
+            Some(SOCKET_INTEREST)
+        }
+    }
+
+    /// A direction in the kernel relay spent its budget and lb has not
+    /// taken over yet (its notice may have been lost in a full ring).
+    pub fn kernel_spent(&self) -> bool {
+        self.up.kernel_spent() || self.down.kernel_spent()
+    }
+
+    /// Both sockets' cookies, if the pair tried to join the kernel relay.
+    pub fn cookies(&self) -> Option<(u64, u64)> {
+        self.cookies
+    }
+
+    /// The program asked, for direction slot `index`, for more budget:
+    /// granted while the flow looks like request/response traffic and the
+    /// destination takes what it is sent. Otherwise the budget runs out
+    /// and the direction falls back to lb, which splits a bulk flow's
+    /// bytes faster than the program does.
+    pub fn on_kernel_notice(&mut self, index: u32, relay: &Redirector, now: Instant) {
+        let (dir, dst) = match (self.up.joined, self.down.joined) {
+            (Some(j), _) if j.index == index => (&mut self.up, &self.backend),
+            (_, Some(j)) if j.index == index => (&mut self.down, &self.client),
+            _ => return,
+        };
+        let Some(j) = &mut dir.joined else { return };
+        if !matches!(dir.transfer, Transfer::Kernel) || j.slot.passing() {
+            return;
+        }
+        if !redirect::worth_topping_up(j.topped_up, now) {
+            return;
+        }
+        match relay.refill(index, dst.stream.as_raw_fd(), dir.dst_connected, dir.wrote) {
+            Ok(true) => j.topped_up = Some(now),
+            Ok(false) => {}
+            Err(e) => debug!("client {}: a kernel relay top-up failed: {e}", self.origin.addr),
+        }
     }
 
     /// Buffers this session holds right now (0 when idle).
@@ -1280,7 +1613,7 @@ mod tests {
         let buffers = Box::leak(Box::new(BufferPool::new(1024, 4)));
         let open = Box::leak(Box::new(AtomicU64::new(0)));
         let pipes = Box::leak(Box::new(PipePool::new(pipe_size, max_pipes, max_pipes, open)));
-        Pools { buffers, pipes }
+        Pools { buffers, pipes, relay: None }
     }
 
     /// A relaying session between two fresh loopback connections, with the
@@ -1688,7 +2021,7 @@ mod tests {
         let shared = shared();
         let pools = test_pools(4096, 4);
         let (mut s, mut client_far, mut backend_far) = relaying(&shared);
-        s.up = Direction::new(SpliceMode::Always);
+        s.up = Direction::new(SpliceMode::Always, true);
         socket2::SockRef::from(&client_far).send_with_flags(b"!", libc::MSG_OOB).expect("send urgent");
         client_far.shutdown(Shutdown::Write).expect("shutdown");
         wait_for(&s.client.stream, libc::POLLRDHUP, "the FIN never arrived");

@@ -86,6 +86,12 @@ impl SplicePolicy {
         }
     }
 
+    /// The direction left the kernel relay, whose passed bytes wait where
+    /// splice cannot reach them: copy from now on (not a fallback to count).
+    pub fn copy_only(&mut self) {
+        self.want = Want::CopyOnly;
+    }
+
     /// Splice failed as unsupported for these sockets: copy from now on.
     /// True the first time, so the fallback is counted once per direction
     /// whatever the policy wanted when it was found out.

@@ -26,6 +26,8 @@ use crate::steer::Tracker;
 
 /// Reserved tokens sit at the top of the token space, away from sessions.
 pub const WAKER: Token = Token(usize::MAX - 1);
+/// The kernel relay's notices (its ring buffer).
+const RELAY: Token = Token(usize::MAX - 2);
 /// Listener `i` has token `LISTENER_BASE - i`, for `i < MAX_LISTENERS`.
 const LISTENER_BASE: usize = usize::MAX - 16;
 
@@ -39,6 +41,10 @@ const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// a reset ([`Stage::Lingering`]) is looked at: the kernel raises no event
 /// when a send queue empties.
 const LINGER_CHECK: Duration = Duration::from_millis(10);
+/// How often a pair waiting for the kernel relay to finish its last bytes
+/// is looked at: the kernel raises no event for it, and it takes
+/// microseconds.
+const KERNEL_WAIT_CHECK: Duration = Duration::from_millis(1);
 /// Per-worker knobs, copied out of the `Config` at start-up.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -187,6 +193,12 @@ pub struct Worker<'a> {
     expired: Vec<usize>,
     /// Sessions waiting for a buffer.
     starved: Vec<usize>,
+    /// Sessions waiting for the kernel relay ([`Outcome::Wait`]).
+    waiting: Vec<usize>,
+    waiting_spare: Vec<usize>,
+    next_wait_check: Instant,
+    /// Reused for the kernel relay's notices.
+    notices: Vec<u32>,
     /// Backend connects in flight, as (session key, deadline), in deadline
     /// order: every connect gets the same timeout, so each new entry goes
     /// last, and only the front needs looking at. An entry whose session
@@ -241,6 +253,10 @@ impl<'a> Worker<'a> {
             again_spare: Vec::with_capacity(capacity.min(4096)),
             expired: Vec::new(),
             starved: Vec::with_capacity(capacity.min(4096)),
+            waiting: Vec::with_capacity(capacity.min(4096)),
+            waiting_spare: Vec::with_capacity(capacity.min(4096)),
+            next_wait_check: Instant::now(),
+            notices: Vec::with_capacity(capacity.min(4096)),
             connecting: VecDeque::with_capacity(capacity.min(4096)),
             lingering: Vec::new(),
             parked: VecDeque::new(),
@@ -251,6 +267,10 @@ impl<'a> Worker<'a> {
             steer: shared.steering.as_ref().map(|s| Tracker::new(s.slot(id))),
         };
         w.register_listeners()?;
+        if let Some(relay) = w.pools.relay {
+            let fd = relay.events_fd();
+            w.poll.registry().register(&mut mio::unix::SourceFd(&fd), RELAY, Interest::READABLE)?;
+        }
         w.accepting = Accepting::Active;
         Ok(w)
     }
@@ -301,6 +321,7 @@ impl<'a> Worker<'a> {
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => self.on_wake(now),
+                    RELAY => self.on_kernel_notices(now),
                     Token(t) if t > LISTENER_BASE - MAX_LISTENERS && t <= LISTENER_BASE => self.accept(now),
                     Token(t) => self.on_session_event(t, ev, now),
                 }
@@ -354,6 +375,9 @@ impl<'a> Worker<'a> {
             return Some(Duration::ZERO);
         }
         let mut next = self.next_scan;
+        if !self.waiting.is_empty() {
+            next = next.min(self.next_wait_check);
+        }
         if let Accepting::BackingOff(until) = self.accepting {
             next = next.min(until);
         }
@@ -695,8 +719,17 @@ impl<'a> Worker<'a> {
     }
 
     fn act(&mut self, key: usize, outcome: Outcome, now: Instant) {
+        if self.pools.relay.is_some() && !matches!(outcome, Outcome::Close(_) | Outcome::ConnectFailed(_)) {
+            self.follow_kernel_relay(key, matches!(outcome, Outcome::Continue));
+        }
         match outcome {
             Outcome::Continue => {}
+            Outcome::Wait => {
+                if self.waiting.is_empty() {
+                    self.next_wait_check = now + KERNEL_WAIT_CHECK;
+                }
+                self.waiting.push(key);
+            }
             Outcome::Again => self.again.push(key),
             Outcome::Starved => {
                 self.shared.counters.pool_exhausted.fetch_add(1, Ordering::Relaxed);
@@ -736,8 +769,62 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Moves a pair that is ready into the kernel relay (`may_join`: it
+    /// waits for nothing), and registers its sockets for what it needs:
+    /// while the kernel relays both ways, only the ends of the streams and
+    /// errors, through epoll directly (mio has no such interest).
+    fn follow_kernel_relay(&mut self, key: usize, may_join: bool) {
+        let Some(relay) = self.pools.relay else { return };
+        let Some(s) = self.sessions.get_mut(key) else { return };
+        if may_join && s.ready_to_join() {
+            s.join(relay, key);
+        }
+        let want = s.interest();
+        if want.is_none() == s.kernel_only_registered {
+            return;
+        }
+        let generation = s.generation();
+        for side in [Side::Client, Side::Backend] {
+            let token = session_token(key, side, generation);
+            let stream = match side {
+                Side::Client => s.client_stream(),
+                Side::Backend => s.backend_stream(),
+            };
+            let done = match want {
+                Some(interest) => self.poll.registry().reregister(stream, token, interest),
+                None => watch_ends_only(&self.poll, stream, token),
+            };
+            if let Err(e) = done {
+                debug!("client {}: re-registering a socket for the kernel relay failed: {e}", s.origin().addr);
+            }
+        }
+        s.kernel_only_registered = want.is_none();
+    }
+
+    /// Top-up requests and spent budgets from the kernel relay: each names
+    /// a direction's slot, whose pair is slab key `slot / 2`. A notice for
+    /// a pair since closed reaches the one now on its key, which only
+    /// looks at its own slots' state: harmless.
+    fn on_kernel_notices(&mut self, now: Instant) {
+        let Some(relay) = self.pools.relay else { return };
+        let mut notices = std::mem::take(&mut self.notices);
+        relay.events(|slot| notices.push(slot));
+        for slot in notices.drain(..) {
+            let key = (slot / 2) as usize;
+            if let Some(s) = self.sessions.get_mut(key) {
+                s.on_kernel_notice(slot, relay, now);
+                let outcome = s.resume(self.pools, now);
+                self.act(key, outcome, now);
+            }
+        }
+        self.notices = notices;
+    }
+
     fn close(&mut self, key: usize, reason: CloseReason) {
         if let Some(mut session) = self.sessions.try_remove(key) {
+            if let (Some(relay), Some((client, backend))) = (self.pools.relay, session.cookies()) {
+                relay.leave(client, backend);
+            }
             // The fallbacks this pair met show no later than its bytes.
             self.publish_fallbacks();
             publish_bytes(&mut session, &mut self.tally);
@@ -760,6 +847,19 @@ impl<'a> Worker<'a> {
                 }
             }
             self.again_spare = batch;
+        }
+        if !self.waiting.is_empty() && now >= self.next_wait_check {
+            let mut batch = std::mem::replace(&mut self.waiting, std::mem::take(&mut self.waiting_spare));
+            self.next_wait_check = now + KERNEL_WAIT_CHECK;
+            batch.sort_unstable();
+            batch.dedup();
+            for key in batch.drain(..) {
+                if let Some(s) = self.sessions.get_mut(key) {
+                    let outcome = s.resume(self.pools, now);
+                    self.act(key, outcome, now);
+                }
+            }
+            self.waiting_spare = batch;
         }
         while self.pools.buffers.has_free() {
             let Some(key) = self.starved.pop() else { break };
@@ -849,6 +949,9 @@ impl<'a> Worker<'a> {
             publish_bytes(s, &mut self.tally);
             if s.is_idle(now, idle) {
                 expired.push(key);
+            } else if s.kernel_spent() {
+                // Its notice was lost: lb takes over at the next check.
+                self.waiting.push(key);
             }
         }
         for key in expired.drain(..) {
@@ -904,6 +1007,16 @@ impl<'a> Worker<'a> {
 
 /// Moves this worker's share of a shared gauge or counter from
 /// `published` to `now`.
+/// Registers `stream` for the end of its peer's stream (EPOLLRDHUP) and,
+/// as always, errors and hang-ups, edge-triggered, under `token`.
+fn watch_ends_only(poll: &Poll, stream: &TcpStream, token: Token) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut ev = libc::epoll_event { events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: token.0 as u64 };
+    // SAFETY: both descriptors are open; the event is read during the call.
+    let rc = unsafe { libc::epoll_ctl(poll.as_raw_fd(), libc::EPOLL_CTL_MOD, stream.as_raw_fd(), &mut ev) };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 fn publish_share(shared: &std::sync::atomic::AtomicU64, published: &mut u64, now: u64) {
     if now > *published {
         shared.fetch_add(now - *published, Ordering::Relaxed);

@@ -125,7 +125,7 @@ impl InProcess {
                 count_this_thread(slot);
                 let buffers = BufferPool::new(16 * 1024, 128);
                 let pipes = PipePool::new(16 * 1024, 16, 16, &s.counters.pipes_open);
-                let pools = Pools { buffers: &buffers, pipes: &pipes };
+                let pools = Pools { buffers: &buffers, pipes: &pipes, relay: None };
                 let worker = Worker::new(0, poll, listeners, &s, pools, settings, 64).expect("worker starts");
                 worker.run().expect("the worker's event loop ran");
             })

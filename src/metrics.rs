@@ -133,10 +133,12 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         &mut out,
         "lb_relayed_bytes_total",
         "counter",
-        "Bytes relayed in either direction, by how they moved: splice (kernel pipes, never in user memory) or copy.",
+        "Bytes relayed in either direction, by how they moved: splice (kernel pipes, never in user memory), copy, or kernel \
+         (the kernel relay, socket to socket without waking lb).",
     );
     let _ = writeln!(out, "lb_relayed_bytes_total{{method=\"splice\"}} {}", r.bytes_spliced);
     let _ = writeln!(out, "lb_relayed_bytes_total{{method=\"copy\"}} {}", r.bytes_copied);
+    let _ = writeln!(out, "lb_relayed_bytes_total{{method=\"kernel\"}} {}", r.bytes_kernel);
     single(
         &mut out,
         "lb_pipes_in_use",
@@ -301,7 +303,7 @@ pub fn render_json(s: &Snapshot) -> String {
         out,
         ",\"draining\":{},\"connections\":{{\"active\":{},\"max\":{},\"accepted\":{},\"cap_pauses\":{},\
 \"no_backend\":{},\"gave_up\":{},\"descriptor_wait_timeouts\":{},\"idle_closed\":{}}},\"accept_errors\":{},\"buffer_pool_exhausted\":{},\
-\"relay\":{{\"spliced_bytes\":{},\"copied_bytes\":{},\"buffers_in_use\":{},\"buffers_allocated\":{},\
+\"relay\":{{\"spliced_bytes\":{},\"copied_bytes\":{},\"kernel_bytes\":{},\"buffers_in_use\":{},\"buffers_allocated\":{},\
 \"pipes_in_use\":{},\"pipes_open\":{},\
 \"splice_fallbacks\":{{\"no_pipe\":{},\"unsupported\":{}}}}},\"worker_loads\":[",
         s.draining,
@@ -317,6 +319,7 @@ pub fn render_json(s: &Snapshot) -> String {
         s.pool_exhausted,
         s.relay.bytes_spliced,
         s.relay.bytes_copied,
+        s.relay.bytes_kernel,
         s.relay.buffers_in_use,
         s.relay.buffers_allocated,
         s.relay.pipes_in_use,
@@ -431,6 +434,7 @@ mod tests {
         for line in [
             "lb_relayed_bytes_total{method=\"splice\"} 7000000",
             "lb_relayed_bytes_total{method=\"copy\"} 21000",
+            "lb_relayed_bytes_total{method=\"kernel\"} 450000",
             "lb_buffers_in_use 2",
             "lb_buffers_allocated 12",
             "lb_pipes_in_use 3",
@@ -443,7 +447,7 @@ mod tests {
         let json = render_json(&sample_snapshot());
         assert!(
             json.contains(
-                "\"relay\":{\"spliced_bytes\":7000000,\"copied_bytes\":21000,\"buffers_in_use\":2,\"buffers_allocated\":12,\
+                "\"relay\":{\"spliced_bytes\":7000000,\"copied_bytes\":21000,\"kernel_bytes\":450000,\"buffers_in_use\":2,\"buffers_allocated\":12,\
 \"pipes_in_use\":3,\"pipes_open\":6,\
 \"splice_fallbacks\":{\"no_pipe\":9,\"unsupported\":1}},\"worker_loads\":[3,4],\"backends\":["
             ),

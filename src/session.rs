@@ -274,6 +274,8 @@ struct Direction<'p> {
     unreported: u64,
     /// The part of `unreported` that was spliced.
     unreported_spliced: u64,
+    /// The part of `unreported` that the kernel relay moved.
+    unreported_kernel: u64,
     /// An error the source reported after bytes that are still to be
     /// written: it ends the direction once they are (an OS error code,
     /// so holding it costs no allocation).
@@ -366,6 +368,7 @@ impl<'p> Direction<'p> {
             policy,
             unreported: 0,
             unreported_spliced: 0,
+            unreported_kernel: 0,
             deferred: None,
             read: 0,
             wrote: 0,
@@ -516,7 +519,9 @@ impl<'p> Direction<'p> {
     fn count_kernel_bytes(&mut self) {
         if let Some(j) = &mut self.joined {
             let used = j.slot.used();
-            self.unreported += used.saturating_sub(j.counted);
+            let new = used.saturating_sub(j.counted);
+            self.unreported += new;
+            self.unreported_kernel += new;
             j.counted = used;
         }
     }
@@ -1451,6 +1456,15 @@ impl<'a> Session<'a> {
         let r = self.up.unreported_spliced + self.down.unreported_spliced;
         self.up.unreported_spliced = 0;
         self.down.unreported_spliced = 0;
+        r
+    }
+
+    /// Of the bytes relayed since the last call, how many the kernel relay
+    /// moved (counted by [`Session::take_unreported`]).
+    pub fn take_unreported_kernel(&mut self) -> u64 {
+        let r = self.up.unreported_kernel + self.down.unreported_kernel;
+        self.up.unreported_kernel = 0;
+        self.down.unreported_kernel = 0;
         r
     }
 

@@ -122,6 +122,8 @@ pub struct Counters {
     pub bytes_spliced: AtomicU64,
     /// Bytes relayed by copying through a buffer.
     pub bytes_copied: AtomicU64,
+    /// Bytes the kernel relay moved from socket to socket.
+    pub bytes_kernel: AtomicU64,
     /// Pipes lent to connections (each worker updates its share once a
     /// second, with the byte counts).
     pub pipes_in_use: AtomicU64,
@@ -190,6 +192,7 @@ pub struct Snapshot {
 pub struct RelaySnapshot {
     pub bytes_spliced: u64,
     pub bytes_copied: u64,
+    pub bytes_kernel: u64,
     /// Relay buffers holding bytes now, and allocated (lent or free), each
     /// worker's as of its last second.
     pub buffers_in_use: u64,
@@ -224,6 +227,7 @@ impl Snapshot {
             relay: RelaySnapshot {
                 bytes_spliced: load(&c.bytes_spliced),
                 bytes_copied: load(&c.bytes_copied),
+                bytes_kernel: load(&c.bytes_kernel),
                 buffers_in_use: load(&c.buffers_in_use),
                 buffers_allocated: load(&c.buffers_allocated),
                 pipes_in_use: load(&c.pipes_in_use),
@@ -432,6 +436,7 @@ pub(crate) mod tests {
             relay: RelaySnapshot {
                 bytes_spliced: 7_000_000,
                 bytes_copied: 21_000,
+                bytes_kernel: 450_000,
                 buffers_in_use: 2,
                 buffers_allocated: 12,
                 pipes_in_use: 3,

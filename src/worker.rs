@@ -60,9 +60,11 @@ pub struct WorkerSettings {
 /// a close or once per scan, so the relay itself touches no atomic.
 #[derive(Debug, Default)]
 struct Tally {
-    /// Bytes relayed by splice and by copy, not yet published.
+    /// Bytes relayed by splice, by copy and by the kernel relay, not yet
+    /// published.
     spliced: u64,
     copied: u64,
+    kernel: u64,
     /// What this worker last added to the shared gauges and counters.
     published_pipes_in_use: u64,
     published_buffers_in_use: u64,
@@ -980,7 +982,9 @@ impl<'a> Worker<'a> {
 
     fn publish_split(&mut self) {
         let (c, t) = (&self.shared.counters, &mut self.tally);
-        for (counter, n) in [(&c.bytes_spliced, &mut t.spliced), (&c.bytes_copied, &mut t.copied)] {
+        for (counter, n) in
+            [(&c.bytes_spliced, &mut t.spliced), (&c.bytes_copied, &mut t.copied), (&c.bytes_kernel, &mut t.kernel)]
+        {
             if *n != 0 {
                 counter.fetch_add(std::mem::take(n), Ordering::Relaxed);
             }
@@ -1032,8 +1036,10 @@ fn publish_share(shared: &std::sync::atomic::AtomicU64, published: &mut u64, now
 fn publish_bytes(s: &mut Session<'_>, tally: &mut Tally) {
     let (up, down) = s.take_unreported();
     let spliced = s.take_unreported_spliced();
+    let kernel = s.take_unreported_kernel();
     tally.spliced += spliced;
-    tally.copied += up + down - spliced;
+    tally.kernel += kernel;
+    tally.copied += up + down - spliced - kernel;
     let b = s.lease().backend();
     if up != 0 {
         b.bytes_in.fetch_add(up, Ordering::Relaxed);

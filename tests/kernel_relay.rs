@@ -267,6 +267,7 @@ fn the_bytes_relayed_in_the_kernel_are_counted() {
             let m = common::admin::scrape(admin);
             *seen.lock().expect("lock") = m.sum("lb_relayed_bytes_total");
             m.sum("lb_relayed_bytes_total") == (2 * sent) as f64
+                && m.value("lb_relayed_bytes_total", &[("method", "kernel")]) > 0.0
         }),
         "relayed {} bytes of {}",
         relayed.lock().expect("lock"),

@@ -449,6 +449,7 @@ test_limits() {
     bad_flag --workers "${l[@]}" -p 0 --workers 0
     bad_flag --buffer-size "${l[@]}" -p 0 --buffer-size 0
     bad_flag --steer "${l[@]}" -p 0 --steer sometimes
+    bad_flag --kernel-relay "${l[@]}" -p 0 --kernel-relay always
     bad_flag --bind -p 0 -b "$A" --bind not-an-address
     bad_flag --no-such-flag "${l[@]}" -p 0 --no-such-flag
     # A port someone else holds: one line naming the address.

@@ -190,13 +190,19 @@ pub(crate) fn program(budget: u32, targets: RawFd, slot_of: RawFd, table: RawFd,
     a.finish()
 }
 
+/// `BPF_RB_FORCE_WAKEUP`: without it the kernel wakes the reader only
+/// when the reader has caught up with the record, and a record committed
+/// while lb drains the ring would wait for the next wakeup (helper-65's
+/// review). Notices are rare enough to wake for each.
+const RINGBUF_FORCE_WAKEUP: i32 = 2;
+
 /// Sends the slot number at -16 to lb through the ring buffer.
 fn notify(a: &mut Asm, ring: RawFd) {
     a.extend(load_map(R1, ring));
     a.push(mov(R2, FP));
     a.push(add_imm(R2, -16));
     a.push(mov_imm(R3, 8));
-    a.push(mov_imm(R4, 0));
+    a.push(mov_imm(R4, RINGBUF_FORCE_WAKEUP));
     a.push(call(RINGBUF_OUTPUT));
 }
 
@@ -230,10 +236,24 @@ impl Ring {
         unsafe { &*m.ptr().cast::<AtomicU64>() }
     }
 
-    /// Calls `f` with each slot number waiting, oldest first.
+    /// Calls `f` with each slot number waiting, oldest first, until the
+    /// producer stops moving: a record committed during a pass is taken in
+    /// the next, as the ring is edge-triggered for lb.
     fn drain(&self, mut f: impl FnMut(u32)) {
         let cons = Self::position(&self.consumer);
-        let prod = Self::position(&self.producer).load(Ordering::Acquire);
+        loop {
+            let prod = Self::position(&self.producer).load(Ordering::SeqCst);
+            let at = cons.load(Ordering::Relaxed);
+            if at >= prod || !self.drain_to(prod, &mut f) {
+                return;
+            }
+        }
+    }
+
+    /// One pass up to `prod`; false if a record there is still being
+    /// written (the commit wakes lb again).
+    fn drain_to(&self, prod: u64, f: &mut impl FnMut(u32)) -> bool {
+        let cons = Self::position(&self.consumer);
         let mut at = cons.load(Ordering::Relaxed);
         while at < prod {
             let offset = self.page + (at as usize & (self.size - 1));
@@ -241,7 +261,7 @@ impl Ring {
             let header = unsafe { &*self.producer.ptr().add(offset).cast::<AtomicU32>() };
             let len = header.load(Ordering::Acquire);
             if len & RINGBUF_BUSY != 0 {
-                break;
+                return false;
             }
             if len & RINGBUF_DISCARD == 0 {
                 // SAFETY: the record's 8-byte payload follows its header.
@@ -251,8 +271,12 @@ impl Ring {
             }
             let len = (len & !(RINGBUF_BUSY | RINGBUF_DISCARD)) as usize;
             at += ((RINGBUF_HEADER + len + 7) & !7) as u64;
-            cons.store(at, Ordering::Release);
+            // SeqCst, so the producer position read next is not read ahead
+            // of this store: a record committed in between sees the reader
+            // caught up (or is read by the next pass).
+            cons.store(at, Ordering::SeqCst);
         }
+        true
     }
 }
 
@@ -427,11 +451,19 @@ pub fn tcp_counts(fd: RawFd) -> io::Result<(u64, u64)> {
 /// not tell.
 pub fn fin_received(fd: RawFd) -> io::Result<bool> {
     const TIME_WAIT: u8 = 6;
-    const CLOSE: u8 = 7;
     const CLOSE_WAIT: u8 = 8;
     const LAST_ACK: u8 = 9;
     const CLOSING: u8 = 11;
-    Ok(matches!(tcp_info(fd)?[0], TIME_WAIT | CLOSE | CLOSE_WAIT | LAST_ACK | CLOSING))
+    Ok(matches!(tcp_info(fd)?[0], TIME_WAIT | CLOSE_WAIT | LAST_ACK | CLOSING))
+}
+
+/// Whether the connection is over without a FIN to wait for: a socket lb
+/// still holds open reaches TCP's CLOSE state only by a reset (whose error
+/// a read or write may already have taken, so the socket no longer
+/// reports it).
+pub fn was_reset(fd: RawFd) -> io::Result<bool> {
+    const CLOSE: u8 = 7;
+    Ok(tcp_info(fd)?[0] == CLOSE)
 }
 
 /// A socket's `struct tcp_info`, as far as the byte counts (kernel 4.19+).
@@ -493,6 +525,7 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::os::fd::FromRawFd;
     use std::time::{Duration, Instant};
 
     #[test]
@@ -977,5 +1010,49 @@ mod tests {
             "both paths were used: {fell_back} of {} fell back",
             legs.len()
         );
+    }
+
+    fn epoll_wait_ms(ep: RawFd, ms: i32) -> i32 {
+        let mut ev = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        // SAFETY: epoll_wait into a buffer of 4 events.
+        unsafe { libc::epoll_wait(ep, ev.as_mut_ptr(), 4, ms) }
+    }
+
+    /// helper-65's case: lb drains the ring edge-triggered, so a notice
+    /// committed while it handles another must be read in the same drain
+    /// or wake it again; before the fix it sat in the ring for good.
+    #[test]
+    fn a_notice_committed_during_a_drain_is_not_left_in_the_ring() {
+        if !root() {
+            return;
+        }
+        let r = Redirector::new(64, 64 * 1024).expect("load");
+        let (mut app_a, ca, ba, mut be_a) = pairs();
+        let (mut app_b, cb, bb, mut be_b) = pairs();
+        r.join(ca.as_raw_fd(), ba.as_raw_fd(), [0, 1]).expect("join a");
+        r.join(cb.as_raw_fd(), bb.as_raw_fd(), [2, 3]).expect("join b");
+        // SAFETY: a new epoll instance, closed by the OwnedFd.
+        let ep = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: 1 };
+        // SAFETY: both descriptors are open.
+        assert_eq!(unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, r.events_fd(), &mut ev) }, 0);
+        let chunk = vec![1u8; 40 * 1024];
+        app_a.write_all(&chunk).expect("write a");
+        assert_eq!(read_n(&mut be_a, chunk.len()), chunk);
+        assert_eq!(epoll_wait_ms(ep.as_raw_fd(), 5000), 1, "the first notice wakes lb");
+        let mut seen = Vec::new();
+        r.events(|s| {
+            seen.push(s);
+            if s == 0 {
+                // While lb handles A's notice, pair B crosses half its budget.
+                app_b.write_all(&chunk).expect("write b");
+                assert_eq!(read_n(&mut be_b, chunk.len()), chunk);
+            }
+        });
+        if !seen.contains(&2) {
+            assert_eq!(epoll_wait_ms(ep.as_raw_fd(), 5000), 1, "B's notice wakes lb");
+            r.events(|s| seen.push(s));
+        }
+        assert_eq!(seen, vec![0, 2]);
     }
 }

@@ -434,7 +434,12 @@ impl<'p> Direction<'p> {
                     return Ok(Pumped::Idle);
                 }
                 Filled::Starved => return Ok(Pumped::Starved),
-                Filled::Owed => return Ok(Pumped::Wait),
+                Filled::Owed => {
+                    return match self.wait_for_kernel()? {
+                        Some(p) => Ok(p),
+                        None => Ok(Pumped::Wait),
+                    };
+                }
             }
         }
         if self.flow == Flow::Draining && self.pending() == 0 {
@@ -481,11 +486,22 @@ impl<'p> Direction<'p> {
             // bytes of the same segment.
             let (_, received) = redirect::tcp_counts(src.stream.as_raw_fd()).map_err(Broken::source)?;
             if !redirect::fin_drained(received, j.slot.used(), self.read) {
-                return self.wait_for_kernel();
+                // A reset reported as a hang-up, its error taken by a
+                // write: no FIN will ever be counted.
+                if redirect::was_reset(src.stream.as_raw_fd()).map_err(Broken::source)? {
+                    src.hangup = Hangup::Error;
+                } else {
+                    return self.wait_for_kernel();
+                }
             }
         }
         let handed = redirect::handed(dst.stream.as_raw_fd()).map_err(Broken::destination)?;
         if !redirect::drained(j.slot.used(), handed, self.dst_connected, self.wrote) {
+            // A reset destination dropped its queue: nothing more will
+            // reach it, and the pair ends in a reset.
+            if redirect::was_reset(dst.stream.as_raw_fd()).map_err(Broken::destination)? {
+                return Err(Broken::destination(io::Error::from(io::ErrorKind::ConnectionReset)));
+            }
             return self.wait_for_kernel();
         }
         self.kernel_waits = 0;
@@ -666,6 +682,7 @@ impl<'p> Direction<'p> {
                     Ok(n) => {
                         *end = n;
                         self.read += n as u64;
+                        self.kernel_waits = 0;
                         self.policy.copied(n, room);
                         self.short_reads = if n < room { self.short_reads.saturating_add(1) } else { 0 };
                         if n < room {

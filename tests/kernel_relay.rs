@@ -331,3 +331,45 @@ fn a_flow_that_is_bulk_from_the_start_never_joins_and_still_splices() {
         "the download was spliced"
     );
 }
+
+#[test]
+fn a_backend_reset_during_an_upload_lb_took_back_ends_the_pair_as_a_reset() {
+    if !root() {
+        return;
+    }
+    // helper-65's case: the upload spent its budget and went back to lb,
+    // the reply direction stayed in the kernel, and the backend resets.
+    // lb's write takes the reset's error, so the event that follows shows a
+    // hang-up only: it must not wait for a FIN that never comes.
+    let backend = backend(|mut s| {
+        echo_rounds(&mut s, 5);
+        let mut got = vec![0u8; 500_000];
+        s.read_exact(&mut got).expect("part of the upload");
+        socket2::SockRef::from(&s.stream).set_linger(Some(Duration::ZERO)).expect("linger");
+    });
+    let lb = lb_logging(&[backend.addr], &["--no-health-check"]);
+    let mut c = timed_connect(lb.addr);
+    ping_pong(&mut c, 5, 12);
+    let mut w = c.try_clone().expect("clone");
+    let writer = thread::spawn(move || {
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..320 {
+            if let Err(e) = w.write_all(&chunk) {
+                return Some(e.kind());
+            }
+        }
+        None
+    });
+    let ended = read_to_the_end(&mut c).map_err(|e| e.kind());
+    let wrote = writer.join().expect("writer");
+    assert!(wait_until(WAIT, || count(&lb, ": closed (") == 1), "{}", lb.stderr_text());
+    // The reset's error goes to whichever of the two calls meets it first;
+    // the other then sees the end.
+    assert!(
+        ended == Err(ErrorKind::ConnectionReset) || wrote == Some(ErrorKind::ConnectionReset),
+        "the client was reset: read {ended:?}, write {wrote:?}"
+    );
+    assert!(wait_until(WAIT, || count(&lb, "closed (Aborted(Backend))") == 1), "{}", lb.stderr_text());
+    assert_eq!(count(&lb, "never added up"), 0, "{}", lb.stderr_text());
+    assert_eq!(count(&lb, JOINED), 1);
+}

@@ -1009,8 +1009,6 @@ impl<'a> Worker<'a> {
     }
 }
 
-/// Moves this worker's share of a shared gauge or counter from
-/// `published` to `now`.
 /// Registers `stream` for the end of its peer's stream (EPOLLRDHUP) and,
 /// as always, errors and hang-ups, edge-triggered, under `token`.
 fn watch_ends_only(poll: &Poll, stream: &TcpStream, token: Token) -> io::Result<()> {
@@ -1021,6 +1019,8 @@ fn watch_ends_only(poll: &Poll, stream: &TcpStream, token: Token) -> io::Result<
     if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// Moves this worker's share of a shared gauge or counter from
+/// `published` to `now`.
 fn publish_share(shared: &std::sync::atomic::AtomicU64, published: &mut u64, now: u64) {
     if now > *published {
         shared.fetch_add(now - *published, Ordering::Relaxed);

@@ -90,6 +90,7 @@ LB_CMP_BIN=""             # --compare: a second lb binary, run as row lb-compare
 KEEP_TMP=0
 QUICK=0
 COUNTS=0                  # --counts: count the proxy's syscalls with perf
+OWN_SESSIONS=0            # --own-sessions: each server in a session of its own
 PERF_EVENTS=""            # the tracepoints --counts found usable
 
 usage() {
@@ -122,6 +123,11 @@ options:
                    little, and each proxy by the syscalls it makes, so such
                    a run writes bench-results/counts.md instead of
                    results.md
+  --own-sessions   start each server (backends, proxy, iperf3 server) in a
+                   session of its own (setsid), as daemons and services
+                   run. With the kernel's scheduler autogroups on (the
+                   usual default), a session is a CPU scheduling group:
+                   by default everything shares the benchmark's
   --keep-tmp       keep the temp dir with configs and logs
   -h, --help       this help
 
@@ -153,6 +159,7 @@ parse_args() {
             --compare) [[ -n ${2:-} ]] || die "--compare needs a path"; LB_CMP_BIN=$2; shift ;;
             --counts) COUNTS=1 ;;
             --keep-tmp) KEEP_TMP=1 ;;
+            --own-sessions) OWN_SESSIONS=1 ;;
             -h|--help) usage; exit 0 ;;
             *) usage >&2; die "unknown option: $1" ;;
         esac
@@ -381,7 +388,13 @@ proc_sample() {
 # spawn NAME CMD... : run CMD in the background, output to $TMP/NAME.log; sets SPAWNED_PID.
 spawn() {
     local name=$1; shift
-    "$@" >"$TMP/$name.log" 2>&1 &
+    if ((OWN_SESSIONS)); then
+        # Not a process group leader (no job control here), so setsid
+        # execs in place: $! is the server's own PID.
+        setsid "$@" >"$TMP/$name.log" 2>&1 &
+    else
+        "$@" >"$TMP/$name.log" 2>&1 &
+    fi
     SPAWNED_PID=$!
     LIVE[$SPAWNED_PID]=$name
 }
@@ -941,6 +954,8 @@ write_meta() {
         printf 'settings\tworkers/nbthread/worker_processes %s, buffer and pipe %s B, connect timeout %ss, idle timeout %ss, maxconn %s, held connections %s\n' \
             "$WORKERS" "$BUFSIZE" "$CONNECT_TIMEOUT" "$IDLE_TIMEOUT" "$MAXCONN" "$HOLD_CONNS"
         ((COUNTS)) && printf 'perf\t%s, counting %s\n' "$(first_line perf --version)" "$PERF_EVENTS"
+        printf 'sessions\t%s (scheduler autogroups %s)\n' "$( ((OWN_SESSIONS)) && echo "each server its own" || echo "all in the benchmark's")" \
+            "$( [[ $(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null) == 1 ]] && echo on || echo off)"
         printf 'command\tscripts/bench.sh %s\n' "$ARGS_STR"
         printf 'raw\t%s\n' "$(basename "$RAW")"
     } >"$META"

@@ -126,13 +126,15 @@ options:
                    little, and each proxy by the syscalls it makes, so such
                    a run writes bench-results/counts.md instead of
                    results.md
-  --own-sessions   start each server (backends, proxy, iperf3 server) in a
-                   session of its own (setsid), as daemons and services
-                   run. With the kernel's scheduler autogroups on (the
-                   usual default), a session is a CPU scheduling group:
-                   by default everything shares the benchmark's, and
-                   competes as one group with kernel threads, which is
-                   what lb's kernel relay sends through
+  --own-sessions   start each server (backends, proxy, iperf3 server), and
+                   the idle-connection holder, in a session of its own
+                   (setsid), as daemons and services run; wrk and the
+                   iperf3 client stay in the benchmark's. With the
+                   kernel's scheduler autogroups on (the usual default),
+                   a session is a CPU scheduling group: by default
+                   everything shares the benchmark's, and competes as
+                   one group with kernel threads, which is what lb's
+                   kernel relay sends through
   --keep-tmp       keep the temp dir with configs and logs
   -h, --help       this help
 
@@ -393,13 +395,11 @@ proc_sample() {
 # spawn NAME CMD... : run CMD in the background, output to $TMP/NAME.log; sets SPAWNED_PID.
 spawn() {
     local name=$1; shift
-    if ((OWN_SESSIONS)); then
-        # Not a process group leader (no job control here), so setsid
-        # execs in place: $! is the server's own PID.
-        setsid "$@" >"$TMP/$name.log" 2>&1 &
-    else
-        "$@" >"$TMP/$name.log" 2>&1 &
-    fi
+    # Not a process group leader (no job control here), so setsid execs
+    # in place: $! is the command's own PID.
+    local own=()
+    ((OWN_SESSIONS)) && own=(setsid)
+    "${own[@]}" "$@" >"$TMP/$name.log" 2>&1 &
     SPAWNED_PID=$!
     LIVE[$SPAWNED_PID]=$name
 }

@@ -132,9 +132,14 @@ options:
                    iperf3 client stay in the benchmark's. With the
                    kernel's scheduler autogroups on (the usual default),
                    a session is a CPU scheduling group: by default
-                   everything shares the benchmark's, and competes as
-                   one group with kernel threads, which is what lb's
-                   kernel relay sends through
+                   everything shares the benchmark's, so the proxy competes
+                   thread by thread with the load generator and the
+                   backends, and all of them as one group with the kernel
+                   threads that lb's kernel relay sends through. Writes
+                   results-own-sessions.md and chart-own-sessions.png, not
+                   results.md
+  --shared-session the default, stated explicitly: every server in the
+                   benchmark's session
   --keep-tmp       keep the temp dir with configs and logs
   -h, --help       this help
 
@@ -143,7 +148,9 @@ rows: $(row_names | tr '\n' ' ')
 
 Outputs: bench-results/results.md, bench-results/chart.png,
          bench-results/raw-<timestamp>.tsv (every sample; not committed);
-         with --counts bench-results/counts.md instead, and no chart
+         with --counts bench-results/counts.md instead, and no chart;
+         with --own-sessions results-own-sessions.md and
+         chart-own-sessions.png instead
 EOF
 }
 
@@ -167,6 +174,7 @@ parse_args() {
             --counts) COUNTS=1 ;;
             --keep-tmp) KEEP_TMP=1 ;;
             --own-sessions) OWN_SESSIONS=1 ;;
+            --shared-session) OWN_SESSIONS=0 ;;
             -h|--help) usage; exit 0 ;;
             *) usage >&2; die "unknown option: $1" ;;
         esac
@@ -966,7 +974,9 @@ write_meta() {
     } >"$META"
 }
 
-# make_report: results.md and chart.png, or, for --compare (an A/B of two
+# make_report: results.md and chart.png (results-own-sessions.md and
+# chart-own-sessions.png for --own-sessions, so that a run of the other
+# method never replaces the published one), or, for --compare (an A/B of two
 # builds, not a result to publish), compare-<stamp>.md and .png. A --counts
 # run writes counts.md (or its compare-<stamp>.md) and no chart: report.py
 # writes no chart script for it.
@@ -976,6 +986,8 @@ make_report() {
         md=$OUT_DIR/compare-$STAMP.md png=$OUT_DIR/compare-$STAMP.png
     elif ((COUNTS)); then
         md=$OUT_DIR/counts.md png=$OUT_DIR/counts.png
+    elif ((OWN_SESSIONS)); then
+        md=$OUT_DIR/results-own-sessions.md png=$OUT_DIR/chart-own-sessions.png
     fi
     # Both are made in TMP and moved into place together, so that a failed
     # gnuplot leaves the last report beside its own chart.

@@ -45,9 +45,9 @@ ROW_TABLE=(
     # lb's defaults, which include --splice auto (so there is no
     # separate lb-splice-auto row: it would measure the same thing twice).
     "lb|lb|"
-    # lb relaying every byte itself: its defaults move pairs that trade
-    # small messages into the kernel relay (when lb may load it).
-    "lb-kernel-never|lb|--kernel-relay never"
+    # lb with the kernel relay, which its defaults leave off: pairs that
+    # trade small messages move into the kernel (when lb may load it).
+    "lb-kernel-relay|lb|--kernel-relay auto"
     "lb-splice-never|lb|--splice never"
     "lb-splice-always|lb|--splice always"
     "haproxy-nosplice|haproxy|"

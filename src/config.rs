@@ -139,8 +139,10 @@ pub struct Args {
 
     /// Relay request/response pairs inside the kernel (an eBPF sockmap
     /// program), so lb is not woken per message: auto (when lb may load
-    /// it: root or CAP_BPF + CAP_NET_ADMIN) or never.
-    #[arg(long = "kernel-relay", default_value = "auto")]
+    /// it: root or CAP_BPF + CAP_NET_ADMIN) or never. Off by default: it
+    /// moves lb's work into kernel threads, which pays only where the
+    /// scheduler gives those their own share (see the README).
+    #[arg(long = "kernel-relay", default_value = "never")]
     pub kernel_relay: String,
 }
 
@@ -1001,8 +1003,9 @@ mod tests {
     }
 
     #[test]
-    fn kernel_relay_modes_are_parsed() {
-        assert_eq!(Config::from_args(&args(&[])).unwrap().kernel_relay, KernelRelay::Auto);
+    fn kernel_relay_is_off_unless_asked_for_and_its_modes_are_parsed() {
+        assert_eq!(Config::from_args(&args(&[])).unwrap().kernel_relay, KernelRelay::Never);
+        assert_eq!(Config::from_args(&args(&["--kernel-relay", "auto"])).unwrap().kernel_relay, KernelRelay::Auto);
         assert_eq!(Config::from_args(&args(&["--kernel-relay", "never"])).unwrap().kernel_relay, KernelRelay::Never);
         let e = Config::from_args(&args(&["--kernel-relay", "always"])).unwrap_err();
         assert_eq!(e.to_string(), "--kernel-relay: 'always' is not one of auto, never");

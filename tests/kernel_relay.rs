@@ -24,9 +24,15 @@ fn root() -> bool {
     yes
 }
 
-/// lb with its debug log, which tells when pairs join and leave the relay.
+/// lb with the kernel relay on (it is off by default) and its debug log,
+/// which tells when pairs join and leave the relay. An explicit
+/// `--kernel-relay` in `extra` wins.
 fn lb_logging(backends: &[std::net::SocketAddr], extra: &[&str]) -> Proc {
-    lb_env(backends, extra, &[("RUST_LOG", "debug")])
+    let mut args = extra.to_vec();
+    if !args.contains(&"--kernel-relay") {
+        args.extend(["--kernel-relay", "auto"]);
+    }
+    lb_env(backends, &args, &[("RUST_LOG", "debug")])
 }
 
 fn count(lb: &Proc, what: &str) -> usize {
@@ -75,6 +81,19 @@ fn never_keeps_every_pair_with_lb() {
     ping_pong(&mut c, 50, 2);
     assert_eq!(count(&lb, JOINED), 0);
     assert!(lb.stderr_text().contains("kernel relay: never"));
+}
+
+#[test]
+fn by_default_every_pair_stays_with_lb() {
+    if !root() {
+        return;
+    }
+    let echo = echo_backend();
+    let lb = lb_env(&[echo.addr], &["--no-health-check"], &[("RUST_LOG", "debug")]);
+    let mut c = timed_connect(lb.addr);
+    ping_pong(&mut c, 50, 3);
+    assert_eq!(count(&lb, JOINED), 0, "{}", lb.stderr_text());
+    assert!(lb.stderr_text().contains("kernel relay: never"), "{}", lb.stderr_text());
 }
 
 /// A client that trades messages, then uploads `up` bytes and half-closes

@@ -416,6 +416,11 @@ fn kernel_relays(config: &Config) -> (Vec<Option<redirect::Redirector>>, String)
     if config.kernel_relay == config::KernelRelay::Never {
         return (none(), "kernel relay: never (every byte passes through lb)".to_string());
     }
+    if !worker::EVENTS_ARE_THE_SESSIONS_OWN {
+        // A joined pair learns of its ends from events alone, and these
+        // tokens cannot tell them from those of the pair before it.
+        return (none(), "kernel relay: off in a 32-bit build (every byte passes through lb)".to_string());
+    }
     let slots = config.max_connections.saturating_mul(2).clamp(2, MAX_RELAY_SLOTS) as u32;
     let mut relays = Vec::with_capacity(config.workers);
     for _ in 0..config.workers {

@@ -1,7 +1,9 @@
 //! The kernel relay end to end: pairs that trade small messages move into
 //! the kernel, and from there every byte still arrives in order, through
 //! half-closes, budgets running out, resets and the idle timeout. Loading
-//! the program needs root; without it each test says so and passes.
+//! the program needs root; without it each test says so and passes, as
+//! do those that need a join in a 32-bit build, which keeps every pair
+//! with lb.
 
 mod common;
 
@@ -22,6 +24,17 @@ fn root() -> bool {
         eprintln!("skipped: the kernel relay needs root");
     }
     yes
+}
+
+/// Whether pairs can join here: as root, in a 64-bit build (a 32-bit one
+/// keeps every pair with lb, as `the_start_up_line_says_whether_pairs_can_join`
+/// checks).
+fn joins_here() -> bool {
+    if cfg!(target_pointer_width = "32") {
+        eprintln!("skipped: a 32-bit build keeps every pair with lb");
+        return false;
+    }
+    root()
 }
 
 /// lb with the kernel relay on (it is off by default) and its debug log,
@@ -59,7 +72,7 @@ fn timed_connect(addr: std::net::SocketAddr) -> TcpStream {
 
 #[test]
 fn a_pair_trading_small_messages_moves_into_the_kernel_and_every_message_arrives() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     let echo = echo_backend();
@@ -119,7 +132,7 @@ fn exchange_then_upload(addr: std::net::SocketAddr, rounds: usize, up: usize, se
 
 #[test]
 fn a_half_close_in_the_kernel_is_relayed_after_every_byte_before_it() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     let echo = echo_backend();
@@ -130,7 +143,7 @@ fn a_half_close_in_the_kernel_is_relayed_after_every_byte_before_it() {
 
 #[test]
 fn a_joined_pair_that_turns_bulk_goes_back_to_lb_without_losing_a_byte() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     let echo = echo_backend();
@@ -146,7 +159,7 @@ fn a_joined_pair_that_turns_bulk_goes_back_to_lb_without_losing_a_byte() {
 
 #[test]
 fn forty_pairs_relay_exactly_through_joins_fallbacks_and_half_closes() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     let echo = echo_backend();
@@ -168,7 +181,7 @@ fn forty_pairs_relay_exactly_through_joins_fallbacks_and_half_closes() {
 
 #[test]
 fn the_backends_reply_and_fin_after_the_clients_fin_arrive_whole() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     const REPLY: usize = 3 << 20;
@@ -199,7 +212,7 @@ fn echo_rounds(s: &mut Conn, rounds: usize) {
 
 #[test]
 fn a_backend_reset_in_the_kernel_resets_the_client_after_the_bytes_before_it() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     let backend = backend(|mut s| {
@@ -223,7 +236,7 @@ fn a_backend_reset_in_the_kernel_resets_the_client_after_the_bytes_before_it() {
 
 #[test]
 fn a_client_reset_in_the_kernel_resets_the_backend_and_frees_the_pair() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     let (tx, rx) = mpsc::channel();
@@ -246,7 +259,7 @@ fn a_client_reset_in_the_kernel_resets_the_backend_and_frees_the_pair() {
 
 #[test]
 fn a_pair_busy_in_the_kernel_is_not_idle_and_a_quiet_one_is() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     let echo = echo_backend();
@@ -269,7 +282,7 @@ fn a_pair_busy_in_the_kernel_is_not_idle_and_a_quiet_one_is() {
 
 #[test]
 fn the_bytes_relayed_in_the_kernel_are_counted() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     let echo = echo_backend();
@@ -297,7 +310,7 @@ fn the_bytes_relayed_in_the_kernel_are_counted() {
 
 #[test]
 fn lb_holds_no_descriptors_after_joined_pairs_close() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     let echo = echo_backend();
@@ -353,7 +366,7 @@ fn a_flow_that_is_bulk_from_the_start_never_joins_and_still_splices() {
 
 #[test]
 fn a_backend_reset_during_an_upload_lb_took_back_ends_the_pair_as_a_reset() {
-    if !root() {
+    if !joins_here() {
         return;
     }
     // helper-65's case: the upload spent its budget and went back to lb,
@@ -391,4 +404,23 @@ fn a_backend_reset_during_an_upload_lb_took_back_ends_the_pair_as_a_reset() {
     assert!(wait_until(WAIT, || count(&lb, "closed (Aborted(Backend))") == 1), "{}", lb.stderr_text());
     assert_eq!(count(&lb, "never added up"), 0, "{}", lb.stderr_text());
     assert_eq!(count(&lb, JOINED), 1);
+}
+
+#[test]
+fn the_start_up_line_says_whether_pairs_can_join() {
+    let echo = echo_backend();
+    let lb = lb_logging(&[echo.addr], &["--no-health-check"]);
+    let mut c = timed_connect(lb.addr);
+    ping_pong(&mut c, 50, 4);
+    let log = lb.stderr_text();
+    if cfg!(target_pointer_width = "32") {
+        assert!(log.contains("kernel relay: off in a 32-bit build"), "{log}");
+        assert_eq!(count(&lb, JOINED), 0, "{log}");
+    } else if is_root() {
+        assert!(log.contains("kernel relay: pairs that trade small messages move into the kernel"), "{log}");
+        assert_eq!(count(&lb, JOINED), 1, "{log}");
+    } else {
+        assert!(log.contains("kernel relay: cannot load the eBPF program"), "{log}");
+        assert_eq!(count(&lb, JOINED), 0, "{log}");
+    }
 }

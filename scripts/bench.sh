@@ -47,6 +47,7 @@ ROW_TABLE=(
     "lb|lb|"
     # lb with the kernel relay, which its defaults leave off: pairs that
     # trade small messages move into the kernel (when lb may load it).
+    # Opt-in (OPT_IN_ROWS).
     "lb-kernel-relay|lb|--kernel-relay auto"
     "lb-splice-never|lb|--splice never"
     "lb-splice-always|lb|--splice always"
@@ -87,6 +88,9 @@ DURATION_MAX=7            # seconds per wrk measurement
 DURATION=""               # chosen by fit_durations unless --duration is given
 BULK_DURATION=""          # seconds per iperf3 direction; default max(2, DURATION/2)
 ROWS_ARG=""
+# Rows that run only when --rows names them: an opt-in feature's row would
+# otherwise shorten every measurement of a full run to fit its budget.
+OPT_IN_ROWS=(lb-kernel-relay)
 LB_BIN=$REPO_ROOT/target/release/lb
 LB_BIN_DEFAULT=1
 LB_CMP_BIN=""             # --compare: a second lb binary, run as row lb-compare
@@ -144,7 +148,8 @@ options:
   -h, --help       this help
 
 rows: $(row_names | tr '\n' ' ')
-  (lb-splice-* need an lb with --splice; without it they are skipped)
+  (lb-splice-* need an lb with --splice; without it they are skipped;
+  ${OPT_IN_ROWS[*]} only when --rows names it)
 
 Outputs: bench-results/results.md, bench-results/chart.png,
          bench-results/raw-<timestamp>.tsv (every sample; not committed);
@@ -201,7 +206,7 @@ parse_args() {
     elif [[ -n $LB_CMP_BIN ]]; then
         ROWS=(lb lb-compare)
     else
-        mapfile -t ROWS < <(row_names)
+        mapfile -t ROWS < <(row_names | grep -vxF -f <(printf '%s\n' "${OPT_IN_ROWS[@]}"))
     fi
     for r in "${ROWS[@]}"; do
         [[ -n ${ROW_KIND[$r]+x} ]] || die "unknown row '$r' (rows: $(row_names | paste -sd, -)$([[ -n $LB_CMP_BIN ]] && echo ,lb-compare))"

@@ -416,6 +416,10 @@ fn kernel_relays(config: &Config) -> (Vec<Option<redirect::Redirector>>, String)
     if config.kernel_relay == config::KernelRelay::Never {
         return (none(), "kernel relay: never (every byte passes through lb)".to_string());
     }
+    if config.splice == config::SpliceMode::Always {
+        // Only pairs that copy join, and with this no direction does.
+        return (none(), "kernel relay: off with --splice always (every byte passes through lb)".to_string());
+    }
     if !worker::EVENTS_ARE_THE_SESSIONS_OWN {
         // A joined pair learns of its ends from events alone, and these
         // tokens cannot tell them from those of the pair before it.

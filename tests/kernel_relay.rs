@@ -424,3 +424,14 @@ fn the_start_up_line_says_whether_pairs_can_join() {
         assert_eq!(count(&lb, JOINED), 0, "{log}");
     }
 }
+
+#[test]
+fn with_splice_always_the_relay_is_not_loaded_and_says_so() {
+    let echo = echo_backend();
+    let lb = lb_logging(&[echo.addr], &["--no-health-check", "--splice", "always"]);
+    let mut c = timed_connect(lb.addr);
+    ping_pong(&mut c, 50, 5);
+    let log = lb.stderr_text();
+    assert!(log.contains("kernel relay: off with --splice always"), "{log}");
+    assert_eq!(count(&lb, JOINED), 0, "{log}");
+}

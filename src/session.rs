@@ -1278,8 +1278,11 @@ impl<'a> Session<'a> {
         }
         match (up, down) {
             (Pumped::Again, _) | (_, Pumped::Again) => Outcome::Again,
-            (Pumped::Starved, _) | (_, Pumped::Starved) => Outcome::Starved,
+            // Waiting first: its poll every millisecond also retries the
+            // starved direction's buffer, while the starved list would
+            // leave the wait unchecked until some buffer came back.
             (Pumped::Wait, _) | (_, Pumped::Wait) => Outcome::Wait,
+            (Pumped::Starved, _) | (_, Pumped::Starved) => Outcome::Starved,
             _ => match self.unheard_error() {
                 Some(side) => {
                     let peer = match side {

@@ -115,7 +115,7 @@ options:
                    direction (default: 7, shortened when needed so that the
                    run ends within 12 min, or 3 min with --quick)
   --rows a,b,c     subset of rows, in that order (default: all rows whose
-                   lb flags the lb binary supports)
+                   lb flags the lb binary supports, but the opt-in ones)
   --lb PATH        lb binary (default target/release/lb, built with
                    'cargo build --release' if missing)
   --compare PATH   A/B of two lb builds: adds row lb-compare, running the lb
@@ -140,8 +140,9 @@ options:
                    thread by thread with the load generator and the
                    backends, and all of them as one group with the kernel
                    threads that lb's kernel relay sends through. Writes
-                   results-own-sessions.md and chart-own-sessions.png, not
-                   results.md
+                   results-own-sessions.md and chart-own-sessions.png
+                   (with --counts counts-own-sessions.md), never the
+                   published files
   --shared-session the default, stated explicitly: every server in the
                    benchmark's session
   --keep-tmp       keep the temp dir with configs and logs
@@ -155,7 +156,7 @@ Outputs: bench-results/results.md, bench-results/chart.png,
          bench-results/raw-<timestamp>.tsv (every sample; not committed);
          with --counts bench-results/counts.md instead, and no chart;
          with --own-sessions results-own-sessions.md and
-         chart-own-sessions.png instead
+         chart-own-sessions.png (counts-own-sessions.md) instead
 EOF
 }
 
@@ -983,12 +984,14 @@ write_meta() {
 # chart-own-sessions.png for --own-sessions, so that a run of the other
 # method never replaces the published one), or, for --compare (an A/B of two
 # builds, not a result to publish), compare-<stamp>.md and .png. A --counts
-# run writes counts.md (or its compare-<stamp>.md) and no chart: report.py
-# writes no chart script for it.
+# run writes counts.md (counts-own-sessions.md, or its compare-<stamp>.md)
+# and no chart: report.py writes no chart script for it.
 make_report() {
     local md=$OUT_DIR/results.md png=$OUT_DIR/chart.png
     if [[ -n $LB_CMP_BIN ]]; then
         md=$OUT_DIR/compare-$STAMP.md png=$OUT_DIR/compare-$STAMP.png
+    elif ((COUNTS && OWN_SESSIONS)); then
+        md=$OUT_DIR/counts-own-sessions.md png=$OUT_DIR/counts-own-sessions.png
     elif ((COUNTS)); then
         md=$OUT_DIR/counts.md png=$OUT_DIR/counts.png
     elif ((OWN_SESSIONS)); then

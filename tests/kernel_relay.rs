@@ -84,29 +84,18 @@ fn a_pair_trading_small_messages_moves_into_the_kernel_and_every_message_arrives
 }
 
 #[test]
-fn never_keeps_every_pair_with_lb() {
+fn never_and_the_default_keep_every_pair_with_lb() {
     if !root() {
         return;
     }
     let echo = echo_backend();
-    let lb = lb_logging(&[echo.addr], &["--no-health-check", "--kernel-relay", "never"]);
-    let mut c = timed_connect(lb.addr);
-    ping_pong(&mut c, 50, 2);
-    assert_eq!(count(&lb, JOINED), 0);
-    assert!(lb.stderr_text().contains("kernel relay: never"));
-}
-
-#[test]
-fn by_default_every_pair_stays_with_lb() {
-    if !root() {
-        return;
+    for (seed, args) in [(2, &["--no-health-check", "--kernel-relay", "never"][..]), (3, &["--no-health-check"][..])] {
+        let lb = lb_env(&[echo.addr], args, &[("RUST_LOG", "debug")]);
+        let mut c = timed_connect(lb.addr);
+        ping_pong(&mut c, 50, seed);
+        assert_eq!(count(&lb, JOINED), 0, "{args:?}: {}", lb.stderr_text());
+        assert!(lb.stderr_text().contains("kernel relay: never"), "{args:?}: {}", lb.stderr_text());
     }
-    let echo = echo_backend();
-    let lb = lb_env(&[echo.addr], &["--no-health-check"], &[("RUST_LOG", "debug")]);
-    let mut c = timed_connect(lb.addr);
-    ping_pong(&mut c, 50, 3);
-    assert_eq!(count(&lb, JOINED), 0, "{}", lb.stderr_text());
-    assert!(lb.stderr_text().contains("kernel relay: never"), "{}", lb.stderr_text());
 }
 
 /// A client that trades messages, then uploads `up` bytes and half-closes

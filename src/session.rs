@@ -1222,6 +1222,7 @@ impl<'a> Session<'a> {
 
     fn relay_both(&mut self, pools: Pools<'a>) -> Outcome {
         let ending = |other: &Direction| if other.flow == Flow::Done { Ending::Close } else { Ending::Shutdown };
+        let read_before = (self.up.read, self.down.read);
         let up = if self.up.flow == Flow::Abandoned {
             discard_received(&self.client.stream);
             Ok(Pumped::Idle)
@@ -1267,6 +1268,13 @@ impl<'a> Session<'a> {
             Err(Broken { at: End::Source, error }) => return self.abort(Side::Backend, &error),
             Err(Broken { at: End::Destination, error }) => return self.abort(Side::Client, &error),
         };
+        // Bytes one way mean the other is not a one-way (bulk) flow.
+        if self.up.read != read_before.0 {
+            self.down.policy.other_way_moved();
+        }
+        if self.down.read != read_before.1 {
+            self.up.policy.other_way_moved();
+        }
         if self.down.flow == Flow::Done {
             match self.up.flow {
                 Flow::Done => return Outcome::Close(CloseReason::Done),

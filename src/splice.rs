@@ -10,6 +10,12 @@ use crate::config::SpliceMode;
 /// direction is treated as bulk. Four 32 KiB reads: a typical HTTP
 /// response never gets there, a download does within its first 128 KiB.
 pub const FULL_READS_TO_SPLICE: u8 = 4;
+/// Bytes a copying direction may move while the other direction stays
+/// silent before it is treated as bulk, whatever its read sizes. A relay
+/// that keeps up with its sender reads each segment as it lands, so reads
+/// of a fast one-way flow need not fill the buffer for seconds; a
+/// request/response exchange restarts this count with every request.
+pub const ONE_WAY_BYTES_TO_SPLICE: u32 = 1 << 20;
 /// Consecutive small splices before a direction goes back to copying,
 /// where a small message costs fewer syscalls (no pipe round trip).
 pub const SMALL_READS_TO_COPY: u8 = 8;
@@ -19,8 +25,9 @@ const SMALL_FRACTION: usize = 4;
 /// What the direction should use next, and the evidence gathered so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Want {
-    /// Copy; `full_reads` consecutive reads filled the buffer.
-    Copy { full_reads: u8 },
+    /// Copy; `full_reads` consecutive reads filled the buffer, and
+    /// `one_way` bytes were read since the other direction last read any.
+    Copy { full_reads: u8, one_way: u32 },
     /// Splice; `small_reads` consecutive splices were small.
     Splice { small_reads: u8 },
     /// Copy for good: `--splice never`, or splice proved unsupported.
@@ -37,7 +44,7 @@ impl SplicePolicy {
     pub fn new(mode: SpliceMode) -> SplicePolicy {
         let want = match mode {
             SpliceMode::Never => Want::CopyOnly,
-            SpliceMode::Auto => Want::Copy { full_reads: 0 },
+            SpliceMode::Auto => Want::Copy { full_reads: 0, one_way: 0 },
             SpliceMode::Always => Want::Splice { small_reads: 0 },
         };
         SplicePolicy { mode, want }
@@ -50,14 +57,25 @@ impl SplicePolicy {
     /// A copy read of `n` bytes into a buffer of `room` bytes.
     #[inline]
     pub fn copied(&mut self, n: usize, room: usize) {
-        if let Want::Copy { full_reads } = &mut self.want {
+        if let Want::Copy { full_reads, one_way } = &mut self.want {
+            *one_way = one_way.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
             if n < room {
                 *full_reads = 0;
-            } else if *full_reads + 1 >= FULL_READS_TO_SPLICE {
-                self.want = Want::Splice { small_reads: 0 };
             } else {
                 *full_reads += 1;
             }
+            if *full_reads >= FULL_READS_TO_SPLICE || *one_way >= ONE_WAY_BYTES_TO_SPLICE {
+                self.want = Want::Splice { small_reads: 0 };
+            }
+        }
+    }
+
+    /// The other direction of the pair read bytes: this one is not a
+    /// one-way flow, for now.
+    #[inline]
+    pub fn other_way_moved(&mut self) {
+        if let Want::Copy { one_way, .. } = &mut self.want {
+            *one_way = 0;
         }
     }
 
@@ -71,7 +89,7 @@ impl SplicePolicy {
             if n.saturating_mul(SMALL_FRACTION) >= room {
                 *small_reads = 0;
             } else if *small_reads + 1 >= SMALL_READS_TO_COPY {
-                self.want = Want::Copy { full_reads: 0 };
+                self.want = Want::Copy { full_reads: 0, one_way: 0 };
             } else {
                 *small_reads += 1;
             }
@@ -82,7 +100,7 @@ impl SplicePolicy {
     /// proved itself bulk anew, so a busy pool is not asked on every read.
     pub fn exhausted(&mut self) {
         if self.want != Want::CopyOnly {
-            self.want = Want::Copy { full_reads: 0 };
+            self.want = Want::Copy { full_reads: 0, one_way: 0 };
         }
     }
 
@@ -132,8 +150,35 @@ mod tests {
                 p.copied(ROOM, ROOM);
             }
             p.copied(ROOM - 1, ROOM);
+            // The next request.
+            p.other_way_moved();
         }
         assert!(!p.wants_splice(), "request/response traffic never fills the buffer long enough");
+    }
+
+    #[test]
+    fn a_one_way_flow_in_short_reads_splices_after_a_mebibyte() {
+        let mut p = auto();
+        let read = 16 * 1024;
+        for _ in 0..ONE_WAY_BYTES_TO_SPLICE as usize / read - 1 {
+            p.copied(read, ROOM);
+            assert!(!p.wants_splice());
+        }
+        p.copied(read, ROOM);
+        assert!(p.wants_splice(), "a mebibyte one way, with no reply, is bulk");
+    }
+
+    #[test]
+    fn bytes_the_other_way_restart_the_one_way_count() {
+        let mut p = auto();
+        let read = 16 * 1024;
+        for _ in 0..10 {
+            for _ in 0..ONE_WAY_BYTES_TO_SPLICE as usize / read - 1 {
+                p.copied(read, ROOM);
+            }
+            p.other_way_moved();
+        }
+        assert!(!p.wants_splice(), "large responses to requests are not a one-way flow");
     }
 
     #[test]

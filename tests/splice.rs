@@ -384,6 +384,43 @@ fn small_messages_copy_and_a_bulk_download_splices(mode: &str) {
     }
 }
 
+/// A download the client keeps up with, sent in small writes with pauses,
+/// so that lb reads each as it lands and no read fills its buffer: `auto`
+/// still splices it once a mebibyte has gone one way with no reply.
+fn a_one_way_flow_lb_keeps_up_with_splices_all_the_same(mode: &str) {
+    const CHUNK: usize = 8 * 1024;
+    const CHUNKS: usize = 512; // 4 MiB
+    let backend = backend(move |mut s| {
+        let mut go = [0u8; 2];
+        if s.read_exact(&mut go).is_err() {
+            return;
+        }
+        let data = random_bytes(CHUNK * CHUNKS, 31);
+        for c in data.chunks(CHUNK) {
+            if s.write_all(c).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+    });
+    let (lb, admin) = lb_splice(&[backend.addr], mode, &[]);
+    let mut c = connect(lb.addr);
+    c.set_read_timeout(Some(WAIT)).expect("timeout");
+    c.write_all(b"go").expect("ask for the download");
+    assert!(read_n(&mut c, CHUNK * CHUNKS) == random_bytes(CHUNK * CHUNKS, 31), "download bytes differ");
+    let total = (2 + CHUNK * CHUNKS) as u64;
+    let (spliced, _) = relayed(admin, total);
+    match mode {
+        "never" => assert_eq!(spliced, 0),
+        "always" => assert_eq!(spliced, total),
+        _ => assert!(
+            spliced >= (2 * CHUNK * CHUNKS / 3) as u64,
+            "auto spliced only {spliced} of a {}-byte one-way flow in {CHUNK}-byte writes",
+            CHUNK * CHUNKS
+        ),
+    }
+}
+
 fn urgent_data_in_a_bulk_flow_is_stepped_over_without_a_stall(mode: &str) {
     // splice(2) stops at TCP's urgent mark and returns EAGAIN there for
     // good; read(2) steps over the urgent byte. A backlog behind lb makes
@@ -486,6 +523,7 @@ in_every_mode!(
     running_out_of_pipes_falls_back_to_copying_without_loss,
     descriptors_return_to_the_idle_count_after_bulk_traffic_and_resets,
     small_messages_copy_and_a_bulk_download_splices,
+    a_one_way_flow_lb_keeps_up_with_splices_all_the_same,
     urgent_data_in_a_bulk_flow_is_stepped_over_without_a_stall,
     urgent_data_just_before_the_fin_does_not_cut_the_stream_short,
 );

@@ -526,6 +526,8 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener, TcpStream};
     use std::os::fd::FromRawFd;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
     use std::time::{Duration, Instant};
 
     #[test]
@@ -743,36 +745,41 @@ mod tests {
         assert!(got == up, "every byte, then the FIN");
     }
 
-    /// What the notices' thread hands back: the redirector and how many
-    /// top-ups it granted.
-    type Served = std::thread::JoinHandle<(Redirector, usize)>;
+    /// The notices' thread: it hands back how many top-ups it granted.
+    type Served = std::thread::JoinHandle<usize>;
 
     /// A pair joined with a 64 KiB budget, lb's side of its notices
     /// answered on a thread until the returned flag is set.
+    #[allow(clippy::type_complexity)]
     fn joined_and_served(
         slots: [u32; 2],
-    ) -> (TcpStream, TcpStream, TcpStream, TcpStream, std::sync::Arc<std::sync::atomic::AtomicBool>, Served) {
-        let r = Redirector::new(64, 64 * 1024).expect("load");
+    ) -> (TcpStream, TcpStream, TcpStream, TcpStream, Arc<AtomicBool>, Arc<Redirector>, Served) {
+        let r = Arc::new(Redirector::new(64, 64 * 1024).expect("load"));
         let (app, client, backend, be) = pairs();
         r.join(client.as_raw_fd(), backend.as_raw_fd(), slots).expect("join");
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (c, b, until) = (client.as_raw_fd(), backend.as_raw_fd(), stop.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, b, until, r2) = (client.as_raw_fd(), backend.as_raw_fd(), stop.clone(), Arc::clone(&r));
         let lb = std::thread::spawn(move || {
             let mut granted = 0;
             while !until.load(Ordering::Relaxed) {
                 let mut due = Vec::new();
-                r.events(|s| due.push(s));
+                r2.events(|s| due.push(s));
                 for s in due {
                     let (peer, connected) = if s == slots[0] { (b, true) } else { (c, false) };
-                    if r.refill(s, peer, connected, 0).expect("refill") {
+                    if r2.refill(s, peer, connected, 0).expect("refill") {
                         granted += 1;
                     }
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }
-            (r, granted)
+            granted
         });
-        (app, client, backend, be, stop, lb)
+        (app, client, backend, be, stop, r, lb)
+    }
+
+    /// Bytes direction `s` may still have redirected before it runs out.
+    fn left(s: &Slot) -> u64 {
+        s.granted.load(Ordering::Acquire).saturating_sub(s.used())
     }
 
     #[test]
@@ -780,17 +787,25 @@ mod tests {
         if !root() {
             return;
         }
-        let (mut app, _client, _backend, mut be, stop, lb) = joined_and_served([10, 11]);
+        let (mut app, _client, _backend, mut be, stop, r, lb) = joined_and_served([10, 11]);
         // 2,000 request/response rounds of 1 KiB: 2 MiB each way, 32 budgets.
         let msg = random(1024, 5);
         for _ in 0..2000 {
+            // The top-ups come from another thread, as in lb they come from
+            // its event loop. Sending on into a spent budget while the
+            // scheduler keeps that thread off the CPU would test the
+            // scheduler: the direction would fall back to a copy this
+            // test's lb does not make.
+            for s in [10, 11] {
+                wait_until("a top-up", || left(r.slot(s)) >= msg.len() as u64);
+            }
             app.write_all(&msg).expect("request");
             assert!(read_n(&mut be, msg.len()) == msg);
             be.write_all(&msg).expect("response");
             assert!(read_n(&mut app, msg.len()) == msg);
         }
         stop.store(true, Ordering::Relaxed);
-        let (r, granted) = lb.join().expect("lb");
+        let granted = lb.join().expect("lb");
         assert!(!r.slot(10).passing() && !r.slot(11).passing(), "no direction fell back");
         assert_eq!((r.slot(10).used(), r.slot(11).used()), (2000 * 1024, 2000 * 1024));
         assert!(granted >= 2 * 30, "topped up as it went: {granted}");
@@ -801,7 +816,7 @@ mod tests {
         if !root() {
             return;
         }
-        let (mut app, _client, _backend, mut be, stop, lb) = joined_and_served([12, 13]);
+        let (mut app, _client, _backend, mut be, stop, _r, lb) = joined_and_served([12, 13]);
         // Both ends send and neither reads. The backend starts first and
         // slowly, so its bytes are redirected and then wait on the client's
         // reader; then the client floods, runs out of budget and falls back.

@@ -60,6 +60,16 @@ pub(crate) fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
+/// For tests that load programs: whether this process may use bpf(2).
+/// Root is needed, and not enough where a seccomp filter refuses the call
+/// (containers run with a default profile).
+#[cfg(test)]
+pub(crate) fn allowed() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0).is_ok()
+}
+
 pub(crate) fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
     let fd = RawFd::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
     // SAFETY: the kernel just returned this descriptor, owned by no one else.

@@ -558,10 +558,9 @@ mod tests {
     }
 
     fn root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        let yes = unsafe { libc::geteuid() } == 0;
+        let yes = crate::bpf::allowed();
         if !yes {
-            eprintln!("skipped: loading an sk_skb program needs root");
+            eprintln!("skipped: loading an sk_skb program needs root and bpf(2)");
         }
         yes
     }

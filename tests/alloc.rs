@@ -113,7 +113,7 @@ impl InProcess {
         let specs: Vec<BackendSpec> = backends.iter().map(|a| spec(*a, 1)).collect();
         // As lb runs by default where it may load the program: the worker
         // then also keeps its count in the steering table.
-        let steering = common::is_root()
+        let steering = common::bpf_allowed()
             .then(|| lb::steer::Steering::attach(&[listeners[0].as_raw_fd()]).expect("load the steering program"));
         let shared = Arc::new(Shared::new(backend::table(&specs), 64, vec![waker]).steered_by(steering));
         let settings =

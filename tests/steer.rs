@@ -29,10 +29,10 @@ fn loads(admin: std::net::SocketAddr, workers: usize) -> Vec<i64> {
 
 /// lb steering clients over `workers` workers, in front of a new echo
 /// backend, and its admin address; `None` (the test is skipped) unless
-/// this runs as root, which `what` needs.
+/// this runs as root where bpf(2) is allowed, which `what` needs.
 fn steering_lb(workers: &str, what: &str) -> Option<(Backend, Proc, std::net::SocketAddr)> {
-    if !is_root() {
-        eprintln!("skipped: {what} needs root");
+    if !bpf_allowed() {
+        eprintln!("skipped: {what} needs root and bpf(2)");
         return None;
     }
     let backend = echo_backend();
@@ -207,8 +207,8 @@ fn steer_auto_without_the_privilege_says_so_and_serves() {
 
 #[test]
 fn cap_bpf_alone_is_enough_to_steer() {
-    if !is_root() {
-        eprintln!("skipped: setpriv can change user and capabilities only as root");
+    if !bpf_allowed() {
+        eprintln!("skipped: setpriv can change user and capabilities only as root, and bpf(2) must be allowed");
         return;
     }
     // A copy that user nobody can run, wherever the checkout is.

@@ -159,6 +159,35 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Whether this process may load eBPF programs, as lb's steering and
+/// kernel relay do: root, where bpf(2) is not filtered out (a container
+/// run with a default seccomp profile refuses it even to root). Probed
+/// once by creating a one-entry array map, which takes the same privilege.
+pub fn bpf_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        if !is_root() {
+            return false;
+        }
+        // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size,
+        // max_entries, then fields left 0.
+        const BPF_MAP_CREATE: libc::c_long = 0;
+        const BPF_MAP_TYPE_ARRAY: u32 = 2;
+        let mut attr = [0u32; 16];
+        attr[..4].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, 4, 1]);
+        // SAFETY: attr is a valid, writable bpf_attr of the size passed.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+        if fd < 0 {
+            eprintln!("bpf(2) refused here: {}", std::io::Error::last_os_error());
+            return false;
+        }
+        // SAFETY: fd is the map just created and owned by nobody else.
+        unsafe { libc::close(fd as libc::c_int) };
+        true
+    })
+}
+
 pub fn lb_bin() -> &'static str {
     env!("CARGO_BIN_EXE_lb")
 }

@@ -52,6 +52,14 @@ fn count(lb: &Proc, what: &str) -> usize {
     lb.stderr_text().matches(what).count()
 }
 
+/// How many pairs lb says joined, once it says at least `n` did (or after
+/// `WAIT`): a worker writes the line and a thread here reads it, so the
+/// line may come after the bytes that followed the join.
+fn joined(lb: &Proc, n: usize) -> usize {
+    wait_until(WAIT, || count(lb, JOINED) >= n);
+    count(lb, JOINED)
+}
+
 /// Sends `rounds` short messages and checks each echo.
 fn ping_pong(c: &mut TcpStream, rounds: usize, seed: u64) {
     for i in 0..rounds {
@@ -79,7 +87,7 @@ fn a_pair_trading_small_messages_moves_into_the_kernel_and_every_message_arrives
     let lb = lb_logging(&[echo.addr], &["--no-health-check"]);
     let mut c = timed_connect(lb.addr);
     ping_pong(&mut c, 2000, 1);
-    assert_eq!(count(&lb, JOINED), 1, "the pair joined the relay: {}", lb.stderr_text());
+    assert_eq!(joined(&lb, 1), 1, "the pair joined the relay: {}", lb.stderr_text());
     assert_eq!(count(&lb, LEFT), 0, "small messages never spend the budget");
 }
 
@@ -127,7 +135,7 @@ fn a_half_close_in_the_kernel_is_relayed_after_every_byte_before_it() {
     let echo = echo_backend();
     let lb = lb_logging(&[echo.addr], &["--no-health-check"]);
     exchange_then_upload(lb.addr, 10, 10_000, 3);
-    assert_eq!(count(&lb, JOINED), 1);
+    assert_eq!(joined(&lb, 1), 1, "{}", lb.stderr_text());
 }
 
 #[test]
@@ -138,7 +146,7 @@ fn a_joined_pair_that_turns_bulk_goes_back_to_lb_without_losing_a_byte() {
     let echo = echo_backend();
     let lb = lb_logging(&[echo.addr], &["--no-health-check"]);
     exchange_then_upload(lb.addr, 10, 32 << 20, 4);
-    assert_eq!(count(&lb, JOINED), 1);
+    assert_eq!(joined(&lb, 1), 1);
     assert!(
         wait_until(WAIT, || count(&lb, LEFT) >= 1),
         "a bulk flow spends the budget and lb takes it back: {}",
@@ -165,7 +173,8 @@ fn forty_pairs_relay_exactly_through_joins_fallbacks_and_half_closes() {
     for c in clients {
         c.join().expect("every pair relays exactly");
     }
-    assert!(count(&lb, JOINED) >= 30, "most pairs joined: {}", count(&lb, JOINED));
+    let n = joined(&lb, 30);
+    assert!(n >= 30, "most pairs joined: {n}");
 }
 
 #[test]
@@ -187,7 +196,7 @@ fn the_backends_reply_and_fin_after_the_clients_fin_arrive_whole() {
     let mut got = Vec::new();
     c.read_to_end(&mut got).expect("the reply ends with a FIN");
     assert!(got == random_bytes(REPLY, 9), "the reply arrived whole, {} of {REPLY} bytes", got.len());
-    assert_eq!(count(&lb, JOINED), 1);
+    assert_eq!(joined(&lb, 1), 1);
 }
 
 /// Echoes `rounds` messages of the shape [`ping_pong`] sends.
@@ -220,7 +229,7 @@ fn a_backend_reset_in_the_kernel_resets_the_client_after_the_bytes_before_it() {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset),
         Ok(n) => panic!("a reset backend ends the client's stream in a reset, not {n} bytes"),
     }
-    assert_eq!(count(&lb, JOINED), 1);
+    assert_eq!(joined(&lb, 1), 1);
 }
 
 #[test]
@@ -243,7 +252,7 @@ fn a_client_reset_in_the_kernel_resets_the_backend_and_frees_the_pair() {
     let ended = rx.recv_timeout(WAIT).expect("the backend's stream ends");
     assert_eq!(ended, Err(ErrorKind::ConnectionReset));
     assert!(wait_until(WAIT, || backend.gauge.active.load(std::sync::atomic::Ordering::SeqCst) == 0));
-    assert_eq!(count(&lb, JOINED), 1);
+    assert_eq!(joined(&lb, 1), 1);
 }
 
 #[test]
@@ -263,7 +272,7 @@ fn a_pair_busy_in_the_kernel_is_not_idle_and_a_quiet_one_is() {
         round += 1;
         thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(count(&lb, JOINED), 1);
+    assert_eq!(joined(&lb, 1), 1);
     // Then quiet: lb closes it.
     let ended = read_to_the_end(&mut c);
     assert!(matches!(ended, Ok(0)), "the idle pair got a FIN: {ended:?}");
@@ -294,7 +303,7 @@ fn the_bytes_relayed_in_the_kernel_are_counted() {
         relayed.lock().expect("lock"),
         2 * sent
     );
-    assert_eq!(count(&lb, JOINED), 1);
+    assert_eq!(joined(&lb, 1), 1);
 }
 
 #[test]
@@ -316,7 +325,7 @@ fn lb_holds_no_descriptors_after_joined_pairs_close() {
         ping_pong(&mut c, 5, 200 + i);
     }
     assert!(wait_until(WAIT, || lb.fd_count() == before), "descriptors {} != {before}", lb.fd_count());
-    assert_eq!(count(&lb, JOINED), 22);
+    assert_eq!(joined(&lb, 22), 22);
 }
 
 #[test]
@@ -392,7 +401,7 @@ fn a_backend_reset_during_an_upload_lb_took_back_ends_the_pair_as_a_reset() {
     );
     assert!(wait_until(WAIT, || count(&lb, "closed (Aborted(Backend))") == 1), "{}", lb.stderr_text());
     assert_eq!(count(&lb, "never added up"), 0, "{}", lb.stderr_text());
-    assert_eq!(count(&lb, JOINED), 1);
+    assert_eq!(joined(&lb, 1), 1);
 }
 
 #[test]
@@ -407,7 +416,7 @@ fn the_start_up_line_says_whether_pairs_can_join() {
         assert_eq!(count(&lb, JOINED), 0, "{log}");
     } else if bpf_allowed() {
         assert!(log.contains("kernel relay: pairs that trade small messages move into the kernel"), "{log}");
-        assert_eq!(count(&lb, JOINED), 1, "{log}");
+        assert_eq!(joined(&lb, 1), 1, "{log}");
     } else {
         assert!(log.contains("kernel relay: cannot load the eBPF program"), "{log}");
         assert_eq!(count(&lb, JOINED), 0, "{log}");

@@ -20,7 +20,9 @@ use crate::config::SpliceMode;
 use crate::listener::MAX_LISTENERS;
 use crate::logging::Throttle;
 use crate::net::{IoClass, classify, is_local_port_shortage, is_resource_exhaustion, reset_on_close};
-use crate::session::{Client, CloseReason, Cut, Origin, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried};
+use crate::session::{
+    Client, CloseReason, Cut, KernelPairs, Origin, Outcome, Pools, SOCKET_INTEREST, Session, Side, Stage, Tried,
+};
 use crate::shared::Shared;
 use crate::steer::Tracker;
 
@@ -201,6 +203,8 @@ pub struct Worker<'a> {
     next_wait_check: Instant,
     /// Reused for the kernel relay's notices.
     notices: Vec<u32>,
+    /// The kernel relay's state of closed pairs, for the next to join.
+    kernel_pairs: KernelPairs<'a>,
     /// Backend connects in flight, as (session key, deadline), in deadline
     /// order: every connect gets the same timeout, so each new entry goes
     /// last, and only the front needs looking at. An entry whose session
@@ -259,6 +263,7 @@ impl<'a> Worker<'a> {
             waiting_spare: Vec::with_capacity(capacity.min(4096)),
             next_wait_check: Instant::now(),
             notices: Vec::with_capacity(capacity.min(4096)),
+            kernel_pairs: KernelPairs::default(),
             connecting: VecDeque::with_capacity(capacity.min(4096)),
             lingering: Vec::new(),
             parked: VecDeque::new(),
@@ -779,7 +784,7 @@ impl<'a> Worker<'a> {
         let Some(relay) = self.pools.relay else { return };
         let Some(s) = self.sessions.get_mut(key) else { return };
         if may_join && s.ready_to_join() {
-            s.join(relay, key);
+            s.join(relay, key, &mut self.kernel_pairs);
         }
         let want = s.interest();
         if want.is_none() == s.kernel_only_registered {
@@ -832,6 +837,8 @@ impl<'a> Worker<'a> {
             publish_bytes(&mut session, &mut self.tally);
             self.publish_split();
             log_closed(&session, &reason);
+            // After the last count of the relay's bytes above.
+            session.release_kernel_state(&mut self.kernel_pairs);
         }
     }
 

@@ -281,10 +281,9 @@ struct Direction<'p> {
     /// written: it ends the direction once they are (an OS error code,
     /// so holding it costs no allocation).
     deferred: Option<std::num::NonZeroI32>,
-    /// Bytes lb took from the source: a change tells the other direction's
-    /// splice policy that this way moved, and the kernel relay's sums
-    /// count every byte the sockets saw.
-    read: u64,
+    /// lb took bytes from the source in this relay pass: the other
+    /// direction's splice policy learns that this way is not silent.
+    took: bool,
     /// Consecutive copy reads that did not fill the buffer (towards the
     /// kernel relay's [`SHORT_READS_TO_JOIN`]).
     short_reads: u8,
@@ -305,6 +304,10 @@ struct KernelDirection<'p> {
     /// taken only while the program relays the direction, and lb writes
     /// nothing this way meanwhile, so the count at the join is the count.
     wrote: u64,
+    /// Bytes lb itself took from the source, for the same sums: as many
+    /// as it wrote by the join, as it held none then, and what it read
+    /// once the direction went back to lb.
+    read: u64,
     /// The destination made the connect (the backend socket), so its
     /// acknowledged count includes the SYN.
     dst_connected: bool,
@@ -427,7 +430,7 @@ impl<'p> Direction<'p> {
             unreported: 0,
             unreported_spliced: 0,
             deferred: None,
-            read: 0,
+            took: false,
             short_reads: 0,
         }
     }
@@ -552,7 +555,7 @@ impl<'p> Direction<'p> {
             // TCP reports the FIN before the program has run over the
             // bytes of the same segment.
             let (_, received) = redirect::tcp_counts(src.stream.as_raw_fd()).map_err(Broken::source)?;
-            if !redirect::fin_drained(received, j.slot.used(), self.read) {
+            if !redirect::fin_drained(received, j.slot.used(), k.read) {
                 // A reset reported as a hang-up, its error taken by a
                 // write: no FIN will ever be counted.
                 if redirect::was_reset(src.stream.as_raw_fd()).map_err(Broken::source)? {
@@ -711,13 +714,11 @@ impl<'p> Direction<'p> {
         &mut self,
         src: &mut Peer,
         pools: Pools<'p>,
-        kernel: Option<&mut KernelDirection<'p>>,
+        mut kernel: Option<&mut KernelDirection<'p>>,
     ) -> io::Result<Filled> {
         if let Some(code) = self.deferred.take() {
             return Err(io::Error::from_raw_os_error(code.get()));
         }
-        // Set at the join only, so it holds for the whole fill.
-        let joined = kernel.as_deref().and_then(|k| k.joined);
         let result = match &mut self.transfer {
             Transfer::Copy { buf, end, .. } => {
                 if buf.is_none() {
@@ -731,7 +732,7 @@ impl<'p> Direction<'p> {
                 match src.stream.read(&mut b[..]) {
                     Ok(0) => {
                         *buf = None;
-                        if owed(joined, src, self.read) {
+                        if owed(kernel.as_deref(), src) {
                             return Ok(Filled::Owed);
                         }
                         self.flow = Flow::Draining;
@@ -739,8 +740,9 @@ impl<'p> Direction<'p> {
                     }
                     Ok(n) => {
                         *end = n;
-                        self.read += n as u64;
-                        if let Some(k) = kernel {
+                        self.took = true;
+                        if let Some(k) = kernel.as_deref_mut() {
+                            k.read += n as u64;
                             k.waits = 0;
                         }
                         self.policy.copied(n, room);
@@ -761,17 +763,21 @@ impl<'p> Direction<'p> {
                                 // with the FIN (`flush`).
                                 // (A source that left the kernel relay may
                                 // have bytes on their way to it still.)
-                                Hangup::Fin if !src.urgent && joined.is_none() => self.flow = Flow::Draining,
+                                Hangup::Fin if !src.urgent && kernel.as_ref().is_none_or(|k| k.joined.is_none()) => {
+                                    self.flow = Flow::Draining;
+                                }
                                 // Maybe at an urgent mark, maybe at the end:
                                 // reading on into the rest of the buffer
                                 // tells which.
                                 Hangup::Fin | Hangup::Unsure => match src.stream.read(&mut b[n..]) {
                                     // Owed bytes: the next fill reads again.
-                                    Ok(0) if owed(joined, src, self.read) => {}
+                                    Ok(0) if owed(kernel.as_deref(), src) => {}
                                     Ok(0) => self.flow = Flow::Draining,
                                     Ok(more) => {
                                         *end += more;
-                                        self.read += more as u64;
+                                        if let Some(k) = kernel.as_deref_mut() {
+                                            k.read += more as u64;
+                                        }
                                     }
                                     Err(e) => match classify(&e) {
                                         IoClass::WouldBlock | IoClass::Interrupted => {}
@@ -843,7 +849,10 @@ impl<'p> Direction<'p> {
                         // Unlike read, a short splice may mean the pipe ran
                         // out of slots with data still queued, so `readable`
                         // stays set until the source says WouldBlock.
-                        self.read += n as u64;
+                        self.took = true;
+                        if let Some(k) = kernel {
+                            k.read += n as u64;
+                        }
                         self.short_reads = 0;
                         self.policy.spliced(n, room);
                         return Ok(Filled::Progress);
@@ -894,12 +903,14 @@ impl<'p> Direction<'p> {
     }
 
     /// Hands the direction to the program on `slot`. `wrote`: what lb
-    /// wrote to the destination so far ([`KernelDirection::wrote`]).
+    /// wrote to the destination so far ([`KernelDirection::wrote`]), and
+    /// so read from the source.
     fn enter_kernel(&mut self, k: &mut KernelDirection<'p>, slot: &'p Slot, index: u32, wrote: u64) {
         // The slot was reset by the join, and the program may have moved
         // bytes that were queued ahead of it already: they count too.
         k.joined = Some(Joined { slot, index, counted: 0, seen: 0, topped_up: None });
         k.wrote = wrote;
+        k.read = wrote;
         self.transfer = Transfer::Kernel;
     }
 }
@@ -927,10 +938,11 @@ impl KernelDirection<'_> {
 /// it bytes: once it passed bytes to lb, `recv` may report the end while
 /// more of them are on their way to the socket. A count lb cannot take is
 /// no proof either way, so the read is believed.
-fn owed(joined: Option<Joined<'_>>, src: &Peer, read: u64) -> bool {
-    let Some(j) = joined else { return false };
+fn owed(kernel: Option<&KernelDirection<'_>>, src: &Peer) -> bool {
+    let Some(k) = kernel else { return false };
+    let Some(j) = k.joined else { return false };
     match redirect::tcp_counts(src.stream.as_raw_fd()) {
-        Ok((_, received)) => !redirect::end_is_real(received, j.slot.used(), read),
+        Ok((_, received)) => !redirect::end_is_real(received, j.slot.used(), k.read),
         Err(_) => false,
     }
 }
@@ -1312,7 +1324,8 @@ impl<'a> Session<'a> {
 
     fn relay_both(&mut self, pools: Pools<'a>) -> Outcome {
         let ending = |other: &Direction| if other.flow == Flow::Done { Ending::Close } else { Ending::Shutdown };
-        let read_before = (self.up.read, self.down.read);
+        self.up.took = false;
+        self.down.took = false;
         let up = if self.up.flow == Flow::Abandoned {
             discard_received(&self.client.stream);
             Ok(Pumped::Idle)
@@ -1361,10 +1374,10 @@ impl<'a> Session<'a> {
             Err(Broken { at: End::Destination, error }) => return self.abort(Side::Client, &error),
         };
         // Bytes one way mean the other is not a one-way (bulk) flow.
-        if self.up.read != read_before.0 {
+        if self.up.took {
             self.down.policy.other_way_moved();
         }
-        if self.down.read != read_before.1 {
+        if self.down.took {
             self.up.policy.other_way_moved();
         }
         if self.down.flow == Flow::Done {
@@ -1792,11 +1805,11 @@ mod tests {
         // Every pair holds one while it lives, idle or not, so this is most
         // of lb's memory per idle connection. 480 bytes on 64-bit before
         // the kernel relay, 680 with the relay's state held by every
-        // pair; 536 with it out of line ([`KernelPair`]), what the bound
-        // holds (444 on 32-bit). A field that must make it bigger raises
+        // pair; 520 with it out of line ([`KernelPair`]), what the bound
+        // holds (428 on 32-bit). A field that must make it bigger raises
         // the bound knowingly, and what the benchmark's idle connections
         // cost moves with it.
-        let bound = if cfg!(target_pointer_width = "64") { 536 } else { 444 };
+        let bound = if cfg!(target_pointer_width = "64") { 520 } else { 428 };
         let (session, direction) = (std::mem::size_of::<Session>(), std::mem::size_of::<Direction>());
         assert!(session <= bound, "a Session takes {session} bytes (a Direction {direction}), past {bound}");
     }

@@ -1,7 +1,7 @@
-//! The kernel relay: a pair's bytes moved from socket to socket by an
-//! `sk_skb` verdict program, without waking lb (work in progress: built
-//! and tested here, not used by sessions yet; see
-//! docs/sockmap-relay.md for the measurements behind it).
+//! The kernel relay (`--kernel-relay auto`, off by default): a pair's
+//! bytes moved from socket to socket by an `sk_skb` verdict program,
+//! without waking lb. Sessions join it and leave it (`session`); see
+//! docs/sockmap-relay.md for the measurements behind it.
 //!
 //! Each direction of a joined pair has a [`Slot`] in a table shared with
 //! the program (an mmap'ed BPF array). The program redirects a received

@@ -317,6 +317,39 @@ struct KernelDirection<'p> {
     waits: u16,
     /// The direction went back to lb (logged once).
     left: bool,
+    /// Top-ups lb granted, and why it turned down the last notice it
+    /// did not grant: the log line of a direction that went back to lb
+    /// tells a flow lb let go from one whose notice it answered too late.
+    top_ups: u32,
+    declined: Option<Declined>,
+}
+
+/// Why lb let a joined direction's budget run out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Declined {
+    /// Top-ups asked for closer together than [`redirect::BULK_TOP_UP_INTERVAL`].
+    Bulk,
+    /// The destination's send queue could not take more.
+    NotDraining,
+    /// Reading the destination's counts failed.
+    Failed,
+}
+
+/// The reason in the log line of a direction that went back to lb.
+struct LeftBecause(Option<Declined>);
+
+impl std::fmt::Display for LeftBecause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Some(Declined::Bulk) => "lb let it run out: top-ups came too close together, as a bulk flow's do",
+            Some(Declined::NotDraining) => "lb let it run out: the destination was not draining",
+            Some(Declined::Failed) => "lb let it run out: a top-up failed",
+            // The flow spent the second half of a budget before lb could
+            // answer: a bulk flow does, and so does any when lb is short
+            // of CPU.
+            None => "lb came too late to its notice",
+        })
+    }
 }
 
 /// lb's side of a pair that tried to join the kernel relay: both sockets'
@@ -1313,8 +1346,11 @@ impl<'a> Session<'a> {
                 if kd.joined.is_some() && !kd.left && !matches!(d.transfer, Transfer::Kernel) && d.flow == Flow::Open {
                     kd.left = true;
                     debug!(
-                        "client {}: the kernel relay's budget ran out; lb relays {way} from now on",
-                        self.origin.addr
+                        "client {}: the kernel relay's budget ran out after {} top-up{} ({}); lb relays {way} from now on",
+                        self.origin.addr,
+                        kd.top_ups,
+                        if kd.top_ups == 1 { "" } else { "s" },
+                        LeftBecause(kd.declined)
                     );
                 }
             }
@@ -1692,17 +1728,29 @@ impl<'a> Session<'a> {
             (_, Some(j)) if j.index == index => (&self.down, &mut k.down, &self.client),
             _ => return,
         };
-        let Some(j) = &mut kd.joined else { return };
+        let Some(j) = kd.joined else { return };
+        // Spent already: this is the notice that it ran out, or lb came
+        // too late to the one that asked for more.
         if !matches!(dir.transfer, Transfer::Kernel) || j.slot.passing() {
             return;
         }
         if !redirect::worth_topping_up(j.topped_up, now) {
+            kd.declined = Some(Declined::Bulk);
             return;
         }
         match relay.refill(index, dst.stream.as_raw_fd(), kd.dst_connected, kd.wrote) {
-            Ok(true) => j.topped_up = Some(now),
-            Ok(false) => {}
-            Err(e) => debug!("client {}: a kernel relay top-up failed: {e}", self.origin.addr),
+            Ok(true) => {
+                if let Some(j) = &mut kd.joined {
+                    j.topped_up = Some(now);
+                }
+                kd.top_ups = kd.top_ups.saturating_add(1);
+                kd.declined = None;
+            }
+            Ok(false) => kd.declined = Some(Declined::NotDraining),
+            Err(e) => {
+                kd.declined = Some(Declined::Failed);
+                debug!("client {}: a kernel relay top-up failed: {e}", self.origin.addr);
+            }
         }
     }
 
@@ -1798,6 +1846,16 @@ mod tests {
     fn reset(s: std::net::TcpStream) {
         reset_on_close(&s);
         drop(s);
+    }
+
+    #[test]
+    fn the_line_of_a_direction_back_from_the_kernel_tells_why() {
+        let late = LeftBecause(None).to_string();
+        assert_eq!(late, "lb came too late to its notice");
+        for d in [Declined::Bulk, Declined::NotDraining, Declined::Failed] {
+            let let_go = LeftBecause(Some(d)).to_string();
+            assert!(let_go.starts_with("lb let it run out: ") && let_go != late, "{d:?}: {let_go}");
+        }
     }
 
     #[test]

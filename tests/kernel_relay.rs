@@ -88,7 +88,19 @@ fn a_pair_trading_small_messages_moves_into_the_kernel_and_every_message_arrives
     let mut c = timed_connect(lb.addr);
     ping_pong(&mut c, 2000, 1);
     assert_eq!(joined(&lb, 1), 1, "the pair joined the relay: {}", lb.stderr_text());
-    assert_eq!(count(&lb, LEFT), 0, "small messages never spend the budget");
+    // Small messages never spend the budget while lb answers the
+    // program's notices in time. On a machine short of CPU it may answer
+    // one too late, and the direction goes back to lb (the designed
+    // fallback: every message still arrived); that is told apart from lb
+    // declining a top-up, and comes only after top-ups kept it in the
+    // kernel (the exchange is several budgets' worth).
+    let log = lb.stderr_text();
+    for line in log.lines().filter(|l| l.contains(LEFT)) {
+        assert!(
+            line.contains("lb came too late to its notice") && !line.contains("after 0 top-up"),
+            "small messages never spend the budget: {line}"
+        );
+    }
 }
 
 #[test]

@@ -1403,16 +1403,18 @@ impl<'a> Session<'a> {
             (Flow::Abandoned, BackendEnd::Cut) => Ending::Reset,
             _ => ending(&self.up),
         };
+        // Bytes one way mean the other is not a one-way (bulk) flow: told
+        // before the down pump, so a request read now counts for the
+        // response it pumps in this same pass.
+        if self.up.took {
+            self.down.policy.other_way_moved();
+        }
         let kernel = self.kernel.as_deref_mut().map(|k| &mut k.down);
         let down = match self.down.pump(&mut self.backend, &mut self.client, pools, down_ending, kernel) {
             Ok(p) => p,
             Err(Broken { at: End::Source, error }) => return self.abort(Side::Backend, &error),
             Err(Broken { at: End::Destination, error }) => return self.abort(Side::Client, &error),
         };
-        // Bytes one way mean the other is not a one-way (bulk) flow.
-        if self.up.took {
-            self.down.policy.other_way_moved();
-        }
         if self.down.took {
             self.up.policy.other_way_moved();
         }

@@ -11,7 +11,8 @@ use crate::config::SpliceMode;
 /// response never gets there, a download does within its first 128 KiB.
 pub const FULL_READS_TO_SPLICE: u8 = 4;
 /// Bytes a copying direction may move while the other direction stays
-/// silent before it is treated as bulk, whatever its read sizes. A relay
+/// silent before it is treated as bulk, counting reads of at least a
+/// quarter of the buffer (smaller ones would splice small). A relay
 /// that keeps up with its sender reads each segment as it lands, so reads
 /// of a fast one-way flow need not fill the buffer for seconds; a
 /// request/response exchange restarts this count with every request.
@@ -58,7 +59,11 @@ impl SplicePolicy {
     #[inline]
     pub fn copied(&mut self, n: usize, room: usize) {
         if let Want::Copy { full_reads, one_way } = &mut self.want {
-            *one_way = one_way.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+            // Only reads a splice would not count as small: a flow of small
+            // reads would splice small and go back to copying, over and over.
+            if n.saturating_mul(SMALL_FRACTION) >= room {
+                *one_way = one_way.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+            }
             if n < room {
                 *full_reads = 0;
             } else {
@@ -166,6 +171,16 @@ mod tests {
         }
         p.copied(read, ROOM);
         assert!(p.wants_splice(), "a mebibyte one way, with no reply, is bulk");
+    }
+
+    #[test]
+    fn a_one_way_flow_of_small_reads_stays_on_copy_instead_of_switching_back_and_forth() {
+        let mut p = auto();
+        let read = ROOM / SMALL_FRACTION - 1;
+        for _ in 0..4 * ONE_WAY_BYTES_TO_SPLICE as usize / read {
+            p.copied(read, ROOM);
+            assert!(!p.wants_splice(), "reads a splice would count as small never switch it");
+        }
     }
 
     #[test]

@@ -93,7 +93,11 @@ fn a_pair_trading_small_messages_moves_into_the_kernel_and_every_message_arrives
     // one too late, and the direction goes back to lb (the designed
     // fallback: every message still arrived); that is told apart from lb
     // declining a top-up, and comes only after top-ups kept it in the
-    // kernel (the exchange is several budgets' worth).
+    // kernel (the exchange is several budgets' worth). Every line about
+    // the pair is in once lb's line for its close is (the lines come in
+    // order, through a reader thread here).
+    drop(c);
+    assert!(lb.wait_stderr(|l| l.contains(": closed ("), WAIT), "the pair closed: {}", lb.stderr_text());
     let log = lb.stderr_text();
     for line in log.lines().filter(|l| l.contains(LEFT)) {
         assert!(

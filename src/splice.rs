@@ -23,6 +23,14 @@ pub const SMALL_READS_TO_COPY: u8 = 8;
 /// A splice is small below this fraction of the pipe's room.
 const SMALL_FRACTION: usize = 4;
 
+/// Whether `n` bytes are a small read or splice for `room` bytes of space:
+/// under 1 / [`SMALL_FRACTION`] of it. One definition for both ways of
+/// switching, so that neither switches into a state the other undoes.
+#[inline]
+fn is_small(n: usize, room: usize) -> bool {
+    n.saturating_mul(SMALL_FRACTION) < room
+}
+
 /// What the direction should use next, and the evidence gathered so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Want {
@@ -61,7 +69,7 @@ impl SplicePolicy {
         if let Want::Copy { full_reads, one_way } = &mut self.want {
             // Only reads a splice would not count as small: a flow of small
             // reads would splice small and go back to copying, over and over.
-            if n.saturating_mul(SMALL_FRACTION) >= room {
+            if !is_small(n, room) {
                 *one_way = one_way.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
             }
             if n < room {
@@ -91,7 +99,7 @@ impl SplicePolicy {
             return;
         }
         if let Want::Splice { small_reads } = &mut self.want {
-            if n.saturating_mul(SMALL_FRACTION) >= room {
+            if !is_small(n, room) {
                 *small_reads = 0;
             } else if *small_reads + 1 >= SMALL_READS_TO_COPY {
                 self.want = Want::Copy { full_reads: 0, one_way: 0 };

@@ -26,9 +26,9 @@ fn root() -> bool {
     yes
 }
 
-/// Whether pairs can join here: as root, in a 64-bit build (a 32-bit one
-/// keeps every pair with lb, as `the_start_up_line_says_whether_pairs_can_join`
-/// checks).
+/// Whether pairs can join here: where lb may load the program (`root`),
+/// in a 64-bit build (a 32-bit one keeps every pair with lb, as
+/// `the_start_up_line_says_whether_pairs_can_join` checks).
 fn joins_here() -> bool {
     if cfg!(target_pointer_width = "32") {
         eprintln!("skipped: a 32-bit build keeps every pair with lb");

@@ -606,6 +606,75 @@ mod tests {
         }
     }
 
+    /// lb's side of a source it copies from after a fallback, read as lb
+    /// reads it: non-blocking, and waiting for an edge-triggered epoll
+    /// event for input or the end (mio's READABLE). Not a blocking
+    /// `recv`: on a socket in the verdict's map the kernel's receive hook
+    /// (6.18) returns EAGAIN from a blocking wait that ends with no passed
+    /// bytes to take, as when the FIN is what woke it, instead of the end.
+    struct LbSource {
+        src: TcpStream,
+        epoll: OwnedFd,
+    }
+
+    impl LbSource {
+        fn new(src: TcpStream) -> LbSource {
+            src.set_nonblocking(true).expect("nonblocking");
+            // SAFETY: a new epoll instance, closed by the OwnedFd.
+            let epoll = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+            let events = libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET;
+            let mut ev = libc::epoll_event { events: events as u32, u64: 0 };
+            // SAFETY: both descriptors are open.
+            let rc = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, src.as_raw_fd(), &mut ev) };
+            assert_eq!(rc, 0, "epoll_ctl");
+            LbSource { src, epoll }
+        }
+
+        /// The next bytes (0: a read of 0), waiting for an event when
+        /// there are none; an event that never comes by `deadline` fails.
+        fn read(&mut self, buf: &mut [u8], deadline: Instant) -> usize {
+            loop {
+                match self.src.read(buf) {
+                    Ok(n) => return n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+                        let mut ev = [libc::epoll_event { events: 0, u64: 0 }; 1];
+                        // SAFETY: epoll_wait into a buffer of 1 event.
+                        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), ev.as_mut_ptr(), 1, ms) };
+                        assert!(n != 0, "no wakeup for the source's bytes or end");
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => panic!("recv: {e}"),
+                }
+            }
+        }
+
+        /// Copies what the source has to `dst` until its real end, as lb
+        /// does once a direction fell back: a read of 0 while the kernel
+        /// still owes bytes is looked at again a millisecond later (lb's
+        /// `Owed`). `used` is what the program redirected, read what lb
+        /// read before; returns what lb read in all.
+        fn copy_to_end(&mut self, dst: &mut TcpStream, used: &Slot, mut read: u64) -> u64 {
+            let mut buf = vec![0; 32 * 1024];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                assert!(Instant::now() < deadline, "the copy never reached the end");
+                let n = self.read(&mut buf, deadline);
+                if n == 0 {
+                    let (_, received) = tcp_counts(self.src.as_raw_fd()).expect("counts");
+                    if end_is_real(received, used.used(), read) {
+                        return read;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                read += n as u64;
+                dst.write_all(&buf[..n]).expect("send");
+            }
+        }
+    }
+
     #[test]
     fn the_program_relays_both_ways_without_lb_reading_a_byte() {
         if !root() {
@@ -649,7 +718,7 @@ mod tests {
             return;
         }
         let r = Redirector::new(64, 64 * 1024).expect("load");
-        let (app, mut client, mut backend, mut be) = pairs();
+        let (app, client, mut backend, mut be) = pairs();
         r.join(client.as_raw_fd(), backend.as_raw_fd(), [4, 5]).expect("join");
         let up = random(2_000_000, 3);
         let writer = {
@@ -674,29 +743,59 @@ mod tests {
         // lb's side of the fallback: wait for the redirected bytes to
         // reach the backend, then copy until the real end.
         wait_until("the drain", || drained(r.slot(4).used(), handed(backend.as_raw_fd()).unwrap_or(0), true, 0));
-        let mut read = 0u64;
-        let mut buf = vec![0; 32 * 1024];
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            assert!(Instant::now() < deadline, "the copy never reached the end");
-            let n = client.read(&mut buf).expect("recv");
-            if n == 0 {
-                let (_, received) = tcp_counts(client.as_raw_fd()).expect("counts");
-                if end_is_real(received, r.slot(4).used(), read) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            read += n as u64;
-            backend.write_all(&buf[..n]).expect("send");
-        }
+        let read = LbSource::new(client).copy_to_end(&mut backend, r.slot(4), 0);
         backend.shutdown(Shutdown::Write).expect("shutdown");
         writer.join().expect("writer");
         let got = reader.join().expect("reader");
         assert_eq!(got.len(), up.len());
         assert!(got == up, "redirected bytes, then lb's copies, in order");
         assert!(r.slot(4).used() <= 64 * 1024 && read > 0, "both paths carried bytes");
+    }
+
+    /// The ending the test above meets only when the CPU is short: lb has
+    /// read every byte passed to it and waits when the FIN comes, on its
+    /// own. A blocking `recv` returned EAGAIN there in 8 runs of 8; lb's
+    /// reads see the end.
+    #[test]
+    fn a_fin_after_lb_has_read_every_passed_byte_ends_its_copy() {
+        if !root() {
+            return;
+        }
+        let r = Redirector::new(64, 64 * 1024).expect("load");
+        let (app, client, mut backend, mut be) = pairs();
+        r.join(client.as_raw_fd(), backend.as_raw_fd(), [4, 5]).expect("join");
+        let up = random(200_000, 6);
+        let writer = {
+            let (mut app, up) = (app, up.clone());
+            std::thread::spawn(move || {
+                app.write_all(&up).expect("write");
+                app
+            })
+        };
+        wait_until("the budget to run out", || r.slot(4).passing());
+        wait_until("the drain", || drained(r.slot(4).used(), handed(backend.as_raw_fd()).unwrap_or(0), true, 0));
+        let mut src = LbSource::new(client);
+        let mut buf = vec![0; 32 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut read = 0u64;
+        while r.slot(4).used() + read < up.len() as u64 {
+            let n = src.read(&mut buf, deadline);
+            assert!(n > 0, "bytes owed, not the end");
+            read += n as u64;
+            backend.write_all(&buf[..n]).expect("send");
+        }
+        let app = writer.join().expect("writer");
+        let fin = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            app.shutdown(Shutdown::Write).expect("shutdown");
+            app
+        });
+        assert_eq!(src.copy_to_end(&mut backend, r.slot(4), read), read, "nothing after the last byte but the end");
+        backend.shutdown(Shutdown::Write).expect("shutdown");
+        fin.join().expect("app");
+        let mut got = Vec::new();
+        be.read_to_end(&mut got).expect("read");
+        assert!(got == up, "redirected bytes, then lb's copies, in order");
     }
 
     #[test]

@@ -170,6 +170,43 @@ fn a_joined_pair_that_turns_bulk_goes_back_to_lb_without_losing_a_byte() {
     );
 }
 
+/// The ending `redirect`'s unit test of a spent budget meets only when the
+/// CPU is short: lb has copied every byte of the directions it took back,
+/// and the client's FIN then comes on its own. lb's reads must see it (a
+/// blocking `recv` on such a socket returns EAGAIN when the FIN wakes it)
+/// and relay it.
+#[test]
+fn a_fin_that_comes_after_lb_copied_every_byte_it_took_back_is_relayed() {
+    if !joins_here() {
+        return;
+    }
+    let echo = echo_backend();
+    let lb = lb_logging(&[echo.addr], &["--no-health-check"]);
+    let mut c = timed_connect(lb.addr);
+    ping_pong(&mut c, 10, 7);
+    assert_eq!(joined(&lb, 1), 1);
+    let body = random_bytes(32 << 20, 8);
+    let writer = {
+        let mut w = c.try_clone().expect("clone");
+        let body = body.clone();
+        thread::spawn(move || w.write_all(&body).expect("upload"))
+    };
+    let mut got = vec![0; body.len()];
+    c.read_exact(&mut got).expect("the whole echo");
+    writer.join().expect("writer");
+    assert!(got == body, "the echo came back in order");
+    assert!(
+        wait_until(WAIT, || count(&lb, "lb relays up from now on") == 1),
+        "the upload spent the budget and lb took it back: {}",
+        lb.stderr_text()
+    );
+    thread::sleep(Duration::from_millis(50));
+    c.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("the echo ends with a FIN");
+    assert!(rest.is_empty(), "{} bytes after the echo", rest.len());
+}
+
 #[test]
 fn forty_pairs_relay_exactly_through_joins_fallbacks_and_half_closes() {
     if !joins_here() {

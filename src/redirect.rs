@@ -620,8 +620,12 @@ mod tests {
     impl LbSource {
         fn new(src: TcpStream) -> LbSource {
             src.set_nonblocking(true).expect("nonblocking");
-            // SAFETY: a new epoll instance, closed by the OwnedFd.
-            let epoll = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+            // SAFETY: no arguments to check; the result is checked below.
+            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            assert!(fd >= 0, "epoll_create1: {}", io::Error::last_os_error());
+            // SAFETY: a new epoll instance that nothing else owns; OwnedFd
+            // must not be given -1, hence the check above.
+            let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
             let events = libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET;
             let mut ev = libc::epoll_event { events: events as u32, u64: 0 };
             // SAFETY: both descriptors are open.

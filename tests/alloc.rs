@@ -35,8 +35,9 @@ const SLOT_SELF_CHECK: usize = 2;
 const SLOT_ACCEPT: usize = 3;
 const SLOT_RELAY_SPLICE: usize = 4;
 const SLOT_RELAY_AUTO: usize = 5;
+const SLOT_KERNEL_RELAY: usize = 6;
 
-static COUNTS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+static COUNTS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
 
 thread_local! {
     // Const-initialised and without a destructor: reading it never
@@ -104,6 +105,13 @@ struct InProcess {
 
 impl InProcess {
     fn start(backends: &[SocketAddr], slot: usize, splice: SpliceMode) -> InProcess {
+        InProcess::start_with(backends, slot, splice, false)
+    }
+
+    /// As `start`; with `kernel_relay` the worker also has the kernel
+    /// relay (`--kernel-relay auto`), loaded on its own thread so that the
+    /// loading counts as start-up.
+    fn start_with(backends: &[SocketAddr], slot: usize, splice: SpliceMode, kernel_relay: bool) -> InProcess {
         let listeners = lb::listener::bind("127.0.0.1:0".parse().expect("literal"), 1).expect("bind a loopback port");
         // Accepted sockets inherit these, which bounds what `saturate` must write.
         small_buffers(&listeners[0]);
@@ -125,7 +133,10 @@ impl InProcess {
                 count_this_thread(slot);
                 let buffers = BufferPool::new(16 * 1024, 128);
                 let pipes = PipePool::new(16 * 1024, 16, 16, &s.counters.pipes_open);
-                let pools = Pools { buffers: &buffers, pipes: &pipes, relay: None };
+                // Two directions for each of the 64 clients the worker may hold.
+                let relay = kernel_relay
+                    .then(|| lb::redirect::Redirector::new(128, lb::redirect::BUDGET).expect("load the kernel relay"));
+                let pools = Pools { buffers: &buffers, pipes: &pipes, relay: relay.as_ref() };
                 let worker = Worker::new(0, poll, listeners, &s, pools, settings, 64).expect("worker starts");
                 worker.run().expect("the worker's event loop ran");
             })
@@ -298,6 +309,65 @@ fn a_new_connection_after_warm_up_allocates_nothing() {
     }
     let during = count(SLOT_ACCEPT) - before;
     assert_eq!(during, 0, "the worker allocated {during} times for 300 new connections");
+}
+
+#[test]
+fn a_connection_that_joins_the_kernel_relay_after_warm_up_allocates_nothing() {
+    if !common::bpf_allowed() {
+        eprintln!("skipped: bpf(2) refused here, so lb cannot load the kernel relay");
+        return;
+    }
+    if !lb::worker::EVENTS_ARE_THE_SESSIONS_OWN {
+        // A 32-bit build's tokens cannot tell a pair's events from those
+        // of the pair before it, which a joined pair relies on, so lb
+        // never gives its workers the relay there; this worker would get
+        // one all the same, and its joined pairs would miss their ends.
+        eprintln!("skipped: a 32-bit build keeps every pair with lb");
+        return;
+    }
+    // Each connection trades small messages until both directions have
+    // made their short reads, joins the relay (its state comes from the
+    // worker's spare list), trades more in the kernel and closes, which
+    // hands the state back.
+    let echo = common::echo_backend();
+    let lb = InProcess::start_with(&[echo.addr], SLOT_KERNEL_RELAY, SpliceMode::Auto, true);
+    let small = common::random_bytes(64, 5);
+    let mut back = vec![0u8; 64];
+    let joined = |back: &mut [u8]| {
+        let mut c = common::connect(lb.addr);
+        for _ in 0..8 {
+            round_trip(&mut c, &small, back);
+        }
+        c
+    };
+    let one = |back: &mut [u8]| drop(joined(back));
+    for _ in 0..50 {
+        one(&mut back);
+    }
+    // A pair is closed a little after its client, once the kernel has
+    // passed on what it took, so the next pair may join before it is gone:
+    // warm up with more pairs in the relay at once than that overlap.
+    let held: Vec<TcpStream> = (0..8).map(|_| joined(&mut back)).collect();
+    drop(held);
+    let kernel = || lb.shared.counters.bytes_kernel.load(Ordering::SeqCst);
+    // The worker closes a pair (and counts its bytes) after the client has
+    // gone: wait for it, so that the closes are measured too.
+    let settled = || common::wait_until(common::WAIT, || lb.shared.active_clients() == 0);
+    assert!(
+        settled(),
+        "the warm-up's pairs were never closed: {} clients still held, {} bytes moved in the kernel",
+        lb.shared.active_clients(),
+        lb.shared.counters.bytes_kernel.load(Ordering::SeqCst)
+    );
+    assert!(kernel() > 0, "no pair of the warm-up joined the kernel relay");
+    let (before, moved) = (count(SLOT_KERNEL_RELAY), kernel());
+    for _ in 0..300 {
+        one(&mut back);
+    }
+    assert!(settled(), "the measured pairs were never closed: {} clients still held", lb.shared.active_clients());
+    assert!(kernel() > moved, "the measured pairs did not join the kernel relay");
+    let during = count(SLOT_KERNEL_RELAY) - before;
+    assert_eq!(during, 0, "the worker allocated {during} times for 300 connections that joined the kernel relay");
 }
 
 #[test]

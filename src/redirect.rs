@@ -446,25 +446,36 @@ pub fn tcp_counts(fd: RawFd) -> io::Result<(u64, u64)> {
     Ok((at(120), at(128)))
 }
 
-/// Whether the socket has received its peer's FIN, from its TCP state: a
-/// check that takes nothing from the socket, for when its events could
-/// not tell.
-pub fn fin_received(fd: RawFd) -> io::Result<bool> {
-    const TIME_WAIT: u8 = 6;
-    const CLOSE_WAIT: u8 = 8;
-    const LAST_ACK: u8 = 9;
-    const CLOSING: u8 = 11;
-    Ok(matches!(tcp_info(fd)?[0], TIME_WAIT | CLOSE_WAIT | LAST_ACK | CLOSING))
+/// Whether the socket's peer has ended its stream, by its FIN or a reset,
+/// from its TCP state: a check that takes nothing from the socket, for
+/// when its events could not tell. Which of the two it was is for
+/// [`fin_drained`] and [`reset_not_fin`] to say.
+pub fn stream_ended(fd: RawFd) -> io::Result<bool> {
+    Ok(matches!(tcp_info(fd)?[0], TIME_WAIT | CLOSE_WAIT | LAST_ACK | CLOSING | CLOSE))
 }
 
-/// Whether the connection is over without a FIN to wait for: a socket lb
-/// still holds open reaches TCP's CLOSE state only by a reset (whose error
-/// a read or write may already have taken, so the socket no longer
-/// reports it).
-pub fn was_reset(fd: RawFd) -> io::Result<bool> {
-    const CLOSE: u8 = 7;
+/// Whether the connection is over, by a reset, or by the peer's FIN once
+/// lb had sent its own (FIN_WAIT2 hands over to a time-wait socket and
+/// leaves the one lb holds in TCP's CLOSE state too). A reset's error
+/// may already have been taken by a write, so the socket need not report
+/// it.
+pub fn was_closed(fd: RawFd) -> io::Result<bool> {
     Ok(tcp_info(fd)?[0] == CLOSE)
 }
+
+/// Whether a source in TCP's CLOSE state ([`was_closed`]) was reset: its
+/// received count holds no FIN beyond every byte the program or lb took.
+/// Bytes the program has yet to see keep it above that sum for a FIN and
+/// a reset alike, so neither is told until they are seen.
+pub fn reset_not_fin(received: u64, used: u64, read: u64) -> bool {
+    received <= used + read
+}
+
+const TIME_WAIT: u8 = 6;
+const CLOSE: u8 = 7;
+const CLOSE_WAIT: u8 = 8;
+const LAST_ACK: u8 = 9;
+const CLOSING: u8 = 11;
 
 /// A socket's `struct tcp_info`, as far as the byte counts (kernel 4.19+).
 fn tcp_info(fd: RawFd) -> io::Result<[u8; 232]> {
@@ -543,6 +554,41 @@ mod tests {
         assert!(fin_drained(1001, 1000, 0));
         assert!(!fin_drained(1001, 900, 0), "100 bytes not seen by the program yet");
         assert!(fin_drained(1001, 600, 400), "400 read by lb after a fallback");
+    }
+
+    #[test]
+    fn a_reset_is_told_from_a_fin_by_the_byte_the_fin_counts() {
+        assert!(reset_not_fin(1000, 1000, 0));
+        assert!(reset_not_fin(1000, 600, 400), "400 read by lb after a fallback");
+        assert!(!reset_not_fin(1001, 1000, 0), "the FIN's byte");
+        assert!(!reset_not_fin(1500, 1000, 0), "500 bytes not seen by the program yet");
+    }
+
+    #[test]
+    fn a_fin_after_lb_sent_its_own_closes_the_socket_and_is_told_from_a_reset() {
+        // No program here: `read` is every byte, as for a direction that
+        // went back to lb. Each connection gets lb's FIN first; the peer
+        // then ends with its own FIN, or with a reset after the same bytes.
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        for reset in [false, true] {
+            let s = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+            let (mut p, _) = l.accept().expect("accept");
+            s.shutdown(Shutdown::Write).expect("lb's FIN");
+            assert_eq!(p.read(&mut [0u8; 8]).expect("the FIN"), 0);
+            p.write_all(b"abc").expect("the peer's last bytes");
+            if reset {
+                socket2::SockRef::from(&p).set_linger(Some(Duration::ZERO)).expect("SO_LINGER 0");
+            }
+            drop(p);
+            wait_until("the end", || stream_ended(s.as_raw_fd()).expect("TCP_INFO"));
+            assert!(was_closed(s.as_raw_fd()).expect("TCP_INFO"), "closed either way (reset: {reset})");
+            let mut got = Vec::new();
+            let _ = (&s).read_to_end(&mut got);
+            assert_eq!(got, b"abc", "reset: {reset}");
+            let (_, received) = tcp_counts(s.as_raw_fd()).expect("TCP_INFO");
+            assert_eq!(reset_not_fin(received, 0, 3), reset, "reset: {reset}, received {received}");
+            assert_eq!(fin_drained(received, 0, 3), !reset, "reset: {reset}, received {received}");
+        }
     }
 
     #[test]

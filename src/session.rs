@@ -575,8 +575,9 @@ impl<'p> Direction<'p> {
             return Ok(None);
         }
         let leaving = j.slot.passing();
-        if src.hangup == Hangup::Unsure && redirect::fin_received(src.stream.as_raw_fd()).map_err(Broken::source)? {
-            // An error report proved empty before the FIN's was noted.
+        if src.hangup == Hangup::Unsure && redirect::stream_ended(src.stream.as_raw_fd()).map_err(Broken::source)? {
+            // An error report proved empty before the end was noted. A
+            // FIN or a reset: the counts below tell which.
             src.hangup = Hangup::Fin;
         }
         if !leaving && !matches!(src.hangup, Hangup::Fin | Hangup::Error) {
@@ -588,10 +589,14 @@ impl<'p> Direction<'p> {
             // TCP reports the FIN before the program has run over the
             // bytes of the same segment.
             let (_, received) = redirect::tcp_counts(src.stream.as_raw_fd()).map_err(Broken::source)?;
-            if !redirect::fin_drained(received, j.slot.used(), k.read) {
+            let used = j.slot.used();
+            if !redirect::fin_drained(received, used, k.read) {
                 // A reset reported as a hang-up, its error taken by a
-                // write: no FIN will ever be counted.
-                if redirect::was_reset(src.stream.as_raw_fd()).map_err(Broken::source)? {
+                // write: no FIN will ever be counted. (A FIN after lb's
+                // own closes the socket too, but is counted.)
+                if redirect::was_closed(src.stream.as_raw_fd()).map_err(Broken::source)?
+                    && redirect::reset_not_fin(received, used, k.read)
+                {
                     src.hangup = Hangup::Error;
                 } else {
                     return k.wait().map(Some);
@@ -601,8 +606,9 @@ impl<'p> Direction<'p> {
         let handed = redirect::handed(dst.stream.as_raw_fd()).map_err(Broken::destination)?;
         if !redirect::drained(j.slot.used(), handed, k.dst_connected, k.wrote) {
             // A reset destination dropped its queue: nothing more will
-            // reach it, and the pair ends in a reset.
-            if redirect::was_reset(dst.stream.as_raw_fd()).map_err(Broken::destination)? {
+            // reach it, and the pair ends in a reset. (lb sent it no FIN
+            // yet, this direction being open, so only a reset closes it.)
+            if redirect::was_closed(dst.stream.as_raw_fd()).map_err(Broken::destination)? {
                 return Err(Broken::destination(io::Error::from(io::ErrorKind::ConnectionReset)));
             }
             return k.wait().map(Some);

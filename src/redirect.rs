@@ -573,6 +573,9 @@ mod tests {
         for reset in [false, true] {
             let s = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
             let (mut p, _) = l.accept().expect("accept");
+            for end in [&s, &p] {
+                end.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            }
             s.shutdown(Shutdown::Write).expect("lb's FIN");
             assert_eq!(p.read(&mut [0u8; 8]).expect("the FIN"), 0);
             p.write_all(b"abc").expect("the peer's last bytes");

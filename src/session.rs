@@ -24,7 +24,7 @@ use crate::config::{MAX_RETRIES, SpliceMode};
 use crate::net::{IoClass, classify, discard_received, has_pending_error, reset_on_close, send_queue, unacknowledged};
 use crate::pipe::{self, Pipe, PipePool};
 use crate::pool::{Buffer, BufferPool};
-use crate::redirect::{self, Redirector, Slot};
+use crate::redirect::{self, Redirector, Slot, SourceEnd};
 use crate::shared::ClientSlot;
 use crate::splice::SplicePolicy;
 use crate::worker::{EVENTS_ARE_THE_SESSIONS_OWN, WorkerSettings};
@@ -590,17 +590,15 @@ impl<'p> Direction<'p> {
             // bytes of the same segment.
             let (_, received) = redirect::tcp_counts(src.stream.as_raw_fd()).map_err(Broken::source)?;
             let used = j.slot.used();
-            if !redirect::fin_drained(received, used, k.read) {
-                // A reset reported as a hang-up, its error taken by a
-                // write: no FIN will ever be counted. (A FIN after lb's
-                // own closes the socket too, but is counted.)
-                if redirect::was_closed(src.stream.as_raw_fd()).map_err(Broken::source)?
-                    && redirect::reset_not_fin(received, used, k.read)
-                {
-                    src.hangup = Hangup::Error;
-                } else {
-                    return k.wait().map(Some);
-                }
+            // The state is read only when the counts alone do not tell.
+            let closed = !redirect::fin_drained(received, used, k.read)
+                && redirect::was_closed(src.stream.as_raw_fd()).map_err(Broken::source)?;
+            match redirect::source_end(received, used, k.read, closed) {
+                SourceEnd::Fin => {}
+                // Reported as a hang-up, its error taken by a write: no FIN
+                // will ever be counted.
+                SourceEnd::Reset => src.hangup = Hangup::Error,
+                SourceEnd::Unseen => return k.wait().map(Some),
             }
         }
         let handed = redirect::handed(dst.stream.as_raw_fd()).map_err(Broken::destination)?;
@@ -1923,8 +1921,12 @@ mod tests {
         // empty leaves it, the state must tell the end.
         assert_eq!(SockRef::from(&backend_far).send_with_flags(b"bye", libc::MSG_MORE).expect("send"), 3);
         backend_far.shutdown(Shutdown::Write).expect("the backend's FIN");
-        wait_for(&s.backend.stream, libc::POLLRDHUP, "the backend's FIN never arrived");
-        assert!(redirect::was_closed(s.backend.stream.as_raw_fd()).expect("TCP_INFO"));
+        // TCP marks the receive side shut before the state reaches CLOSE.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !redirect::was_closed(s.backend.stream.as_raw_fd()).expect("TCP_INFO") {
+            assert!(Instant::now() < deadline, "the backend socket never reached CLOSE");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         s.backend.hangup = Hangup::Unsure;
         resume_until(&mut s, pools, "the pair's end", |o| matches!(o, Outcome::Close(CloseReason::Done)));
         drop(s);

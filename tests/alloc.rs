@@ -361,10 +361,13 @@ fn a_connection_that_joins_the_kernel_relay_after_warm_up_allocates_nothing() {
     );
     assert!(kernel() > 0, "no pair of the warm-up joined the kernel relay");
     let (before, moved) = (count(SLOT_KERNEL_RELAY), kernel());
-    for _ in 0..300 {
+    for i in 0..300 {
         one(&mut back);
+        // Each pair is closed before the next joins: on a loaded machine
+        // closes can lag, and more pairs in the relay at once than ever
+        // before would need a state of their own, as in lb.
+        assert!(settled(), "measured pair {i} was never closed: {} clients still held", lb.shared.active_clients());
     }
-    assert!(settled(), "the measured pairs were never closed: {} clients still held", lb.shared.active_clients());
     assert!(kernel() > moved, "the measured pairs did not join the kernel relay");
     let during = count(SLOT_KERNEL_RELAY) - before;
     assert_eq!(during, 0, "the worker allocated {during} times for 300 connections that joined the kernel relay");

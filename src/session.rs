@@ -576,8 +576,9 @@ impl<'p> Direction<'p> {
         }
         let leaving = j.slot.passing();
         if src.hangup == Hangup::Unsure && redirect::stream_ended(src.stream.as_raw_fd()).map_err(Broken::source)? {
-            // An error report proved empty before the end was noted. A
-            // FIN or a reset: the counts below tell which.
+            // Its event could not tell (a bare EPOLLRDHUP, or an error
+            // report that proved empty). A FIN or a reset: the counts
+            // below tell which.
             src.hangup = Hangup::Fin;
         }
         if !leaving && !matches!(src.hangup, Hangup::Fin | Hangup::Error) {

@@ -1839,7 +1839,16 @@ mod tests {
     /// A relaying session between two fresh loopback connections, with the
     /// peers' ends of the client's and the backend's connection.
     fn relaying(shared: &Shared) -> (Session<'_>, std::net::TcpStream, std::net::TcpStream) {
-        let ((client, client_far), (backend, backend_far)) = (connected(), connected());
+        relaying_to(shared, connected())
+    }
+
+    /// As [`relaying`], to the backend connection given (lb's end, the
+    /// peer's end).
+    fn relaying_to(
+        shared: &Shared,
+        (backend, backend_far): (TcpStream, std::net::TcpStream),
+    ) -> (Session<'_>, std::net::TcpStream, std::net::TcpStream) {
+        let (client, client_far) = connected();
         let slot = shared.try_acquire_client().expect("a slot");
         let lease = shared.backends[0].lease();
         let origin = Origin { addr: client_far.local_addr().expect("addr"), accepted: Instant::now() };
@@ -1879,25 +1888,16 @@ mod tests {
         // connects: so does this one.
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let backend = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-        let (mut backend_far, _) = l.accept().expect("accept");
+        let (backend_far, _) = l.accept().expect("accept");
         backend.set_nonblocking(true).expect("nonblocking");
-        let (client, mut client_far) = connected();
+        let shared = shared();
+        let (mut s, mut client_far, mut backend_far) =
+            relaying_to(&shared, (TcpStream::from_std(backend), backend_far));
         for far in [&backend_far, &client_far] {
             far.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         }
-        let shared = shared();
         let relay: &'static Redirector = Box::leak(Box::new(Redirector::new(2, redirect::BUDGET).expect("load")));
         let pools = Pools { relay: Some(relay), ..test_pools(1024, 0) };
-        let origin = Origin { addr: client_far.local_addr().expect("addr"), accepted: Instant::now() };
-        let client = Client {
-            stream: client,
-            slot: shared.try_acquire_client().expect("a slot"),
-            tried: Tried::default(),
-            origin,
-        };
-        let mut s =
-            Session::new(client, TcpStream::from_std(backend), shared.backends[0].lease(), Instant::now(), &settings());
-        s.stage = Stage::Relaying;
         s.join(relay, 0, &mut KernelPairs::default());
         assert!(s.interest().is_none(), "both directions joined");
         let mut got = [0u8; 4];
